@@ -1,0 +1,52 @@
+# Two commands do all the set-up (see README): `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PYTHONWARNINGS ?= ignore::UserWarning:nbformat,ignore::DeprecationWarning
+
+.PHONY: install demo test check nbtest pytest docs readme chromium clean
+
+# A virtual environment with the package (editable) and its dev tools, at the versions in constraints.txt.
+$(STAMP): setup.py settings.ini constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found: install Python 3.11 (or run make PYTHON=/path/to/python3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/howfar demo
+
+# Debian's Chromium, for the docs-site browser check (installed once, if missing).
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+# The package is what nbdev_export makes from the notebooks, the notebooks are clean, README is current.
+check: $(STAMP)
+	$(BIN)/python tools/check_sync.py
+
+nbtest: $(STAMP)
+	$(BIN)/nbdev_test --n_workers 2
+
+docs: $(STAMP)
+	$(BIN)/python tools/build_docs.py
+
+readme: $(STAMP)
+	$(BIN)/python tools/make_readme.py
+
+pytest: $(STAMP) chromium
+	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider
+
+test: $(STAMP) chromium
+	$(MAKE) --no-print-directory check
+	$(MAKE) --no-print-directory nbtest
+	$(MAKE) --no-print-directory docs
+	$(MAKE) --no-print-directory pytest
+
+clean:
+	rm -rf _proc build demo_output .pytest_cache

@@ -1,0 +1,45 @@
+"""The `howfar` command end to end, as a user runs it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def howfar(*args, cwd=None):
+    return subprocess.run([str(BIN / 'howfar'), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_help_lists_commands():
+    r = howfar('--help')
+    assert r.returncode == 0
+    for cmd in ('bench', 'demo'): assert cmd in r.stdout
+
+
+def test_version():
+    import transformers_howfar
+    r = howfar('--version')
+    assert r.returncode == 0 and transformers_howfar.__version__ in r.stdout
+
+
+def test_bench_writes_records(tmp_path):
+    r = howfar('bench', 'matmul', '--quick', '--out', str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    records = json.loads((tmp_path / 'matmul.json').read_text())
+    assert records and all({'benchmark', 'config', 'metric', 'value', 'unit', 'machine'} <= set(rec) for rec in records)
+    assert records[0]['value'] > 0 and records[0]['machine']['cpu_cores'] >= 1
+
+
+def test_bench_lists_and_rejects_unknown_names(tmp_path):
+    r = howfar('bench')
+    assert r.returncode == 0 and 'matmul' in r.stdout
+    r = howfar('bench', 'nope', '--out', str(tmp_path))
+    assert r.returncode == 2 and "howfar bench: error: name: expected one of" in r.stderr
+    assert 'Traceback' not in r.stderr
+
+
+def test_demo_runs_and_writes_plots(tmp_path):
+    r = howfar('demo', '--quick', '--out', str(tmp_path / 'out'))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / 'out' / 'matmul.png').stat().st_size > 1000

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONWARNINGS ?= ignore::UserWarning:nbformat,ignore::DeprecationWarning
 
-.PHONY: install demo test check nbtest pytest docs readme chromium clean
+.PHONY: install demo test check nbtest pytest docs docs-current readme chromium clean
 
 # A virtual environment with the package (editable) and its dev tools, at the versions in constraints.txt.
 $(STAMP): setup.py settings.ini constraints.txt
@@ -36,6 +36,13 @@ nbtest: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python tools/build_docs.py
 
+# In a git checkout, the committed site must be what the notebooks build (the site is served as-is).
+docs-current:
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  if [ -n "$$(git status --porcelain -- docs)" ]; then git status --short -- docs | head -20; \
+	    echo "out of sync: docs/ differs from what the notebooks build: run make docs and commit docs/"; exit 1; \
+	  else echo "docs/ is current"; fi; fi
+
 readme: $(STAMP)
 	$(BIN)/python tools/make_readme.py
 
@@ -46,6 +53,7 @@ test: $(STAMP) chromium
 	$(MAKE) --no-print-directory check
 	$(MAKE) --no-print-directory nbtest
 	$(MAKE) --no-print-directory docs
+	$(MAKE) --no-print-directory docs-current
 	$(MAKE) --no-print-directory pytest
 
 clean:

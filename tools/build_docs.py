@@ -186,6 +186,7 @@ def build(run_nbdev: bool = True) -> Path:
     subprocess.run(cmd, check=True)
     copy_mathjax(OUT)
     shutil.rmtree(OUT / '_sources', ignore_errors=True)
+    shutil.rmtree(ROOT / 'jupyter_execute', ignore_errors=True)  # myst-nb's scratch copies
     (OUT / '.nojekyll').write_text('')
     for junk in ('.buildinfo', '.buildinfo.bak'): (OUT / junk).unlink(missing_ok=True)
     return OUT

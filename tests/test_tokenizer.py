@@ -72,12 +72,11 @@ def test_fixed_seed_regression():
                                              542, 360, 357, 442, 566]
 
 
-def test_training_is_deterministic_across_threads():
-    a = SentencePieceTokenizer.train(CORPUS, vocab_size=500, num_threads=1)
-    b = SentencePieceTokenizer.train(CORPUS, vocab_size=500, num_threads=2)
-    # The pieces are the same; scores differ in the last float digits (threads sum in another order).
-    assert [a.id_to_piece(i) for i in range(a.vocab_size)] == [b.id_to_piece(i) for i in range(b.vocab_size)]
-    np.testing.assert_allclose([a.sp.get_score(i) for i in range(a.vocab_size)], [b.sp.get_score(i) for i in range(b.vocab_size)], rtol=1e-4)
+def test_training_is_deterministic():
+    "Same corpus and settings give the same model file (num_threads=1, the default: more threads reorder ties)."
+    a = SentencePieceTokenizer.train(CORPUS, vocab_size=500)
+    b = SentencePieceTokenizer.train(CORPUS, vocab_size=500)
+    assert a.model_proto == b.model_proto
 
 
 def test_train_from_iterator_equals_file():

@@ -279,3 +279,17 @@ def test_registered_tasks_and_presets():
             assert {k: v.shape for k, v in batch.items()} == dict(built.batch_shapes)
     with pytest.raises(ValueError, match='presets'):
         register_task('x', lambda m, t: None, {})
+
+
+def test_train_benchmark_quick_records(monkeypatch):
+    from transformers_howfar.training import train_benchmark, decoder_train_flops
+    monkeypatch.delenv('HOWFAR_TORCH_PYTHON', raising=False)
+    records = {(r['config'].get('framework', r['config'].get('reference')), r['metric']): r for r in train_benchmark(quick=True)}
+    peak, jax_tps = records[('matmul', 'matmul_peak')]['value'], records[('jax', 'tokens_per_s')]['value']
+    assert peak > 0 and jax_tps > 0
+    mfu = records[('jax', 'mfu')]
+    assert abs(mfu['value'] - jax_tps * mfu['config']['flops_per_token'] / (peak * 1e9)) < 1e-9
+    # the analytic count and XLA's count of the compiled step agree within a factor of two
+    assert 0.5 < mfu['config']['xla_flops_per_token'] / mfu['config']['flops_per_token'] < 2.0
+    assert records[('torch', 'tokens_per_s')]['value'] is None and 'HOWFAR_TORCH_PYTHON' in records[('torch', 'mfu')]['config']['error']
+    assert decoder_train_flops(6, 512, 2048, 512, 8192) == 6 * (6 * (4 * 512**2 + 2 * 512 * 2048) + 512 * 8192) + 12 * 6 * 512 * 512

@@ -1,0 +1,98 @@
+"""ReformerLM and the encoder-decoder: configs, axial positions, modes agree, chunked loss, trainer and decoding interfaces, CLI."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from transformers_howfar.core import make_key
+from transformers_howfar.reformer import (AxialPositions, ReformerConfig, ReformerEncoderDecoder, ReformerLM,
+                                          bench_config, reformer_loss)
+from transformers_howfar.training import cross_entropy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_config_errors():
+    for kwargs, message in [(dict(n_layers=3, attention=('lsh', 'full')), 'n_layers'), (dict(max_len=70000), 'axial_shape'),
+                            (dict(axial_dims=(100, 100)), 'axial_dims'), (dict(attention=('nope',)), 'attention'),
+                            (dict(residual='magic'), 'residual'), (dict(ff_chunk=0), 'ff_chunk')]:
+        with pytest.raises(ValueError, match=message): ReformerConfig(**kwargs)
+
+
+@pytest.mark.parametrize('length', [1, 7, 100, 65536])
+def test_bench_config_axial_positions_cover_length(length):
+    c = bench_config(2, length)
+    assert c.axial_shape[0] * c.axial_shape[1] >= length
+
+
+def test_axial_positions_any_length():
+    ax = AxialPositions((5, 7), (2, 4), 35, rngs=nnx.Rngs(0))
+    for T in (1, 13, 35):
+        p = ax(jnp.arange(T)[None])
+        assert p.shape == (1, T, 6)
+    p = ax(jnp.arange(35)[None])[0]
+    np.testing.assert_array_equal(p[15, :2], ax.first[...][2]); np.testing.assert_array_equal(p[15, 2:], ax.second[...][1])
+
+
+def batch_for(c, B=2, T=40, seed=1):
+    tokens = jax.random.randint(make_key(seed), (B, T + 1), 0, c.vocab_size)
+    return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': (jax.random.uniform(make_key(seed + 1), (B, T)) < 0.9).astype(jnp.float32)}
+
+
+@pytest.mark.parametrize('attention', [('lsh',), ('full', 'local'), ('memory_compressed', 'lsh')])
+def test_reversible_gradients_equal_ordinary_with_dropout_and_lsh(attention):
+    c = ReformerConfig.tiny().replace(attention=attention, dropout_rate=0.2)
+    b, loss_fn = batch_for(c), reformer_loss(0.1)
+    def grads(mode):
+        m = ReformerLM(c.replace(residual=mode), rngs=nnx.Rngs(0))
+        loss, g = nnx.value_and_grad(lambda m: loss_fn(m, b, nnx.Rngs(dropout=make_key(4)))[0])(m)
+        return loss, nnx.state(g, nnx.Param)
+    (l_rev, g_rev), (l_ord, g_ord) = grads('reversible'), grads('ordinary')
+    np.testing.assert_allclose(l_rev, l_ord, rtol=1e-6)
+    for a, o in zip(jax.tree.leaves(g_rev), jax.tree.leaves(g_ord)): np.testing.assert_allclose(a, o, atol=5e-5, rtol=1e-3)
+
+
+def test_chunked_loss_equals_full_logits_loss_and_lengths_not_multiple_of_chunks():
+    c = ReformerConfig.tiny().replace(ff_chunk=7, loss_chunk=9)
+    m = ReformerLM(c, rngs=nnx.Rngs(0))
+    b = batch_for(c, T=37)
+    loss, metrics = reformer_loss()(m, b, None)
+    want, wm = cross_entropy(m(b['inputs']), b['targets'], b['loss_mask'])
+    np.testing.assert_allclose(loss, want, rtol=1e-5); np.testing.assert_allclose(metrics['accuracy'], wm['accuracy'], rtol=1e-6)
+
+
+def test_lm_deterministic_without_key_and_random_with():
+    c = ReformerConfig.tiny().replace(dropout_rate=0.1)
+    m = ReformerLM(c, rngs=nnx.Rngs(0))
+    t = batch_for(c)['inputs']
+    np.testing.assert_array_equal(m(t), m(t))
+    assert not np.allclose(m(t, rngs=nnx.Rngs(dropout=1)), m(t, rngs=nnx.Rngs(dropout=2)))
+    with pytest.raises(ValueError, match='exceeds max_len'): m(jnp.zeros((1, c.max_len + 1), jnp.int32))
+
+
+def test_encoder_decoder_modes_agree():
+    c = ReformerConfig.tiny().replace(attention=('lsh', 'full'), dropout_rate=0.1)
+    src, tgt = jax.random.randint(make_key(5), (2, 24), 0, 32), jax.random.randint(make_key(6), (2, 20), 0, 32)
+    def run(mode):
+        m = ReformerEncoderDecoder(c.replace(residual=mode), rngs=nnx.Rngs(0))
+        f = lambda m: (m(src, tgt, rngs=nnx.Rngs(dropout=make_key(7))) ** 2).mean()
+        return m(src, tgt).shape, nnx.state(nnx.grad(f)(m), nnx.Param)
+    (s1, g1), (s2, g2) = run('reversible'), run('remat')
+    assert s1 == (2, 20, 32)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)): np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-3)
+
+
+def test_bench_memory_quick_cli(tmp_path):
+    howfar = Path(sys.executable).with_name('howfar')
+    r = subprocess.run([str(howfar), 'bench', 'memory', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    records = json.loads((tmp_path / 'memory.json').read_text())
+    peaks = [x for x in records if x['metric'] == 'peak_memory']
+    assert len(peaks) == 6 and all(x['value'] and x['value'] > 0 for x in peaks), records

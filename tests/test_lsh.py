@@ -42,17 +42,16 @@ def _reference_check(T, C, R, causal, correct, pad, nb, block, B=2, N=2, H=8, gr
     return M
 
 
-@pytest.mark.parametrize('causal', [False, True])
-@pytest.mark.parametrize('R', [1, 2, 4])
-@pytest.mark.parametrize('correct', [False, True])
-def test_equals_reference_sweep(causal, R, correct):
-    _reference_check(T=123, C=8, R=R, causal=causal, correct=correct, pad=R == 2, nb=(4, 4), block=32)
+@pytest.mark.parametrize('causal,R,correct,pad', [(False, 1, False, False), (True, 2, True, True), (True, 4, False, False),
+                                                  (False, 3, True, True)])
+def test_equals_reference_sweep(causal, R, correct, pad):
+    _reference_check(T=123, C=8, R=R, causal=causal, correct=correct, pad=pad, nb=(4, 4), block=32)
 
 
 @pytest.mark.parametrize('T,C,block,nb', [(64, 16, 16, 8), (77, 16, 48, 6), (200, 32, 2048, (2, 4, 2))])
 def test_lengths_chunks_blocks(T, C, block, nb):
     "Lengths that are not multiples of the chunk or block, one block or many, factorised buckets."
-    _reference_check(T=T, C=C, R=3, causal=True, correct=False, pad=True, nb=nb, block=block)
+    _reference_check(T=T, C=C, R=3, causal=True, correct=False, pad=True, nb=nb, block=block, grads=T == 77)
 
 
 def test_duplicates_counted_once_with_correction():
@@ -89,7 +88,7 @@ def test_check_grads():
     check_grads(f, (qk, v), order=1, modes=['rev'], atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize('t', [0, 1, 31, 62])
+@pytest.mark.parametrize('t', [0, 31, 62])
 def test_causal_no_gradient_from_future(t):
     qk, v = _data(B=1, T=64)
     f = lambda a, b: lsh_attention(a, b, key=make_key(6), n_rounds=4, chunk_length=8, causal=True, dense_threshold=0)[0, t].sum()
@@ -168,7 +167,7 @@ def test_auto_buckets():
     assert math.prod(auto_buckets(12345, 64, max_factor=8)) == 256 and max(auto_buckets(12345, 64, max_factor=8)) <= 8
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(T=st.integers(9, 90), C=st.sampled_from([4, 8, 16]), R=st.integers(1, 3), causal=st.booleans())
 def test_property_matches_reference(T, C, R, causal):
     _reference_check(T=T, C=C, R=R, causal=causal, correct=False, pad=False, nb=(2, 4), block=32, B=1, N=1, grads=False)

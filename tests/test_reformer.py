@@ -95,4 +95,4 @@ def test_bench_memory_quick_cli(tmp_path):
     import json
     records = json.loads((tmp_path / 'memory.json').read_text())
     peaks = [x for x in records if x['metric'] == 'peak_memory']
-    assert len(peaks) == 6 and all(x['value'] and x['value'] > 0 for x in peaks), records
+    assert len(peaks) == 3 and all(x['value'] and x['value'] > 0 for x in peaks), records

@@ -107,16 +107,18 @@ EIGHT = '''
 import json, sys
 import jax, numpy as np
 from flax import nnx
-from transformers_howfar.training import Trainer, TrainConfig, ReferenceDecoder, DecoderConfig, lm_loss, duplicate_batch
+from transformers_howfar.training import Trainer, TrainConfig, lm_loss
+from transformers_howfar.lm import LM, LMConfig
+from transformers_howfar.data import duplication_batches
 assert len(jax.devices()) == 8, jax.devices()
-mc = DecoderConfig(vocab_size=16, d_model=64, n_heads=4, d_ff=128, n_layers=1, max_len=17)
-batch = duplicate_batch(np.random.default_rng(0), 16, 8, 16)
+mc = LMConfig(vocab_size=16, d_model=64, n_heads=4, d_ff=128, n_layers=1, max_len=17, dropout_rate=0.0)
+batch = next(duplication_batches(16, 8, n_symbols=8, seed=0))
 results = {}
 for name, devices, fsdp in [('one', jax.devices()[:1], 1), ('data8', None, 1), ('fsdp4x2', None, 4)]:
     # SGD: an update linear in the gradient, so the comparison is not blurred by Adam's g/|g| on tiny gradients
     cfg = TrainConfig(steps=2, batch_size=16, warmup_steps=0, learning_rate=0.5, optimizer='sgd', fsdp=fsdp, fsdp_min_size=1024,
                       progress=False, accumulate=2, label_smoothing=0.1)
-    t = Trainer(ReferenceDecoder(mc, rngs=nnx.Rngs(0)), lm_loss(0.1), cfg, devices=devices)
+    t = Trainer(LM(mc, rngs=nnx.Rngs(0)), lm_loss(0.1), cfg, devices=devices)
     for _ in range(2): t.state, m = t._train_step(t.state, t._put(batch))
     leaves = jax.tree.leaves(t.state['params'])
     big = max(leaves, key=lambda x: x.size)
@@ -154,7 +156,7 @@ def test_howfar_train_cli_end_to_end(tmp_path):
     assert [rec['step'] for rec in read_metrics(run) if rec['split'] == 'train'] == [2, 4, 6, 8, 10]
     assert (run / 'plots' / 'loss.png').stat().st_size > 5000 and (run / 'checkpoints' / '10').is_dir()
     loaded = load_run(run)
-    assert loaded.step == 10 and loaded.model_config.n_digits == 3
+    assert loaded.step == 10 and loaded.model_config.max_digits == 3
     r = subprocess.run([str(BIN / 'howfar'), 'train'], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0 and 'duplicate' in r.stdout and 'addition' in r.stdout
     r = subprocess.run([str(BIN / 'howfar'), 'train', 'addition', 'depth=3', '--run-dir', str(run)], capture_output=True, text=True, env=ENV, timeout=300)
@@ -281,15 +283,34 @@ def test_registered_tasks_and_presets():
         register_task('x', lambda m, t: None, {})
 
 
+@pytest.mark.parametrize('task', ['duplicate', 'addition'])
+def test_synthetic_task_is_library_lm_and_checkpoint_holds_iterator_position(task, tmp_path):
+    from transformers_howfar.lm import LM
+    from transformers_howfar.training import checkpoint_manager, restore_checkpoint
+    trainer, _ = train_task(task, 'tiny', ['steps=6', 'checkpoint_every=3', 'batch_size=4', 'progress=false'], tmp_path / 'run')
+    assert isinstance(trainer.model, LM)
+    fresh = TASKS[task].build(*resolve_config(task, 'tiny', ['batch_size=4']))
+    batches = [next(fresh.train_data) for _ in range(5)]
+    _, data_state, _ = restore_checkpoint(checkpoint_manager(tmp_path / 'run' / 'checkpoints', 3), 3, trainer.state)
+    resumed = TASKS[task].build(*resolve_config(task, 'tiny', ['batch_size=4'])).train_data
+    resumed.set_state(data_state)
+    nxt = next(resumed)  # a run resumed at step 3 sees batch 3 next, as the uninterrupted run did
+    assert all(np.array_equal(nxt[k], batches[3][k]) for k in nxt) and not np.array_equal(nxt['inputs'], batches[2]['inputs'])
+
+
 def test_train_benchmark_quick_records(monkeypatch):
     from transformers_howfar.training import train_benchmark, decoder_train_flops
     monkeypatch.delenv('HOWFAR_TORCH_PYTHON', raising=False)
-    records = {(r['config'].get('framework', r['config'].get('reference')), r['metric']): r for r in train_benchmark(quick=True)}
-    peak, jax_tps = records[('matmul', 'matmul_peak')]['value'], records[('jax', 'tokens_per_s')]['value']
-    assert peak > 0 and jax_tps > 0
-    mfu = records[('jax', 'mfu')]
-    assert abs(mfu['value'] - jax_tps * mfu['config']['flops_per_token'] / (peak * 1e9)) < 1e-9
-    # the analytic count and XLA's count of the compiled step agree within a factor of two
-    assert 0.5 < mfu['config']['xla_flops_per_token'] / mfu['config']['flops_per_token'] < 2.0
+    name = lambda c: c.get('framework', c.get('reference')) + (f"/{c['attention']}" if 'attention' in c else '')
+    records = {(name(r['config']), r['metric']): r for r in train_benchmark(quick=True)}
+    peak = records[('matmul', 'matmul_peak')]['value']
+    assert peak > 0
+    for kind in ('full', 'chunked'):  # the library's LM with each attention kind
+        jax_tps, mfu = records[(f'jax/{kind}', 'tokens_per_s')]['value'], records[(f'jax/{kind}', 'mfu')]
+        assert jax_tps > 0 and len(mfu['config']['load_average']) == 2
+        assert abs(mfu['value'] - jax_tps * mfu['config']['flops_per_token'] / (peak * 1e9)) < 1e-9
+        # the analytic count and XLA's count of the compiled step agree within a factor of two
+        assert 0.5 < mfu['config']['xla_flops_per_token'] / mfu['config']['flops_per_token'] < 2.0
+        assert records[(f'jax/torch/{kind}', 'speedup')]['value'] is None  # no PyTorch, no ratio
     assert records[('torch', 'tokens_per_s')]['value'] is None and 'HOWFAR_TORCH_PYTHON' in records[('torch', 'mfu')]['config']['error']
     assert decoder_train_flops(6, 512, 2048, 512, 8192) == 6 * (6 * (4 * 512**2 + 2 * 512 * 2048) + 512 * 8192) + 12 * 6 * 512 * 512

@@ -302,7 +302,8 @@ def test_train_benchmark_quick_records(monkeypatch):
     from transformers_howfar.training import train_benchmark, decoder_train_flops
     monkeypatch.delenv('HOWFAR_TORCH_PYTHON', raising=False)
     name = lambda c: c.get('framework', c.get('reference')) + (f"/{c['attention']}" if 'attention' in c else '')
-    records = {(name(r['config']), r['metric']): r for r in train_benchmark(quick=True)}
+    all_records = train_benchmark(quick=True)
+    records = {(name(r['config']), r['metric']): r for r in all_records if r['metric'] != 'seconds'}
     peak = records[('matmul', 'matmul_peak')]['value']
     assert peak > 0
     for kind in ('full', 'chunked'):  # the library's LM with each attention kind
@@ -312,5 +313,8 @@ def test_train_benchmark_quick_records(monkeypatch):
         # the analytic count and XLA's count of the compiled step agree within a factor of two
         assert 0.5 < mfu['config']['xla_flops_per_token'] / mfu['config']['flops_per_token'] < 2.0
         assert records[(f'jax/torch/{kind}', 'speedup')]['value'] is None  # no PyTorch, no ratio
+        parts = {r['config']['part']: r['value'] for r in all_records if r['metric'] == 'seconds' and r['config'].get('attention') == kind}
+        assert set(parts) == {'forward_loss', 'forward_backward', 'optimizer', 'attention', 'output_layer_loss'}
+        assert all(v > 0 for v in parts.values())
     assert records[('torch', 'tokens_per_s')]['value'] is None and 'HOWFAR_TORCH_PYTHON' in records[('torch', 'mfu')]['config']['error']
     assert decoder_train_flops(6, 512, 2048, 512, 8192) == 6 * (6 * (4 * 512**2 + 2 * 512 * 2048) + 512 * 8192) + 12 * 6 * 512 * 512

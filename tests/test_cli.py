@@ -14,7 +14,7 @@ def howfar(*args, cwd=None):
 def test_help_lists_commands():
     r = howfar('--help')
     assert r.returncode == 0
-    for cmd in ('bench', 'demo'): assert cmd in r.stdout
+    for cmd in ("bench", "demo", "data", "train", "generate"): assert cmd in r.stdout
 
 
 def test_version():
@@ -42,4 +42,8 @@ def test_bench_lists_and_rejects_unknown_names(tmp_path):
 def test_demo_runs_and_writes_plots(tmp_path):
     r = howfar('demo', '--quick', '--out', str(tmp_path / 'out'))
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / 'out' / 'matmul.png').stat().st_size > 1000
+    assert (tmp_path / 'out' / 'attention.png').stat().st_size > 1000
+    assert 'held-out accuracy on the second copy' in r.stdout
+    records = json.loads((tmp_path / 'out' / 'attention.json').read_text())
+    assert {r['config']['attention'] for r in records} == {'exact', 'lsh'} and all(r['value'] > 0 for r in records)
+    assert (tmp_path / 'out' / 'duplicate' / 'metrics.jsonl').exists()

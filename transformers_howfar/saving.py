@@ -43,7 +43,8 @@ def save_model(model: nnx.Module, path, tokenizer=None, *, overwrite: bool = Fal
     path = Path(path).absolute()
     name = type(model).__name__
     if name not in MODELS: raise ValueError(f'model: {name} is not registered; call register_model({name}, ItsConfig) first')
-    if not isinstance(getattr(model, 'config', None), MODELS[name][1]):
+    # by name, not identity: nbdev_test runs several notebooks in one process, and each re-defines (and re-registers) its classes
+    if type(getattr(model, 'config', None)).__name__ != MODELS[name][1].__name__:
         raise ValueError(f'model: expected a .config of type {MODELS[name][1].__name__}')
     if path.exists():
         if not overwrite: raise ValueError(f'path: {path} exists; pass overwrite=True to replace it')

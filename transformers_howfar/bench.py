@@ -22,8 +22,9 @@ import jax
 from .core import check_positive, machine_info, register_command
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'make_record', 'write_records', 'read_records', 'time_call', 'peak_rss_gb', 'run_isolated', 'benchmark',
-           'import_all_modules', 'run_benchmark', 'matmul_benchmark', 'plot_records']
+__all__ = ['BENCHMARKS', 'EXPERIMENTS', 'make_record', 'write_records', 'read_records', 'time_call', 'peak_rss_gb',
+           'run_isolated', 'benchmark', 'import_all_modules', 'run_benchmark', 'matmul_benchmark', 'experiment',
+           'run_experiment', 'plot_records']
 
 # %% ../nbs/05_bench.ipynb #bd28d0a3
 def make_record(benchmark: str, config: dict, metric: str, value, unit: str, machine: dict | None = None) -> dict:
@@ -100,12 +101,14 @@ def import_all_modules():
     for m in pkgutil.iter_modules(transformers_howfar.__path__):
         if not m.name.startswith('_'): importlib.import_module(f'transformers_howfar.{m.name}')
 
+def _run_registered(registry: dict, name: str, out_dir, quick: bool) -> Path:
+    import_all_modules()
+    if name not in registry: raise ValueError(f'name: expected one of {sorted(registry)}, got {name!r}')
+    return write_records(Path(out_dir) / f'{name}.json', registry[name](quick=quick))
+
 def run_benchmark(name: str, out_dir='benchmarks/results', quick: bool = False) -> Path:
     "Run the benchmark `name` and write its records to `out_dir/name.json`."
-    import_all_modules()
-    if name not in BENCHMARKS: raise ValueError(f'name: expected one of {sorted(BENCHMARKS)}, got {name!r}')
-    records = BENCHMARKS[name](quick=quick)
-    return write_records(Path(out_dir) / f'{name}.json', records)
+    return _run_registered(BENCHMARKS, name, out_dir, quick)
 
 # %% ../nbs/05_bench.ipynb #b2f22d74
 @benchmark('matmul')
@@ -119,24 +122,46 @@ def matmul_benchmark(quick: bool = False) -> list[dict]:
         records.append(make_record('matmul', {'n': n, 'dtype': 'float32'}, 'throughput', 2 * n**3 / t['min_s'] / 1e9, 'GFLOP/s', machine))
     return records
 
-def _add_bench_arguments(p: argparse.ArgumentParser):
-    p.add_argument('name', nargs='?', help='benchmark to run; omit to list them')
-    p.add_argument('--quick', action='store_true', help='a small version (seconds), as the tests run it')
-    p.add_argument('--out', default='benchmarks/results', help='folder for NAME.json')
+def _add_run_arguments(what: str, default_out: str):
+    def add(p: argparse.ArgumentParser):
+        p.add_argument('name', nargs='?', help=f'{what} to run; omit to list them')
+        p.add_argument('--quick', action='store_true', help='a small version (seconds), as the tests run it')
+        p.add_argument('--out', default=default_out, help='folder for NAME.json')
+    return add
 
-def _run_bench(args) -> int:
-    import_all_modules()
-    if not args.name:
-        for n, fn in sorted(BENCHMARKS.items()): print(f'{n:12s} {(fn.__doc__ or "").strip().splitlines()[0]}')
+def _runner(registry: dict, run: Callable):
+    def go(args) -> int:
+        import_all_modules()
+        if not args.name:
+            for n, fn in sorted(registry.items()): print(f'{n:12s} {(fn.__doc__ or "").strip().splitlines()[0]}')
+            return 0
+        path = run(args.name, args.out, quick=args.quick)
+        for r in read_records(path):
+            value = 'failed' if r['value'] is None else f"{r['value']:.4g}"
+            print(f"{r['metric']:>12s} {value:>12s} {r['unit']:8s} {r['config']}")
+        print(f'wrote {path}')
         return 0
-    path = run_benchmark(args.name, args.out, quick=args.quick)
-    for r in read_records(path):
-        value = 'failed' if r['value'] is None else f"{r['value']:.4g}"
-        print(f"{r['metric']:>12s} {value:>12s} {r['unit']:8s} {r['config']}")
-    print(f'wrote {path}')
-    return 0
+    return go
 
-register_command('bench', 'Run a benchmark and write benchmarks/results/NAME.json.', _add_bench_arguments, _run_bench)
+register_command('bench', 'Run a benchmark and write benchmarks/results/NAME.json.',
+                 _add_run_arguments('benchmark', 'benchmarks/results'), _runner(BENCHMARKS, run_benchmark))
+
+
+# %% ../nbs/05_bench.ipynb #5e5e8594
+EXPERIMENTS: dict[str, Callable[..., list[dict]]] = {}
+
+def experiment(name: str):
+    "Decorator registering an experiment `(quick: bool) -> list[dict]` under `name`; `howfar experiment NAME` runs it."
+    def register(fn):
+        EXPERIMENTS[name] = fn; return fn
+    return register
+
+def run_experiment(name: str, out_dir='experiments/results', quick: bool = False) -> Path:
+    "Run the experiment `name` and write its records to `out_dir/name.json`."
+    return _run_registered(EXPERIMENTS, name, out_dir, quick)
+
+register_command('experiment', 'Run an experiment and write experiments/results/NAME.json.',
+                 _add_run_arguments('experiment', 'experiments/results'), _runner(EXPERIMENTS, run_experiment))
 
 # %% ../nbs/05_bench.ipynb #b50295d4
 def plot_records(records: list[dict], x: str, metric: str, by: str | None = None, ax=None, logx=True, logy=True, title=None):

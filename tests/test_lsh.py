@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
@@ -198,6 +199,44 @@ def test_module_and_registry_in_a_model():
     assert logits.shape == (2, 200, cfg.vocab_size) and bool(jnp.isfinite(logits).all())
     grads = nnx.grad(lambda m: m(tokens).mean())(model)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+class _TinyLSHModel(nnx.Module):
+    "Embedding, one residual LSH self-attention layer, output projection: a model that uses the layer."
+    def __init__(self, vocab, d, rngs):
+        self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        self.attn = LSHSelfAttention(d, 4, causal=True, chunk_length=8, n_rounds=2, n_buckets=(4, 2), rngs=rngs)
+        self.head = nnx.Linear(d, vocab, rngs=rngs)
+
+    def __call__(self, tokens, key=None, n_rounds=None):
+        x = self.embed(tokens)
+        return self.head(x + self.attn(x, key=key, n_rounds=n_rounds))
+
+
+def test_module_under_jit():
+    model = _TinyLSHModel(11, 32, nnx.Rngs(0))
+    assert model.attn.n_buckets == (4, 2) and not any(isinstance(v, dict) for v in vars(model.attn).values())
+    tokens = jax.random.randint(make_key(2), (2, 40), 0, 11)
+    eager = model(tokens, key=make_key(1))
+    graphdef, state = nnx.split(model)
+    hash(graphdef)  # a dict attribute would make this raise: jax.jit needs a hashable static graph
+    jitted = jax.jit(lambda s, t, k: nnx.merge(graphdef, s)(t, key=k))
+    np.testing.assert_allclose(jitted(state, tokens, make_key(1)), eager, atol=1e-5)
+    np.testing.assert_allclose(nnx.jit(lambda m, t, k: m(t, key=k))(model, tokens, make_key(1)), eager, atol=1e-5)
+    # rounds changed at evaluation time, inside jit (static argument)
+    r8 = nnx.jit(lambda m, t, k: m(t, key=k, n_rounds=8))(model, tokens, make_key(1))
+    assert r8.shape == eager.shape and float(jnp.abs(r8 - eager).max()) > 0
+    # a training step under nnx.jit, the hash key drawn from the layer's own stream (state updated in place)
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    @nnx.jit
+    def train_step(model, opt, tokens):
+        loss, grads = nnx.value_and_grad(lambda m: -jax.nn.log_softmax(m(tokens))[..., 0].mean())(model)
+        opt.update(model, grads)
+        return loss
+    count = int(model.attn.hash_rngs.lsh.count[...])
+    losses = [float(train_step(model, opt, tokens)) for _ in range(3)]
+    assert int(model.attn.hash_rngs.lsh.count[...]) == count + 3  # a fresh hash key on every jitted call
+    assert losses[-1] < losses[0]
 
 
 def test_cli_bench_quick(tmp_path):

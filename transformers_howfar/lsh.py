@@ -359,9 +359,13 @@ class LSHSelfAttention(nnx.Module):
                  n_rounds: int = 4, chunk_length: int = 64, n_buckets=None, correct_duplicates: bool = False,
                  dense_threshold: int | None = None, use_bias: bool = False, rngs: nnx.Rngs):
         check_positive('d_model', d_model); check_positive('n_heads', n_heads); check_positive('n_rounds', n_rounds)
+        check_positive('chunk_length', chunk_length)
         d_head = d_head or d_model // n_heads; check_positive('d_head', d_head)
-        self.n_heads, self.d_head, self.causal, self.n_rounds = n_heads, d_head, causal, n_rounds
-        self.options = dict(chunk_length=chunk_length, n_buckets=n_buckets, correct_duplicates=correct_duplicates, dense_threshold=dense_threshold)
+        if n_buckets is not None: n_buckets = _factors(n_buckets)  # validated, and a hashable tuple
+        # plain hashable fields (no dict): the graph definition must hash under nnx.jit and split/merge + jax.jit
+        self.n_heads, self.d_head, self.causal, self.n_rounds = int(n_heads), int(d_head), bool(causal), int(n_rounds)
+        self.chunk_length, self.n_buckets, self.correct_duplicates = int(chunk_length), n_buckets, bool(correct_duplicates)
+        self.dense_threshold = None if dense_threshold is None else int(dense_threshold)
         self.qk = nnx.LinearGeneral(d_model, (n_heads, d_head), use_bias=use_bias, rngs=rngs)
         self.v = nnx.LinearGeneral(d_model, (n_heads, d_head), use_bias=use_bias, rngs=rngs)
         self.out = nnx.LinearGeneral((n_heads, d_head), d_model, axis=(-2, -1), use_bias=use_bias, rngs=rngs)
@@ -377,7 +381,8 @@ class LSHSelfAttention(nnx.Module):
         if bias is not None: raise ValueError('bias: LSH attention takes no additive bias, got one')
         key = self.hash_rngs.lsh() if key is None else key
         o = lsh_attention(self.qk(x), self.v(x), key=key, n_rounds=n_rounds or self.n_rounds, causal=self.causal,
-                          padding_mask=padding_mask, **self.options)
+                          padding_mask=padding_mask, chunk_length=self.chunk_length, n_buckets=self.n_buckets,
+                          correct_duplicates=self.correct_duplicates, dense_threshold=self.dense_threshold)
         return self.out(o)
 
 # %% ../nbs/12_lsh.ipynb #70f29f58

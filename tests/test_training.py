@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from transformers_howfar.losses import cross_entropy
 from transformers_howfar.training import (
-    NonFiniteLoss, SyntheticBatches, TrainConfig, Trainer, checkpoint_manager, cross_entropy, load_run, make_schedule,
+    NonFiniteLoss, SyntheticBatches, TrainConfig, Trainer, checkpoint_manager, load_run, make_schedule,
     read_metrics, register_task, resolve_config, save_checkpoint, restore_checkpoint, sam_gradient, train_task, TASKS)
 
 BIN = Path(sys.executable).parent

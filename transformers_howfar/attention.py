@@ -416,13 +416,18 @@ class MultiHeadAttention(nnx.Module):
         return KVCache.zeros(batch, max_len, self.n_kv_heads, self.d_head, dtype)
 
     def __call__(self, x, context=None, *, kv=None, padding_mask=None, bias=None, cache: KVCache | None = None,
-                 dropout_key=None):
+                 dropout_key=None,
+                 rotate: Callable | None = None):  # applied to queries, and to keys projected here, e.g. rotary positions
         "`x (B, T, D)` → `(B, T, D)`; with a `cache`, returns `(output, new_cache)`."
         check_shape(x, 'B T D', 'x')
         if cache is not None and (context is not None or kv is not None):
             raise ValueError('cache: a KV cache is for self-attention; for cross-attention pass kv=project_kv(context)')
-        q = self.q(x)  # (B, T, N, H)
-        k, v = kv if kv is not None else self.project_kv(x if context is None else context)  # (B, S, K, H)
+        rotate = rotate or (lambda t: t)
+        q = rotate(self.q(x))  # (B, T, N, H)
+        if kv is not None: k, v = kv  # (B, S, K, H), already projected (and rotated) by the caller
+        else:
+            k, v = self.project_kv(x if context is None else context)
+            k = rotate(k) if context is None else k
         q_pos = kv_pos = None
         if cache is not None:
             cache = cache.update(k, v)

@@ -147,7 +147,7 @@ register_command('bench', 'Run a benchmark and write benchmarks/results/NAME.jso
                  _add_run_arguments('benchmark', 'benchmarks/results'), _runner(BENCHMARKS, run_benchmark))
 
 
-# %% ../nbs/05_bench.ipynb #5e5e8594
+# %% ../nbs/05_bench.ipynb #a5bc7525
 EXPERIMENTS: dict[str, Callable[..., list[dict]]] = {}
 
 def experiment(name: str):

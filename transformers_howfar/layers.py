@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .core import check_choice, check_divisible, check_positive, check_range, check_shape
-from .attention import KVCache, MultiHeadAttention, default_positions, get_attention
+from .attention import KVCache, MultiHeadAttention
 
 # %% auto #0
 __all__ = ['POSITIONS', 'ACTIVATIONS', 'sinusoidal_positions', 'apply_rotary', 'Embedder', 'FeedForward', 'Residual',
@@ -152,21 +152,12 @@ class Attention(nnx.Module):
                  rngs: nnx.Rngs | None = None):
         "Self-attention of `x` (B, T, D) (through `cache` if given), or cross-attention to `kv`; returns y or (y, cache)."
         key = rngs.dropout() if rngs is not None and self.mha.dropout_rate > 0 else None
-        if not self.rotary: return self.mha(x, kv=kv, padding_mask=padding_mask, cache=cache, dropout_key=key)
-        m = self.mha  # rotary: the same steps as MultiHeadAttention.__call__, with q and k rotated
-        if positions is None: positions = jnp.arange(x.shape[1])[None] + (0 if cache is None else cache.index)
-        q = apply_rotary(m.q(x), positions)  # (B, T, N, H)
-        k, v = kv if kv is not None else self.project_kv(x, positions)
-        q_pos = kv_pos = None
-        if cache is not None:
-            cache = cache.update(k, v); k, v = cache.k, cache.v
-            q_pos, kv_pos = default_positions(x.shape[1], cache.index - x.shape[1]), default_positions(cache.max_len)
-            written = jnp.broadcast_to(kv_pos[None] < cache.index, (x.shape[0], cache.max_len))
-            padding_mask = written if padding_mask is None else written & padding_mask
-        extra = m.extra.as_kwargs() if m.extra is not None else {}
-        y = m.out(m.kind.fn(q, k, v, padding_mask=padding_mask, causal=m.causal, q_positions=q_pos, kv_positions=kv_pos,
-                            dropout_rate=m.dropout_rate if key is not None else 0.0, dropout_key=key, **dict(m.options), **extra))
-        return y if cache is None else (y, cache)
+        rotate = None
+        if self.rotary:
+            if positions is None: positions = jnp.arange(x.shape[1])[None] + (0 if cache is None else cache.index)
+            rotate = lambda t: apply_rotary(t, positions)
+        return self.mha(x, kv=kv, padding_mask=padding_mask, cache=cache, dropout_key=key, rotate=rotate)
+
 
 # %% ../nbs/15_layers.ipynb #34855abd
 class Block(nnx.Module):

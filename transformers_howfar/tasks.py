@@ -19,21 +19,16 @@ from .data import (SOURCES, classification_batches, encode_documents, encode_pai
 from .lm import LM, LMConfig
 from .rnn import RNNConfig, RNNEncoderDecoder
 from .tokenizer import CharTokenizer, SentencePieceTokenizer
-from .training import Task, TrainConfig, cross_entropy, register_task
+from .losses import cross_entropy
+from .training import Task, TrainConfig, lm_loss, register_task
 from .transformer import EncoderDecoder, TransformerConfig
 
 # %% auto #0
-__all__ = ['TOY_ALPHABET', 'TranslateTask', 'TranslateRNNTask', 'build_translate', 'build_translate_rnn', 'lm_loss', 'mlm_loss',
+__all__ = ['TOY_ALPHABET', 'TranslateTask', 'TranslateRNNTask', 'build_translate', 'build_translate_rnn', 'mlm_loss',
            'classify_loss', 'seq2seq_loss', 'toy_corpus', 'make_tokenizer', 'LMTask', 'build_lm', 'MLMTask',
            'build_mlm', 'ClassifyTask', 'build_classify']
 
 # %% ../nbs/32_tasks.ipynb #83ab811b
-def lm_loss(label_smoothing: float = 0.0) -> Callable:
-    "Next-token loss of a decoder-only LM on `inputs`, `targets`, `loss_mask` (B, T)."
-    def loss_fn(model, batch, rngs):
-        return cross_entropy(model(batch['inputs'], rngs=rngs), batch['targets'], batch['loss_mask'], label_smoothing)
-    return loss_fn
-
 def mlm_loss(label_smoothing: float = 0.0) -> Callable:
     "Masked-token loss of `Bert.mlm_logits` on `inputs`, `targets`, `loss_mask`, `segments`, `attention_mask`."
     def loss_fn(model, batch, rngs):

@@ -29,41 +29,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .core import (Config, check_choice, check_divisible, check_positive, check_range,
                                       derive_key, machine_info, make_key, register_command)
 from .tokenizer import NUM_SPECIAL, CharTokenizer
+from .losses import cross_entropy
 from .data import addition_batches, duplication_batches
 from .lm import LM, LMConfig
 from .attention import get_attention
 from .bench import benchmark, make_record, matmul_benchmark, run_isolated, time_call
 
 # %% auto #0
-__all__ = ['TASKS', 'BENCH_SIZES', 'cross_entropy', 'TrainConfig', 'make_schedule', 'make_optimizer', 'sam_gradient', 'make_mesh',
-           'param_spec', 'state_shardings', 'batch_sharding', 'make_train_step', 'SyntheticBatches',
-           'summarize_metrics', 'read_metrics', 'MetricsLog', 'plot_metrics', 'NonFiniteLoss', 'fingerprint',
-           'checkpoint_manager', 'save_checkpoint', 'restore_checkpoint', 'Trainer', 'lm_loss', 'Task', 'TaskSpec',
-           'register_task', 'resolve_config', 'train_task', 'Run', 'load_run', 'DuplicateConfig', 'AdditionConfig',
-           'duplicate_batch', 'import_tasks', 'decoder_train_flops', 'profile_train_step', 'train_benchmark']
-
-# %% ../nbs/30_training.ipynb #f1c593a4
-def cross_entropy(
-    logits,  # (..., V) unnormalised scores
-    targets,  # (...) integer class ids in [0, V)
-    mask=None,  # (...) 1 where a token counts, 0 where it does not; None counts every token
-    label_smoothing: float = 0.0,  # ε: the target puts 1 - ε on the answer and ε/V on every class
-) -> tuple[jax.Array, dict]:  # mean smoothed loss; metrics `nll`, `accuracy` (means) and `tokens` (count)
-    "Label-smoothed cross-entropy averaged over the tokens where `mask` is 1, with accuracy and token count."
-    check_range('label_smoothing', label_smoothing, 0.0, 1.0, inclusive_high=False)
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f'targets: expected shape {tuple(logits.shape[:-1])} (logits without V), got {tuple(targets.shape)}')
-    if mask is not None and tuple(mask.shape) != tuple(targets.shape):
-        raise ValueError(f'mask: expected shape {tuple(targets.shape)} like targets, got {tuple(mask.shape)}')
-    logits = logits.astype(jnp.float32)  # (..., V), fp32 even under bf16 compute
-    lse = jax.nn.logsumexp(logits, -1)  # log Z; -log p(y) = log Z - logit_y, without materialising log p over V
-    nll = lse - jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    per_token = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1)) if label_smoothing else nll
-    mask = jnp.ones(nll.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    tokens = mask.sum()
-    denom = jnp.maximum(tokens, 1.0)  # an all-masked batch gives 0, not nan
-    correct = ((logits.argmax(-1) == targets) * mask).sum()
-    return (per_token * mask).sum() / denom, {'nll': (nll * mask).sum() / denom, 'accuracy': correct / denom, 'tokens': tokens}
+__all__ = ['TASKS', 'BENCH_SIZES', 'TrainConfig', 'make_schedule', 'make_optimizer', 'sam_gradient', 'make_mesh', 'param_spec',
+           'state_shardings', 'batch_sharding', 'make_train_step', 'SyntheticBatches', 'summarize_metrics',
+           'read_metrics', 'MetricsLog', 'plot_metrics', 'NonFiniteLoss', 'fingerprint', 'checkpoint_manager',
+           'save_checkpoint', 'restore_checkpoint', 'Trainer', 'lm_loss', 'Task', 'TaskSpec', 'register_task',
+           'resolve_config', 'train_task', 'Run', 'load_run', 'DuplicateConfig', 'AdditionConfig', 'duplicate_batch',
+           'import_tasks', 'decoder_train_flops', 'profile_train_step', 'train_benchmark']
 
 # %% ../nbs/30_training.ipynb #c57f3912
 @dataclasses.dataclass(frozen=True)
@@ -652,15 +630,25 @@ def duplicate_batch(rng: np.random.Generator, batch_size: int, word_length: int,
 # %% ../nbs/30_training.ipynb #d736b989
 def _add_train_arguments(p: argparse.ArgumentParser):
     p.add_argument('task', nargs='?', help='task to train; omit to list the tasks and their presets')
-    p.add_argument('overrides', nargs='*', help='key=value changes to the model or training config (model.KEY=/train.KEY= where both have KEY)')
+    p.add_argument('overrides', nargs='*', help='key=value (or --key value) changes to the model or training config (model.KEY=/train.KEY= where both have KEY)')
     p.add_argument('--preset', default='tiny', help='named configuration of the task (default: tiny)')
     p.add_argument('--run-dir', default=None, help='run directory (default: runs/TASK-PRESET); an existing run is resumed')
     p.add_argument('--fresh', action='store_true', help="discard the run directory's checkpoints and log first")
     plain = p.parse_known_args
     def intermixed(args=None, namespace=None):  # argparse stops collecting positionals at the first option: gather the rest
-        namespace, extras = plain(args, namespace)
-        namespace.overrides = list(namespace.overrides or []) + [e for e in extras if not e.startswith('-')]
-        return namespace, [e for e in extras if e.startswith('-')]
+        namespace, extras = plain(args, namespace)  # and read unknown `--key value` / `--key=value` as the override key=value
+        overrides, unknown, i = list(namespace.overrides or []), [], 0
+        while i < len(extras):
+            e = extras[i]
+            if not e.startswith('-'): overrides.append(e)
+            elif e.startswith('--') and '=' in e:
+                key, value = e[2:].split('=', 1); overrides.append(f"{key.replace('-', '_')}={value}")
+            elif e.startswith('--') and i + 1 < len(extras) and not extras[i + 1].startswith('-'):
+                overrides.append(f"{e[2:].replace('-', '_')}={extras[i + 1]}"); i += 1
+            else: unknown.append(e)
+            i += 1
+        namespace.overrides = overrides
+        return namespace, unknown
     p.parse_known_args = intermixed
 
 def _run_train(args) -> int:

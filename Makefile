@@ -47,7 +47,7 @@ readme: $(STAMP)
 	$(BIN)/python tools/make_readme.py
 
 pytest: $(STAMP) chromium
-	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest tests/ -q -p no:cacheprovider -n 2 --durations=15
 
 test: $(STAMP) chromium
 	$(MAKE) --no-print-directory check

@@ -60,3 +60,14 @@ def test_stale_readme_fails(project):
     (project / 'README.md').write_text('old\n')
     r = check(project)
     assert r.returncode == 1 and 'README.md is stale' in r.stdout
+
+
+def test_saved_output_with_a_machine_path_fails(project):
+    nb_path = project / 'nbs' / '05_bench.ipynb'
+    nb = json.loads(nb_path.read_text())
+    cell = next(c for c in nb['cells'] if c['cell_type'] == 'code')
+    kernel_file = '/' + '/'.join(['tmp', 'ipykernel_4242', '17.py'])  # what a warning prints
+    cell['outputs'] = [{'name': 'stderr', 'output_type': 'stream', 'text': [f'{kernel_file}:3: DeprecationWarning: old\n']}]
+    nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
+    r = check(project)
+    assert r.returncode == 1 and 'machine paths' in r.stdout and '05_bench.ipynb' in r.stdout

@@ -1,5 +1,6 @@
 """Check that the package is exactly what `nbdev_export` makes from the notebooks, that every notebook is
-clean (`nbdev_clean` changes nothing), and that README.md is current.
+clean (`nbdev_clean` changes nothing), that no saved output carries a path of the machine that ran it (a
+warning's kernel file, a temporary folder: the outputs are the published docs), and that README.md is current.
 
 It works on a copy, so it never touches your files, and prints what to run when something is out of date.
 Exit status 0 when all is in sync, 1 otherwise.
@@ -7,6 +8,8 @@ Exit status 0 when all is in sync, 1 otherwise.
 from __future__ import annotations
 
 import filecmp
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +29,18 @@ def compare(ours: dict[str, Path], theirs: dict[str, Path]) -> list[str]:
     return sorted(n for n in set(ours) | set(theirs) if n not in ours or n not in theirs or not filecmp.cmp(ours[n], theirs[n], shallow=False))
 
 
+MACHINE_PATH = re.compile(r'(?<![\w.])/(?:tmp|root|home|work|var/folders)/\S*|ipykernel_\d+')
+
+
+def machine_paths(notebook: Path) -> list[str]:
+    "Paths of the executing machine found in a notebook's saved outputs."
+    found = []
+    for cell in json.loads(notebook.read_text()).get('cells', []):
+        for out in cell.get('outputs', []):
+            found += MACHINE_PATH.findall(json.dumps(out))
+    return found
+
+
 def main(root: Path = ROOT) -> int:
     problems = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,6 +56,8 @@ def main(root: Path = ROOT) -> int:
         if pkg: problems.append(f'package differs from the notebooks in {pkg}: run `nbdev_export`')
         nbs = compare(tree(root / 'nbs', '*.ipynb'), tree(tmp / 'nbs', '*.ipynb'))
         if nbs: problems.append(f'notebooks not clean: {nbs}: run `nbdev_clean`')
+    leaks = {p.name: found[0] for p in sorted((root / 'nbs').glob('*.ipynb')) if (found := machine_paths(p))}
+    if leaks: problems.append(f'saved outputs carry machine paths {leaks}: fix the cause (e.g. a warning) and re-run those notebooks')
     sys.path.insert(0, str(root / 'tools'))
     from make_readme import render
     readme = root / 'README.md'

@@ -82,7 +82,7 @@ class Bert(nnx.Module):
     def mlm_logits(self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None):
         "Masked-LM logits (B, T, V) through the tied token table."
         h = self.mlm_norm(jax.nn.gelu(self.mlm_transform(self(inputs, segments, attention_mask, rngs=rngs))))
-        return self.embed.attend(h) + self.mlm_bias.value
+        return self.embed.attend(h) + self.mlm_bias[...]
 
     def classify(self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None):
         "Class logits (B, C) from the pooled [CLS] state (the first token)."

@@ -80,7 +80,7 @@ class Embedder(nnx.Module):
 
     def attend(self, x):
         "Logits (B, T, V) from hidden states `x` (B, T, D) through the transposed token table."
-        return x @ self.token.embedding.value.T.astype(x.dtype)
+        return x @ self.token.embedding[...].T.astype(x.dtype)
 
 # %% ../nbs/15_layers.ipynb #cebd2c84
 ACTIVATIONS: dict[str, Callable] = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'silu': jax.nn.silu}

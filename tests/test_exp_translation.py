@@ -1,0 +1,141 @@
+"""The translation experiment (Transformer against LSTM with attention): the quick run end to end, resuming from the
+per-model files, scoring against sacrebleu's definitions, the throughput probe leaving the models untouched, and the errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings, strategies as st
+
+from transformers_howfar.bench import read_records
+from transformers_howfar.data import seq2seq_batches
+from transformers_howfar.exp_translation import (
+    TimedBatches, TranslationSetup, load_translation_data, make_trainer, measure_throughput, score_translations,
+    translate, translation_configs, translation_experiment, translation_table)
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('translation')
+    return out, translation_experiment(quick=True, results_dir=out)
+
+
+def test_quick_run_writes_every_model_and_metric(quick_run):
+    out, records = quick_run
+    assert sorted(p.name for p in out.iterdir()) == ['translation_rnn.json', 'translation_throughput.json', 'translation_transformer.json']
+    by = {(r['config']['model'], r['metric'], r['config'].get('decoding')): r['value'] for r in records}
+    for model in ('transformer', 'rnn'):
+        for decoding in ('greedy', 'beam'):
+            assert 0 <= by[(model, 'bleu', decoding)] <= 100 and 0 <= by[(model, 'chrf', decoding)] <= 100
+        assert by[(model, 'tokens_per_s', None)] > 0 and by[(model, 'train_seconds', None)] > 0
+        assert np.isfinite(by[(model, 'valid_nll', None)])
+        side = json.loads((out / f'translation_{model}.json').read_text())
+        assert side['steps'] == TranslationSetup.tiny().steps
+        seconds = [c['seconds'] for c in side['curve'] if c['split'] == 'train']
+        assert seconds == sorted(seconds) and seconds[0] > 0  # the loss curve runs forward in time
+        assert len(side['samples']) == TranslationSetup.tiny().n_samples
+
+
+def test_resume_reads_the_per_model_files_instead_of_training(quick_run, tmp_path):
+    out, _ = quick_run
+    for f in out.iterdir(): (tmp_path / f.name).write_text(f.read_text())
+    side = json.loads((tmp_path / 'translation_rnn.json').read_text())
+    side['beam']['bleu'] = 42.5  # a value training could not produce here: proves it was read back
+    (tmp_path / 'translation_rnn.json').write_text(json.dumps(side))
+    records = translation_experiment(quick=True, results_dir=tmp_path, resume=True)
+    beam = [r for r in records if r['config']['model'] == 'rnn' and r['metric'] == 'bleu' and r['config']['decoding'] == 'beam']
+    assert [r['value'] for r in beam] == [42.5]
+
+
+def test_table_has_one_row_per_model(quick_run):
+    table = translation_table(quick_run[1]).splitlines()
+    assert len(table) == 4 and table[2].startswith('| transformer |') and table[3].startswith('| rnn |')
+    assert table[0].count('|') == table[2].count('|')
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.text(alphabet='abcdefgh ', min_size=8, max_size=40).filter(lambda s: len(s.split()) >= 4), min_size=1, max_size=5))
+def test_identical_translations_score_100(sentences):
+    s = score_translations(sentences, sentences)
+    assert s['bleu'] == pytest.approx(100) and s['chrf'] == pytest.approx(100)
+
+
+def test_scores_fall_with_errors_and_match_sacrebleu():
+    import sacrebleu
+    refs = ['le chat est assis sur la table rouge .', 'il pleut depuis ce matin sur la ville .']
+    one = ['le chat est assis sur la table bleue .', 'il pleut depuis ce matin sur la ville .']
+    two = ['le chien est couché sous la table bleue .', 'il neige depuis hier soir .']
+    s0, s1, s2 = (score_translations(h, refs) for h in (refs, one, two))
+    assert s0['bleu'] > s1['bleu'] > s2['bleu'] and s0['chrf'] > s1['chrf'] > s2['chrf']
+    assert s1['bleu'] == pytest.approx(sacrebleu.corpus_bleu(one, [refs]).score)
+    with pytest.raises(ValueError, match='hypotheses'): score_translations(['a'], refs)
+    with pytest.raises(ValueError, match='references'): score_translations([], [])
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    setup, configs = TranslationSetup.tiny(), translation_configs(quick=True)
+    return setup, configs, load_translation_data(setup)
+
+
+def test_training_pairs_fill_whole_batches(tiny):
+    setup, _, data = tiny
+    assert len(data['train']) % setup.batch_size == 0 and len(data['train']) > 0
+    batches = seq2seq_batches(data['train'], setup.batch_size, seed=0, pad_multiple=setup.pad_multiple)
+    assert {next(batches)['src'].shape[0] for _ in range(len(data['train']) // setup.batch_size + 2)} == {setup.batch_size}
+
+
+def test_throughput_probe_restores_both_models(tiny):
+    setup, configs, data = tiny
+    trainers = {n: make_trainer(n, configs[n], setup, 10) for n in ('transformer', 'rnn')}
+    before = {n: jax.device_get(t.state['params']) for n, t in trainers.items()}
+    batch = next(seq2seq_batches(data['train'], setup.batch_size, seed=0))
+    tps = measure_throughput(trainers, batch, rounds=2, steps=1)
+    assert set(tps) == {'transformer', 'rnn'} and all(v > 0 for v in tps.values())
+    for n, t in trainers.items():
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(t.state['params']), before[n])
+        assert int(t.state['step']) == 0
+    with pytest.raises(ValueError, match='rounds'): measure_throughput(trainers, batch, rounds=0)
+
+
+def test_timed_batches_stamp_each_request_and_pass_state_through(tiny):
+    setup, _, data = tiny
+    timed = TimedBatches(seq2seq_batches(data['train'], setup.batch_size, seed=3))
+    first = [next(timed)['src'] for _ in range(3)]
+    state = timed.get_state()
+    assert len(timed.times) == 3 and timed.times == sorted(timed.times)
+    again = TimedBatches(seq2seq_batches(data['train'], setup.batch_size, seed=3))
+    again.set_state(state)
+    fresh = seq2seq_batches(data['train'], setup.batch_size, seed=3)
+    for _ in range(3): next(fresh)
+    np.testing.assert_array_equal(next(again)['src'], next(fresh)['src'])
+
+
+def test_translate_greedy_and_beam_shapes_and_errors(tiny):
+    setup, configs, data = tiny
+    model = make_trainer('transformer', configs['transformer'], setup, 10).model
+    sources = [s for s, _ in data['test'][:5]]
+    greedy = translate(model, data['tokenizer'], sources, seq_len=32, max_new_tokens=6, batch_size=4)
+    beam = translate(model, data['tokenizer'], sources, seq_len=32, max_new_tokens=6, beam_size=2, batch_size=4)
+    assert len(greedy) == len(beam) == 5 and all(isinstance(t, str) for t in greedy + beam)
+    with pytest.raises(ValueError, match='sources'): translate(model, data['tokenizer'], 'a sentence')
+    with pytest.raises(ValueError, match='beam_size'): translate(model, data['tokenizer'], sources, beam_size=0)
+    with pytest.raises(ValueError, match='name'): make_trainer('gru', configs['rnn'], setup, 10)
+
+
+@pytest.mark.parametrize('field, value', [('beam_size', 0), ('budget_s', -1.0), ('pad_multiple', 0), ('learning_rate', 0.0)])
+def test_setup_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field): TranslationSetup(**{field: value})
+
+
+def test_cli_lists_the_experiment():
+    p = subprocess.run([str(BIN / 'howfar'), 'experiment'], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert any(line.startswith('translation ') for line in p.stdout.splitlines())

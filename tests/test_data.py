@@ -153,7 +153,6 @@ ITERATORS = {
     'duplication': lambda seed: D.duplication_batches(4, 8, seed=seed),
     'copy': lambda seed: D.copy_batches(4, 8, seed=seed),
     'reverse': lambda seed: D.reverse_batches(4, 8, seed=seed),
-    'addition': lambda seed: D.addition_batches(4, 5, seed=seed),
 }
 
 
@@ -252,18 +251,6 @@ def test_copy_and_reverse(reverse):
         assert (full[2 * n + 3:] == PAD_ID).all()
 
 
-@pytest.mark.parametrize('reverse_answer', [False, True])
-def test_addition_is_correct(reverse_answer):
-    tok = CharTokenizer.digits()
-    b = next(D.addition_batches(64, 6, seed=5, reverse_answer=reverse_answer))
-    assert b['inputs'].shape == (64, 22)
-    for r in range(64):
-        text = tok.decode(np.append(b['inputs'][r], b['targets'][r, -1]))
-        question, answer = text.split('=')
-        x, y = map(int, question.split('+'))
-        assert int(answer[::-1] if reverse_answer else answer) == x + y
-        assert tok.decode(b['targets'][r][b['loss_mask'][r] == 1]) == answer
-
 
 def test_classification_real_tokenizer():
     texts, labels, names = D.load_labelled(FIXTURES / 'labelled.csv', header=True)
@@ -278,7 +265,6 @@ def test_classification_real_tokenizer():
     (lambda: D.seq2seq_batches([], 4), 'pairs: expected at least one pair'),
     (lambda: D.mlm_batches(_docs(), 4, 2, 300), 'seq_len: expected at least 5'),
     (lambda: D.mlm_batches(_docs(), 16, 2, 300, mask_rate=1.5), 'mask_rate: expected a number in [0, 1]'),
-    (lambda: D.addition_batches(2, 3, min_digits=4), 'min_digits: expected 1 <= min_digits <= max_digits = 3'),
     (lambda: D.duplication_batches(0, 3), 'batch_size: expected a number > 0'),
     (lambda: D.load_split('imdb'), "name: expected one of"),
 ])

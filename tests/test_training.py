@@ -148,19 +148,20 @@ def test_eight_simulated_devices_match_one():
 
 def test_howfar_train_cli_end_to_end(tmp_path):
     run = tmp_path / 'run'
-    r = subprocess.run([str(BIN / 'howfar'), 'train', 'addition', '--preset', 'tiny', '--run-dir', str(run), 'steps=10', 'log_every=2'],
+    r = subprocess.run([str(BIN / 'howfar'), 'train', 'duplicate', '--preset', 'tiny', '--run-dir', str(run), 'steps=10', '--log-every', '2',
+                        '--word-length=3'],
                        capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'eval' in r.stdout and str(run) in r.stdout
     cfg = json.loads((run / 'config.json').read_text())
-    assert cfg['task'] == 'addition' and cfg['train']['steps'] == 10 and cfg['model']['class'] == 'AdditionConfig'
+    assert cfg['task'] == 'duplicate' and cfg['train']['steps'] == 10 and cfg['model']['class'] == 'DuplicateConfig'
     assert [rec['step'] for rec in read_metrics(run) if rec['split'] == 'train'] == [2, 4, 6, 8, 10]
     assert (run / 'plots' / 'loss.png').stat().st_size > 5000 and (run / 'checkpoints' / '10').is_dir()
     loaded = load_run(run)
-    assert loaded.step == 10 and loaded.model_config.max_digits == 3
+    assert loaded.step == 10 and loaded.model_config.word_length == 3
     r = subprocess.run([str(BIN / 'howfar'), 'train'], capture_output=True, text=True, env=ENV, timeout=300)
-    assert r.returncode == 0 and 'duplicate' in r.stdout and 'addition' in r.stdout
-    r = subprocess.run([str(BIN / 'howfar'), 'train', 'addition', 'depth=3', '--run-dir', str(run)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0 and 'duplicate' in r.stdout and 'translate' in r.stdout
+    r = subprocess.run([str(BIN / 'howfar'), 'train', 'duplicate', 'depth=3', '--run-dir', str(run)], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 2 and "howfar train: error: override 'depth=3'" in r.stderr and 'Traceback' not in r.stderr
 
 
@@ -272,8 +273,8 @@ def test_sam_gradient_on_quadratic_any_dimension():
 
 
 def test_registered_tasks_and_presets():
-    assert {'duplicate', 'addition'} <= set(TASKS)
-    for name in ('duplicate', 'addition'):
+    assert 'duplicate' in TASKS
+    for name in ('duplicate',):
         for preset in TASKS[name].presets:
             model_cfg, train_cfg = resolve_config(name, preset)
             if preset != 'tiny': continue  # the larger presets: their configs validate; building is the same code
@@ -284,7 +285,7 @@ def test_registered_tasks_and_presets():
         register_task('x', lambda m, t: None, {})
 
 
-@pytest.mark.parametrize('task', ['duplicate', 'addition'])
+@pytest.mark.parametrize('task', ['duplicate'])
 def test_synthetic_task_is_library_lm_and_checkpoint_holds_iterator_position(task, tmp_path):
     from transformers_howfar.lm import LM
     from transformers_howfar.training import checkpoint_manager, restore_checkpoint

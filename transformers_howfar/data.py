@@ -38,8 +38,7 @@ __all__ = ['SOURCES', 'EXTRACT_VERSION', 'FILES', 'cache_dir', 'FetchError', 'pi
            'deb_data', 'clean_wikitext', 'detokenize_brown', 'id_paragraphs', 'Source', 'fetch', 'list_sources',
            'load_documents', 'load_pairs', 'load_labelled', 'split', 'load_split', 'batch_iterator', 'encode_documents',
            'lm_batches', 'encode_pairs', 'seq2seq_batch', 'seq2seq_batches', 'mask_tokens', 'mlm_batches',
-           'classification_batch', 'classification_batches', 'duplication_batches', 'copy_batches', 'reverse_batches',
-           'addition_batches']
+           'classification_batch', 'classification_batches', 'duplication_batches', 'copy_batches', 'reverse_batches']
 
 # %% ../nbs/02_data.ipynb #d5d86145
 def cache_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -537,23 +536,3 @@ def copy_batches(batch_size: int, max_length: int, n_symbols: int = 32, seed: in
 def reverse_batches(batch_size: int, max_length: int, n_symbols: int = 32, seed: int = 0, min_length: int = 1):
     "`<s> w <sep> reversed(w) </s>`; T = 2·max_length + 2, loss on the reversal and `</s>`."
     return _copy_like(batch_size, max_length, n_symbols, seed, True, min_length)
-
-# %% ../nbs/02_data.ipynb #708d9030
-def addition_batches(batch_size: int, max_digits: int, seed: int = 0, min_digits: int = 1, reverse_answer: bool = False,
-                     tokenizer: CharTokenizer | None = None) -> grain.DatasetIterator:
-    "`<s>a+b=c</s>` with 1..`max_digits`-digit operands; T = 3·max_digits + 4, loss on c and `</s>`."
-    check_positive('batch_size', batch_size); check_positive('max_digits', max_digits)
-    if not 1 <= min_digits <= max_digits: raise ValueError(f'min_digits: expected 1 <= min_digits <= max_digits = {max_digits}, got {min_digits}')
-    tok = tokenizer or CharTokenizer.digits()
-    def number(rng):
-        d = int(rng.integers(min_digits, max_digits + 1))
-        return int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10 ** d))
-    def make(i):
-        rng = _rng(seed, i)
-        seqs, starts = [], []
-        for _ in range(batch_size):
-            a, b = number(rng), number(rng)
-            question, answer = f'{a}+{b}=', str(a + b)[::-1] if reverse_answer else str(a + b)
-            seqs.append(tok.encode(question + answer, bos=True, eos=True)); starts.append(len(question) + 1)
-        return _lm_from_sequences(seqs, starts, 3 * max_digits + 5)
-    return batch_iterator(make, 1)

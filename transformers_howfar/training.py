@@ -28,9 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .core import (Config, check_choice, check_divisible, check_positive, check_range,
                                       derive_key, machine_info, make_key, register_command)
-from .tokenizer import NUM_SPECIAL, CharTokenizer
+from .tokenizer import NUM_SPECIAL
 from .losses import cross_entropy
-from .data import addition_batches, duplication_batches
+from .data import duplication_batches
 from .lm import LM, LMConfig
 from .attention import get_attention
 from .bench import benchmark, make_record, matmul_benchmark, run_isolated, time_call
@@ -40,8 +40,8 @@ __all__ = ['TASKS', 'BENCH_SIZES', 'TrainConfig', 'make_schedule', 'make_optimiz
            'state_shardings', 'batch_sharding', 'make_train_step', 'SyntheticBatches', 'summarize_metrics',
            'read_metrics', 'MetricsLog', 'plot_metrics', 'NonFiniteLoss', 'fingerprint', 'checkpoint_manager',
            'save_checkpoint', 'restore_checkpoint', 'Trainer', 'lm_loss', 'Task', 'TaskSpec', 'register_task',
-           'resolve_config', 'train_task', 'Run', 'load_run', 'DuplicateConfig', 'AdditionConfig', 'duplicate_batch',
-           'import_tasks', 'decoder_train_flops', 'profile_train_step', 'train_benchmark']
+           'resolve_config', 'train_task', 'Run', 'load_run', 'DuplicateConfig', 'duplicate_batch', 'import_tasks',
+           'decoder_train_flops', 'profile_train_step', 'train_benchmark']
 
 # %% ../nbs/30_training.ipynb #c57f3912
 @dataclasses.dataclass(frozen=True)
@@ -581,21 +581,6 @@ class DuplicateConfig(LMConfig):
     @property
     def seq_len(self) -> int: return 2 * self.word_length + 1
 
-@dataclasses.dataclass(frozen=True)
-class AdditionConfig(LMConfig):
-    "`lm.LM` on `<s>a+b=c</s>` with 1..max_digits-digit operands (`data.addition_batches`, digit tokenizer)."
-    vocab_size: int = CharTokenizer.digits().vocab_size
-    max_digits: int = 3
-    reverse_answer: bool = True  # write c least significant digit first
-    def validate(self):
-        super().validate(); check_positive('max_digits', self.max_digits)
-        if self.vocab_size != CharTokenizer.digits().vocab_size:
-            raise ValueError(f'vocab_size: expected {CharTokenizer.digits().vocab_size} (the digit tokenizer), got {self.vocab_size}')
-        if self.max_len < self.seq_len: raise ValueError(f'max_len: expected at least 3 * max_digits + 4 = {self.seq_len}, got {self.max_len}')
-    @property
-    def seq_len(self) -> int: return 3 * self.max_digits + 4
-    @classmethod
-    def tiny(cls): return cls(d_model=32, d_ff=64, n_heads=2, n_layers=1, max_len=16, dropout_rate=0.0)
 
 # %% ../nbs/30_training.ipynb #0ab711cb
 def _build_synthetic(batches: Callable):
@@ -616,10 +601,7 @@ register_task('duplicate', _build_synthetic(lambda c, B, seed: duplication_batch
     'small': (DuplicateConfig(vocab_size=24, max_len=17, word_length=8, n_symbols=16, **_small),
               TrainConfig(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=100, **_fast)),
 }, help="Reformer's duplication task <sep> w <sep> w with lm.LM")
-register_task('addition', _build_synthetic(lambda c, B, seed: addition_batches(B, c.max_digits, seed, reverse_answer=c.reverse_answer)), {
-    'tiny': (AdditionConfig.tiny(), TrainConfig.tiny()),
-    'small': (AdditionConfig(max_len=13, **_small), TrainConfig(steps=2000, batch_size=64, learning_rate=2e-3, warmup_steps=100, **_fast)),
-}, help='addition a+b=c of up to max_digits digits (answer reversed by default) with lm.LM')
+
 
 # %% ../nbs/30_training.ipynb #e4c02334
 def duplicate_batch(rng: np.random.Generator, batch_size: int, word_length: int, vocab_size: int) -> dict:

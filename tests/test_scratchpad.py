@@ -87,9 +87,9 @@ def test_encoded_batch_masks_the_prompt():
     assert (b['slots'][0, :, 0] == ROLE['answer_top']).sum() == 1
 
 
-@pytest.mark.parametrize('position', ['digits', 'learned', 'rotary'])
-def test_cached_steps_equal_a_full_pass(position):
-    cfg = AdditionConfig.tiny().replace(position=position)
+@pytest.mark.parametrize('position,codes', [('digits', 'offset'), ('digits', 'random'), ('learned', 'offset'), ('rotary', 'offset')])
+def test_cached_steps_equal_a_full_pass(position, codes):
+    cfg = AdditionConfig.tiny().replace(position=position, digit_codes=codes)
     model = AdditionLM(cfg, rngs=nnx.Rngs(1))
     b = encode_problems([(123, 456), (7, 89)], 'scratchpad', offsets=[0, 4])
     full = forward(model, b['inputs'], b['slots'])
@@ -115,7 +115,7 @@ def test_greedy_decoding_is_the_argmax_of_a_full_pass():
         slots = encode_problems([(a, b)], 'scratchpad')['slots'][:, :len(ids)]
         logits = forward(model, jnp.asarray([ids]), slots)
         want = np.asarray(jnp.argmax(logits[0, len(prompt):len(ids) - 1], -1))
-        assert TOKENIZER.decode(want) == out[:len(want)] or list(want) == ids[len(prompt) + 1:]
+        assert list(want) == ids[len(prompt) + 1:]
 
 
 def test_scoring_counts_only_the_final_answer(monkeypatch):
@@ -135,15 +135,18 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match='position'): AdditionConfig(position='abacus')
     with pytest.raises(ValueError, match='max_len'): AdditionConfig(max_len=50)
     with pytest.raises(ValueError, match='vocab_size'): AdditionConfig(vocab_size=30)
+    with pytest.raises(ValueError, match='digit_codes'): AdditionConfig(digit_codes='hash')
+    with pytest.raises(ValueError, match='n_codes'):
+        greedy_answers(AdditionLM(AdditionConfig.tiny().replace(digit_codes='random'), rngs=nnx.Rngs(0)), [(10**11, 10**11)])
     with pytest.raises(ValueError, match='one length'): greedy_answers(AdditionLM(AdditionConfig.tiny(), rngs=nnx.Rngs(0)), [(1, 23)])
 
 
 def test_experiment_command_writes_records(tmp_path):
-    p = subprocess.run([HOWFAR, 'experiment', 'scratchpad', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, timeout=600)
+    p = subprocess.run([HOWFAR, 'experiment', 'scratchpad', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     assert 'scratchpad-digits' in p.stdout and 'direct-learned' in p.stdout
     records = json.loads((tmp_path / 'scratchpad.json').read_text())
     records = records['records'] if isinstance(records, dict) else records
     digits = {r['config']['n_digits'] for r in records if r['metric'] == 'exact_match'}
-    assert digits == {1, 2, 4}
+    assert digits == {1, 3}
     assert all(0 <= r['value'] <= 1 for r in records)

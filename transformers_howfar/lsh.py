@@ -25,7 +25,8 @@ from .attention import dot_product_attention, register_attention
 # %% auto #0
 __all__ = ['SELF_VALUE', 'MASK_VALUE', 'hash_vectors', 'collision_probability', 'auto_buckets', 'shared_qk_scores',
            'shared_qk_attention', 'lsh_sort_orders', 'lsh_attention', 'lsh_multiplicity', 'lsh_attention_kind',
-           'LSHKeys', 'LSHSelfAttention', 'lsh_layer_step', 'torch_reference', 'lsh_benchmark']
+           'LSHKeys', 'LSHSelfAttention', 'lsh_layer_step', 'torch_reference', 'lsh_reference_comparison',
+           'lsh_benchmark']
 
 # %% ../nbs/12_lsh.ipynb #950f5382
 SELF_VALUE = -1e5  # a token attends to itself only when nothing else is visible (paper, Sec. 2.2)
@@ -226,7 +227,7 @@ def _slice_forward(qk, v, valid, perms, undos, p):
             m = s.max(-1, keepdims=True)
             e = jnp.exp(s - m)
             l = e.sum(-1, keepdims=True)
-            return jnp.einsum('ncd,ndh->nch', e / l, vw), m[..., 0], l[..., 0]
+            return jnp.einsum('ncd,ndh->nch', e, vw) / l, m[..., 0], l[..., 0]  # divide the (C, H) output, not the (C, 2C) weights
         o, m, l = jax.lax.map(one_block, jnp.arange(p.n_blocks))
         o, m, l = _take_rows(o.reshape(Tp, H), undos[r]), m.reshape(Tp)[undos[r]], l.reshape(Tp)[undos[r]]
         # combine rounds keeping max and sum apart: m + log(l) would lose digits next to the -1e5 self score
@@ -301,7 +302,7 @@ def lsh_attention(
     padding_mask=None,  # (B, T) booleans, True = a real token
     correct_duplicates: bool = False,  # subtract log(number of rounds a key is seen in), as in the paper
     dense_threshold: int | None = None,  # lengths up to this use exact dense attention (default: chunk_length)
-    block_length: int = 2048,  # tokens processed together inside the kernel (memory/speed only)
+    block_length: int = 256,  # tokens processed together inside the kernel (memory/speed only; 256 keeps a block in cache)
     max_bucket_factor: int = 64,  # automatic bucket counts above this are split into factors
 ) -> jax.Array:  # (B, T, N, H), in the dtype of `v`
     "LSH attention (Kitaev, Kaiser, Levskaya 2020) in time O(T log T) and memory O(T) for forward and backward."
@@ -461,6 +462,31 @@ def _record(machine, config, result, records):
     records.append(make_record('lsh', config, 'us_per_token', 1e6 * result['seconds'] / tokens, 'us', machine))
     records.append(make_record('lsh', config, 'peak_memory', result['peak_rss_gb'], 'GB', machine))
 
+def lsh_reference_comparison(length: int = 65536, repeats: int = 3, python: str | None = None, machine=None) -> list[dict]:
+    "Our layer, HF transformers' and reformer-pytorch's, interleaved `repeats` times (ours, HF, rp, ours, ...), and the ratios."
+    python = python or os.environ.get('HOWFAR_TORCH_PYTHON')
+    if not python: raise ValueError('python: expected a Python with torch, transformers and reformer-pytorch (or HOWFAR_TORCH_PYTHON), got none')
+    machine, records, runs = machine or machine_info(), [], {}
+    base = {'length': length, 'batch': 1, 'attention': 'lsh', 'n_rounds': 4, 'd_model': 256, 'n_heads': 4, 'chunk_length': 64,
+            'causal': True, 'threads': os.cpu_count() or 1, 'series': 'reference'}
+    for rep in range(repeats):
+        for impl in ('transformers_howfar', 'hf', 'reformer_pytorch'):
+            load = os.getloadavg()[0]
+            res = (run_isolated('transformers_howfar.lsh:lsh_layer_step', {'length': length}, timeout=1800) if impl == 'transformers_howfar'
+                   else torch_reference(impl, length, python))
+            _record(machine, {**base, 'implementation': impl, 'repeat': rep, 'load_average': round(load, 1),
+                              'versions': res.pop('versions', None)}, res, records)
+            runs.setdefault(impl, []).append(res)
+    ok = {k: [r for r in v if 'error' not in r] for k, v in runs.items()}
+    if all(ok.values()):
+        ours = float(np.median([r['seconds'] for r in ok['transformers_howfar']]))
+        best = min(('hf', 'reformer_pytorch'), key=lambda k: np.median([r['seconds'] for r in ok[k]]))
+        mem = lambda k: float(np.median([r['peak_rss_gb'] for r in ok[k]]))
+        cfg = {**base, 'implementation': 'transformers_howfar', 'against': best, 'repeats': repeats}
+        records.append(make_record('lsh', cfg, 'speedup', float(np.median([r['seconds'] for r in ok[best]])) / ours, 'x', machine))
+        records.append(make_record('lsh', cfg, 'memory_ratio', mem('transformers_howfar') / mem(best), 'x', machine))
+    return records
+
 @benchmark('lsh')
 def lsh_benchmark(quick: bool = False) -> list[dict]:
     "LSH attention layer forward+backward from 1K to 1M tokens, next to dense attention and PyTorch references."
@@ -478,12 +504,6 @@ def lsh_benchmark(quick: bool = False) -> list[dict]:
             if attention == 'dense' and T > dense_max: continue
             res = run_isolated('transformers_howfar.lsh:lsh_layer_step', {'length': T, 'batch': total // T, 'attention': attention, 'n_rounds': max(R, 1)}, timeout=1800)
             _record(machine, {'length': T, 'batch': total // T, 'attention': attention, 'n_rounds': R, 'implementation': 'transformers_howfar', 'series': 'fixed_tokens'}, res, records)
-    python = os.environ.get('HOWFAR_TORCH_PYTHON')
-    if python and not quick:
-        for T in (16384, 65536):
-            for impl in ('hf', 'reformer_pytorch'):
-                res = torch_reference(impl, T, python)
-                cfg = {'length': T, 'batch': 1, 'attention': 'lsh', 'n_rounds': 4, 'd_model': 256, 'n_heads': 4, 'chunk_length': 64,
-                       'causal': True, 'implementation': impl, 'series': 'reference', 'versions': res.pop('versions', None)}
-                _record(machine, cfg, res, records)
+    if os.environ.get('HOWFAR_TORCH_PYTHON') and not quick:
+        records += lsh_reference_comparison(65536, repeats=3, machine=machine)
     return records

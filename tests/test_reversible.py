@@ -10,7 +10,7 @@ from transformers_howfar.core import make_key
 from transformers_howfar.layers import FeedForward
 from transformers_howfar.reversible import (MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy,
                                             reverse_sequence, reversible_sequence)
-from transformers_howfar.training import cross_entropy
+from transformers_howfar.losses import cross_entropy
 
 
 def dropout_tanh(p, x, key, context, aux):
@@ -25,7 +25,7 @@ def setup(P, R, D=6, seed=0):
     return [dropout_tanh] * P, params, x1, x2, jax.random.normal(ks[-2], (2, 5, 4))
 
 
-@pytest.mark.parametrize('P,R,with_key', [(1, 1, False), (2, 3, True), (4, 2, True)])
+@pytest.mark.parametrize('P,R,with_key', [(1, 1, False), (3, 2, True)])
 def test_inverse_recovers_input(P, R, with_key):
     fns, params, x1, x2, ctx = setup(P, R)
     key = make_key(3) if with_key else None
@@ -35,7 +35,7 @@ def test_inverse_recovers_input(P, R, with_key):
     np.testing.assert_allclose(back[0], x1, atol=1e-5); np.testing.assert_allclose(back[1], x2, atol=1e-5)
 
 
-@pytest.mark.parametrize('mode,P,R', [('reversible', 2, 1), ('reversible', 3, 2), ('remat', 2, 3)])
+@pytest.mark.parametrize('mode,P,R', [('reversible', 3, 2), ('remat', 2, 1)])
 def test_gradients_equal_plain_backprop_with_dropout(mode, P, R):
     fns, params, x1, x2, ctx = setup(P, R, seed=P * 10 + R)
     key = make_key(7)
@@ -56,9 +56,10 @@ def test_another_key_gives_another_result():
 
 def test_fixed_seed_regression():
     fns, params, x1, x2, ctx = setup(2, 2, seed=0)
-    y2 = reversible_sequence(fns, params, x1, x2, make_key(0), ctx)[1]
-    assert y2.shape == (2, 5, 6) and np.isfinite(np.asarray(y2)).all()
-    np.testing.assert_allclose(float(jnp.abs(y2).sum()), float(jnp.abs(reversible_sequence(fns, params, x1, x2, make_key(0), ctx, mode='ordinary')[1]).sum()), rtol=1e-6)
+    y1, y2 = reversible_sequence(fns, params, x1, x2, make_key(0), ctx)
+    assert y2.shape == (2, 5, 6)
+    np.testing.assert_allclose([float(jnp.abs(y2).sum()), float(y1[0, 0, 0]), float(y2[1, 4, 5])],
+                               [75.73933410644531, -0.992146372795105, -1.209181308746338], rtol=1e-5)
 
 
 class FF(nnx.Module):
@@ -66,9 +67,8 @@ class FF(nnx.Module):
     def __call__(self, x, *, key, context, aux): return self.ff(x, rngs=None if key is None else nnx.Rngs(dropout=key))
 
 
-@pytest.mark.parametrize('period', [1, 2])
-def test_module_gradients_match_across_modes(period):
-    seq = ReversibleSequence([FF(8, rngs=nnx.Rngs(i)) for i in range(4)], period=period)
+def test_module_gradients_match_across_modes():
+    seq = ReversibleSequence([FF(8, rngs=nnx.Rngs(i)) for i in range(4)], period=2)
     x = jax.random.normal(make_key(1), (2, 7, 8))
     loss = lambda m, mode: sum((o ** 2).sum() for o in m(x, x * 0.5, key=make_key(2), mode=mode))
     ref = nnx.state(nnx.grad(loss)(seq, 'ordinary'))
@@ -86,7 +86,7 @@ def test_errors():
     with pytest.raises(ValueError, match='chunk_size'): chunked_apply(lambda h, k: h, x1, 0)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(T=st.integers(1, 40), chunk=st.integers(1, 50))
 def test_chunked_apply_equals_unchunked(T, chunk):
     ff = FeedForward(4, 16, rngs=nnx.Rngs(0))
@@ -94,7 +94,7 @@ def test_chunked_apply_equals_unchunked(T, chunk):
     np.testing.assert_allclose(chunked_apply(lambda h, k: ff(h), x, chunk), ff(x), atol=1e-5)
 
 
-@pytest.mark.parametrize('T,chunk,smoothing', [(33, 8, 0.0), (33, 33, 0.1), (10, 64, 0.2), (64, 16, 0.0)])
+@pytest.mark.parametrize('T,chunk,smoothing', [(33, 8, 0.1), (10, 64, 0.0)])
 def test_chunked_loss_equals_cross_entropy(T, chunk, smoothing):
     V, D = 40, 8
     emb = jax.random.normal(make_key(0), (V, D))

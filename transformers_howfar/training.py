@@ -40,8 +40,8 @@ __all__ = ['TASKS', 'BENCH_SIZES', 'TrainConfig', 'make_schedule', 'make_optimiz
            'state_shardings', 'batch_sharding', 'make_train_step', 'SyntheticBatches', 'summarize_metrics',
            'read_metrics', 'MetricsLog', 'plot_metrics', 'NonFiniteLoss', 'fingerprint', 'checkpoint_manager',
            'save_checkpoint', 'restore_checkpoint', 'Trainer', 'lm_loss', 'Task', 'TaskSpec', 'register_task',
-           'resolve_config', 'train_task', 'Run', 'load_run', 'DuplicateConfig', 'duplicate_batch', 'import_tasks',
-           'decoder_train_flops', 'profile_train_step', 'train_benchmark']
+           'resolve_config', 'train_task', 'Run', 'load_run', 'DuplicateConfig', 'import_tasks', 'decoder_train_flops',
+           'profile_train_step', 'train_benchmark']
 
 # %% ../nbs/30_training.ipynb #c57f3912
 @dataclasses.dataclass(frozen=True)
@@ -602,12 +602,6 @@ register_task('duplicate', _build_synthetic(lambda c, B, seed: duplication_batch
               TrainConfig(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=100, **_fast)),
 }, help="Reformer's duplication task <sep> w <sep> w with lm.LM")
 
-
-# %% ../nbs/30_training.ipynb #e4c02334
-def duplicate_batch(rng: np.random.Generator, batch_size: int, word_length: int, vocab_size: int) -> dict:
-    "Deprecated, kept for older notebooks: one `data.duplication_batches` batch with ids below `vocab_size`, seeded by `rng`."
-    if vocab_size <= NUM_SPECIAL: raise ValueError(f'vocab_size: expected more than NUM_SPECIAL = {NUM_SPECIAL}, got {vocab_size}')
-    return next(duplication_batches(batch_size, word_length, vocab_size - NUM_SPECIAL, seed=int(rng.integers(2**31))))
 
 # %% ../nbs/30_training.ipynb #d736b989
 def _add_train_arguments(p: argparse.ArgumentParser):

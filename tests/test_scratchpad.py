@@ -150,3 +150,15 @@ def test_experiment_command_writes_records(tmp_path):
     digits = {r['config']['n_digits'] for r in records if r['metric'] == 'exact_match'}
     assert digits == {1, 3}
     assert all(0 <= r['value'] <= 1 for r in records)
+
+
+@pytest.mark.parametrize('codes', ['offset', 'spread', 'random'])
+def test_training_labels_are_distinct_per_significance(codes):
+    cfg = AdditionConfig(digit_codes=codes, train_digits=6, max_offset=10)
+    b = next(addition_batches(cfg, 32, seed=2))
+    for inputs, slots in zip(b['inputs'], b['slots']):
+        a_text = TOKENIZER.decode(inputs[1:]).split('+')[0]
+        labels = slots[1:1 + len(a_text), 1]  # a's digits, most significant first
+        assert len(set(labels)) == len(labels) and labels.max() < cfg.n_codes
+        if codes != 'random': assert (np.diff(labels) < 0).all()  # labels grow with the significance
+        if codes == 'offset': assert (np.diff(labels) == -1).all()

@@ -51,6 +51,17 @@ def test_resume_reads_the_per_size_files(quick_run, tmp_path):
     assert [r['value'] for r in records if r['metric'] == 'valid_nll' and r['config']['size'] == 'q1'] == [9.25]
 
 
+def test_resample_draws_from_the_saved_models(quick_run, tmp_path):
+    out, records, models = quick_run
+    for f in out.iterdir(): (tmp_path / f.name).write_text(f.read_text())
+    side = json.loads((tmp_path / 'scaling_q2.json').read_text())
+    side['samples'] = []
+    (tmp_path / 'scaling_q2.json').write_text(json.dumps(side))
+    scaling_experiment(quick=True, results_dir=tmp_path, resume=True, folder=models, resample=True)
+    again = json.loads((tmp_path / 'scaling_q2.json').read_text())['samples']
+    assert again == json.loads((out / 'scaling_q2.json').read_text())['samples']  # same saved model, same key: same text
+
+
 def test_table_rows_sorted_by_size(quick_run):
     lines = scaling_table(quick_run[1]).splitlines()
     assert len(lines) == 4 and lines[2].startswith('| q1 |') and lines[3].startswith('| q2 |')

@@ -119,11 +119,11 @@ def trainer_log(run_dir) -> list[dict]:
 # %% ../nbs/52_pretraining.ipynb #9c5cbc72
 def transfer_encoder(source: Bert, target: Bert, skip=('pooler', 'classifier')) -> Bert:
     "Copy `source`'s parameters into `target` (same sizes) except the top-level modules named in `skip`; returns `target`."
-    new, old = nnx.state(source, nnx.Param).to_pure_dict(), nnx.state(target, nnx.Param)
-    merged = old.to_pure_dict()
+    new, old = nnx.to_pure_dict(nnx.state(source, nnx.Param)), nnx.state(target, nnx.Param)
+    merged = nnx.to_pure_dict(old)
     if set(new) != set(merged): raise ValueError(f'source: expected the parameters {sorted(merged)}, got {sorted(new)}')
     merged.update({k: jax.tree.map(jnp.array, v) for k, v in new.items() if k not in skip})  # copies: training donates its arrays
-    old.replace_by_pure_dict(merged)
+    nnx.replace_by_pure_dict(old, merged)
     nnx.update(target, old)
     return target
 

@@ -1,0 +1,96 @@
+"Tests of transformers_howfar.exp_duplication: attention modes switched on trained weights, evaluation, the experiment command."
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from transformers_howfar.exp_duplication import (PAPER_TABLE2, accuracy_table, attention_options, duplication_setup,
+                                                 evaluate_modes, mode_name, set_attention)
+from transformers_howfar.lsh import shared_qk_attention
+from transformers_howfar.tokenizer import NUM_SPECIAL
+from transformers_howfar.training import TASKS, DuplicateConfig, TrainConfig
+
+
+def _model(word_length=8):
+    cfg = DuplicateConfig(vocab_size=NUM_SPECIAL + 5, d_model=16, d_ff=32, n_heads=2, n_layers=1, max_len=2 * word_length + 1,
+                          dropout_rate=0.0, word_length=word_length, n_symbols=5, attention=('lsh',))
+    return TASKS['duplicate'].build(cfg, TrainConfig.tiny().replace(batch_size=2))
+
+
+@pytest.mark.parametrize('mode,expected', [
+    ('full', (('chunk_length', 8), ('dense_threshold', 2**62))),
+    (4, (('chunk_length', 8), ('dense_threshold', 0), ('n_buckets', None), ('n_rounds', 4))),
+])
+def test_attention_options(mode, expected):
+    assert attention_options(mode, 8) == expected
+    assert mode_name(mode) == ('full' if mode == 'full' else 'lsh-4')
+
+
+@pytest.mark.parametrize('bad', [0, -1, True, 2.0, 'lsh'])
+def test_attention_options_errors(bad):
+    with pytest.raises(ValueError, match='mode: expected'): attention_options(bad, 8)
+    with pytest.raises(ValueError, match='chunk_length'): attention_options('full', 0)
+
+
+def test_switch_modes_on_the_same_weights():
+    task = _model()
+    model, tokens = task.model, jnp.array([[3, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5]])
+    full = set_attention(model, 'full', 4)(tokens)
+    # the 'full' mode is the dense shared-QK attention: check the attention layer against it directly
+    mha = next(n for _, n in nnx.iter_graph(model) if type(n).__name__ == 'MultiHeadAttention')
+    x = jnp.ones((1, 17, 16)) * jnp.arange(1, 18)[None, :, None] / 17
+    ref = mha.out(shared_qk_attention(mha.q(x), mha.v(x), causal=True))
+    np.testing.assert_allclose(mha(x), ref, atol=1e-5)
+    np.testing.assert_allclose(set_attention(model, 1, 32)(tokens), full, atol=1e-5)  # one chunk holds every key
+    assert float(jnp.abs(set_attention(model, 2, 2)(tokens) - full).max()) > 1e-4
+    assert dict(mha.options)['n_rounds'] == 2  # static options, changed in place
+    with pytest.raises(ValueError, match="kind 'lsh'"): set_attention(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 1, 4)
+
+
+def test_evaluate_modes_uses_fresh_hashes_and_every_mode():
+    task = _model()
+    out = evaluate_modes(task.model, task.loss_fn, task.eval_data, modes=('full', 1, 8), chunk_length=2, n_batches=2)
+    assert sorted(out) == ['full', 'lsh-1', 'lsh-8']
+    assert all(0 <= v['accuracy'] <= 1 and np.isfinite(v['nll']) for v in out.values())
+    assert len({round(v['nll'], 6) for v in out.values()}) == 3  # the rounds change the attention, hence the loss
+    with pytest.raises(ValueError, match='n_batches'):
+        evaluate_modes(task.model, task.loss_fn, task.eval_data, chunk_length=2, n_batches=0)
+
+
+def test_setup_and_tables():
+    model, train, chunk, buckets = duplication_setup(False)
+    assert (model.word_length, model.seq_len, model.d_model, model.n_heads, model.n_layers) == (127, 255, 256, 4, 1)
+    assert 2 * model.word_length + 2 >= 256 and chunk == 16 and buckets == 32
+    assert sorted(PAPER_TABLE2) == ['full', 'lsh-1', 'lsh-2', 'lsh-4'] and PAPER_TABLE2['lsh-4']['lsh-1'] == 91.9
+    recs = [{'metric': 'accuracy', 'value': 50.0, 'config': {'train_mode': 'full', 'eval_mode': 'lsh-1'}},
+            {'metric': 'nll', 'value': 1.0, 'config': {'train_mode': 'full', 'eval_mode': 'lsh-1'}}]
+    assert accuracy_table(recs) == {'full': {'lsh-1': 50.0}}
+
+
+def test_committed_results_are_complete():
+    path = Path(__file__).parents[1] / 'experiments' / 'results' / 'duplication.json'
+    table = accuracy_table(json.loads(path.read_text()))
+    assert sorted(table) == ['full', 'lsh-1', 'lsh-2', 'lsh-4']
+    assert all(sorted(v) == ['full', 'lsh-1', 'lsh-2', 'lsh-4', 'lsh-8'] for v in table.values())
+
+
+def test_cli_quick_and_resume(tmp_path):
+    howfar = str(Path(sys.executable).parent / 'howfar')
+    env = dict(os.environ, HOWFAR_CACHE=str(tmp_path / 'cache'))
+    out = subprocess.run([howfar, 'experiment', 'duplication', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first = json.loads((tmp_path / 'duplication.json').read_text())
+    assert len(first) == 12 and {r['config']['train_mode'] for r in first} == {'full', 'lsh-1'}
+    per_model = tmp_path / 'cache' / 'duplication' / 'quick'
+    assert (per_model / 'duplication_lsh-1.json').exists() and (per_model / 'lsh-1' / 'checkpoints' / '2').exists()
+    # resuming reads the finished models back: the same records, no training
+    env['HOWFAR_RESUME'] = '1'
+    out = subprocess.run([howfar, 'experiment', 'duplication', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / 'duplication.json').read_text()) == first

@@ -420,18 +420,20 @@ def seq2seq_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], pad_multiple: 
 
 # %% ../nbs/02_data.ipynb #b14d9be7
 def seq2seq_batches(pairs: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: int, seed: int = 0, epochs: int | None = None,
-                    shuffle: bool = True, bucket_batches: int = 20, pad_multiple: int = 8) -> grain.DatasetIterator:
-    "Length-bucketed, padded translation batches (see `seq2seq_batch`); the last partial batch is kept."
+                    shuffle: bool = True, bucket_batches: int = 20, pad_multiple: int = 8,
+                    drop_remainder: bool = False) -> grain.DatasetIterator:  # True: every batch has batch_size pairs
+    "Length-bucketed, padded translation batches (see `seq2seq_batch`); the last partial batch is kept unless `drop_remainder`."
     check_positive('batch_size', batch_size); check_positive('bucket_batches', bucket_batches)
-    if not len(pairs): raise ValueError('pairs: expected at least one pair, got none')
-    per_epoch, window = -(-len(pairs) // batch_size), batch_size * bucket_batches
+    if len(pairs) < (batch_size if drop_remainder else 1):
+        raise ValueError(f'pairs: expected at least {batch_size if drop_remainder else 1} pairs, got {len(pairs)}')
+    per_epoch, window = (len(pairs) // batch_size if drop_remainder else -(-len(pairs) // batch_size)), batch_size * bucket_batches
     lengths = np.asarray([max(len(s), len(t)) for s, t in pairs])
     def plan(epoch) -> list[np.ndarray]:
         if not shuffle: return [np.arange(i, min(i + batch_size, len(pairs))) for i in range(0, len(pairs), batch_size)]
         rng = _rng(seed, epoch)
         order = rng.permutation(len(pairs))
         order = np.concatenate([w[np.argsort(lengths[w], kind='stable')] for w in np.split(order, range(window, len(order), window))])
-        batches = np.split(order, range(batch_size, len(order), batch_size))
+        batches = [b for b in np.split(order, range(batch_size, len(order), batch_size)) if len(b) == batch_size or not drop_remainder]
         return [batches[j] for j in rng.permutation(len(batches))]
     cache = {}
     def make(i):
@@ -483,12 +485,14 @@ def classification_batch(token_rows: Sequence[np.ndarray], labels: Sequence[int]
     return dict(inputs=inputs[:, :max_len], attention_mask=attention_mask[:, :max_len], labels=np.asarray(labels, np.int32))
 
 def classification_batches(token_rows: Sequence[np.ndarray], labels: Sequence[int], batch_size: int, max_len: int = 128,
-                           seed: int = 0, epochs: int | None = None, shuffle: bool = True, pad_multiple: int = 8) -> grain.DatasetIterator:
-    "Shuffled classification batches (see `classification_batch`); the last partial batch is kept."
+                           seed: int = 0, epochs: int | None = None, shuffle: bool = True, pad_multiple: int = 8,
+                           drop_remainder: bool = False) -> grain.DatasetIterator:  # True: every batch has batch_size rows
+    "Shuffled classification batches (see `classification_batch`); the last partial batch is kept unless `drop_remainder`."
     check_positive('batch_size', batch_size); check_positive('max_len', max_len)
     if len(token_rows) != len(labels): raise ValueError(f'labels: expected {len(token_rows)} labels (one per row), got {len(labels)}')
-    if not len(labels): raise ValueError('token_rows: expected at least one example, got none')
-    per_epoch = -(-len(labels) // batch_size)
+    if len(labels) < (batch_size if drop_remainder else 1):
+        raise ValueError(f'token_rows: expected at least {batch_size if drop_remainder else 1} examples, got {len(labels)}')
+    per_epoch = len(labels) // batch_size if drop_remainder else -(-len(labels) // batch_size)
     def make(i):
         epoch, b = divmod(i, per_epoch)
         order = _rng(seed, epoch).permutation(len(labels)) if shuffle else np.arange(len(labels))

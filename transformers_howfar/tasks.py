@@ -140,8 +140,9 @@ def build_classify(config: ClassifyTask, train: TrainConfig) -> Task:
     tok = make_tokenizer(config.corpus, list(texts), config.vocab_size)
     model = Bert(_family_config(config, BertConfig), rngs=_model_key(train))
     rows = lambda t: [np.asarray(tok.encode(x), np.int32) for x in t]
-    task = Task(model, classify_loss(train.label_smoothing), classification_batches(rows(texts), labels, train.batch_size, config.seq_len, seed=train.seed),
-                lambda: classification_batches(rows(vtexts), vlabels, train.batch_size, config.seq_len, shuffle=False, epochs=1))
+    task = Task(model, classify_loss(train.label_smoothing), classification_batches(rows(texts), labels, train.batch_size, config.seq_len, seed=train.seed, drop_remainder=True),
+                lambda: classification_batches(rows(vtexts), vlabels, train.batch_size, config.seq_len, shuffle=False, epochs=1,
+                                              drop_remainder=True))  # the trainer takes whole batches only
     task.tokenizer = tok
     return task
 
@@ -167,8 +168,8 @@ def _build_translate(model_cls, base):
         enc = lambda p: encode_pairs(p, tok, max_src_len=config.seq_len, max_tgt_len=config.seq_len)
         model = model_cls(_family_config(config, base), rngs=_model_key(train))
         smoothing = train.label_smoothing or config.label_smoothing
-        task = Task(model, seq2seq_loss(smoothing), seq2seq_batches(enc(pairs), train.batch_size, seed=train.seed),
-                    lambda: seq2seq_batches(enc(valid), train.batch_size, shuffle=False, epochs=1))
+        task = Task(model, seq2seq_loss(smoothing), seq2seq_batches(enc(pairs), train.batch_size, seed=train.seed, drop_remainder=True),
+                    lambda: seq2seq_batches(enc(valid), train.batch_size, shuffle=False, epochs=1, drop_remainder=True))  # whole batches only
         task.tokenizer = tok
         return task
     return build

@@ -28,7 +28,7 @@ def test_local_kind_is_a_causal_window_of_two_blocks(block, length):
 
 
 def test_models_differ_only_in_attention():
-    shapes = {m: jax.tree.map(jnp.shape, nnx.state(ReformerLM(model_config(TINY, m), rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict())
+    shapes = {m: jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(ReformerLM(model_config(TINY, m), rngs=nnx.Rngs(0)), nnx.Param)))
               for m in TINY.models}
     assert shapes['local'] == shapes['full'] and shapes['lsh2'] == shapes['lsh1']  # LSH: one shared query/key projection
     assert shapes['lsh1'] != shapes['full']

@@ -424,8 +424,9 @@ def seq2seq_batches(pairs: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: 
                     drop_remainder: bool = False) -> grain.DatasetIterator:  # True: every batch has batch_size pairs
     "Length-bucketed, padded translation batches (see `seq2seq_batch`); the last partial batch is kept unless `drop_remainder`."
     check_positive('batch_size', batch_size); check_positive('bucket_batches', bucket_batches)
-    if len(pairs) < (batch_size if drop_remainder else 1):
-        raise ValueError(f'pairs: expected at least {batch_size if drop_remainder else 1} pairs, got {len(pairs)}')
+    if not len(pairs): raise ValueError('pairs: expected at least one pair, got none')
+    if drop_remainder and len(pairs) < batch_size:
+        raise ValueError(f'pairs: expected at least batch_size = {batch_size} pairs with drop_remainder, got {len(pairs)}')
     per_epoch, window = (len(pairs) // batch_size if drop_remainder else -(-len(pairs) // batch_size)), batch_size * bucket_batches
     lengths = np.asarray([max(len(s), len(t)) for s, t in pairs])
     def plan(epoch) -> list[np.ndarray]:
@@ -490,8 +491,9 @@ def classification_batches(token_rows: Sequence[np.ndarray], labels: Sequence[in
     "Shuffled classification batches (see `classification_batch`); the last partial batch is kept unless `drop_remainder`."
     check_positive('batch_size', batch_size); check_positive('max_len', max_len)
     if len(token_rows) != len(labels): raise ValueError(f'labels: expected {len(token_rows)} labels (one per row), got {len(labels)}')
-    if len(labels) < (batch_size if drop_remainder else 1):
-        raise ValueError(f'token_rows: expected at least {batch_size if drop_remainder else 1} examples, got {len(labels)}')
+    if not len(labels): raise ValueError('token_rows: expected at least one example, got none')
+    if drop_remainder and len(labels) < batch_size:
+        raise ValueError(f'token_rows: expected at least batch_size = {batch_size} examples with drop_remainder, got {len(labels)}')
     per_epoch = len(labels) // batch_size if drop_remainder else -(-len(labels) // batch_size)
     def make(i):
         epoch, b = divmod(i, per_epoch)

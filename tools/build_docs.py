@@ -161,6 +161,7 @@ myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence', 'html_image']
 myst_all_links_external = True
 nb_execution_mode = 'off'
 nb_merge_streams = True
+nb_render_markdown_format = 'myst'  # markdown outputs (result tables) render as tables
 html_theme = 'sphinx_book_theme'
 html_title = {title!r}
 html_copy_source = False

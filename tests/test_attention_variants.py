@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from transformers_howfar.attention import AttentionPattern, MultiHeadAttention, dot_product_attention, get_attention
-from transformers_howfar.attention_variants import (KVCompression, LocalPattern, SparsePattern, compress_kv, local_attention,
-                                                    memory_compressed_attention, sparse_attention)
+from transformers_howfar.attention_variants import (KVCompression, LocalPattern, SparsePattern, SSMaxScale, compress_kv, local_attention,
+                                                    memory_compressed_attention, sparse_attention, ssmax_attention, visible_keys)
 
 
 def rand(*shape, seed=0):
@@ -105,7 +105,7 @@ def test_causal_variants_do_not_leak(fn, t):
 
 
 @pytest.mark.parametrize('name,options', [('local', {'block_size': 4}), ('memory_compressed', {}), ('sparse', {'stride': 4, 'summary': 1}),
-                                          ('sparse', {'pattern': 'strided', 'stride': 4})])
+                                          ('sparse', {'pattern': 'strided', 'stride': 4}), ('ssmax', {'s_init': 0.45})])
 def test_cached_decoding_equals_full_forward(name, options):
     layer = MultiHeadAttention(16, 4, n_kv_heads=2, attention=name, attention_options=options, causal=True, rngs=nnx.Rngs(0))
     x = rand(2, 11, 16, seed=3)
@@ -126,7 +126,7 @@ def test_memory_compressed_module_has_learned_taps_with_gradients():
 
 
 def test_registry_names():
-    for name in ('local', 'memory_compressed', 'sparse'):
+    for name in ('local', 'memory_compressed', 'sparse', 'ssmax'):
         assert get_attention(name).doc
 
 
@@ -136,6 +136,7 @@ def test_registry_names():
     (lambda q, k, v: sparse_attention(q, k, v, pattern='dilated'), "pattern: expected one of ['fixed', 'strided']"),
     (lambda q, k, v: sparse_attention(q, k, v, stride=4, summary=0), 'summary: expected a number in [1, stride = 4]'),
     (lambda q, k, v: memory_compressed_attention(q, k, v, stride=0), 'stride: expected a number > 0'),
+    (lambda q, k, v: ssmax_attention(q, k, v, s=jnp.ones(4)), 's: expected'),
     (lambda q, k, v: memory_compressed_attention(q, k, v, kernel_k=jnp.zeros((2, 2, 8, 8))), 'kernel: expected shape (3, K, H, H)'),
 ])
 def test_errors_name_the_argument(call, msg):
@@ -149,3 +150,41 @@ def test_dropout_in_a_variant_is_reproducible():
     f = lambda key: local_attention(q, k, v, block_size=8, causal=True, dropout_rate=0.2, dropout_key=key)
     np.testing.assert_array_equal(f(jax.random.key(0)), f(jax.random.key(0)))
     assert float(jnp.abs(f(jax.random.key(0)) - f(jax.random.key(1))).max()) > 1e-3
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_ssmax_is_dense_attention_on_queries_scaled_by_s_log_n(causal):
+    q, k, v = qkv(10, seed=5)
+    pad = jnp.asarray(np.random.default_rng(5).random((2, 10)) > 0.4).at[:, 0].set(True)
+    s = jnp.asarray([0.2, 0.7])
+    n = np.array([[max(1, sum((not causal or j <= i) and bool(pad[b, j]) for j in range(10))) for i in range(10)] for b in range(2)])
+    np.testing.assert_array_equal(visible_keys(2, 10, 10, padding_mask=pad, causal=causal), n)
+    scaled = q * (np.log(n)[:, :, None, None] * np.repeat(np.asarray(s), 2)[None, None, :, None])
+    same = lambda q, k, v: ssmax_attention(q, k, v, s=s, causal=causal, padding_mask=pad)
+    np.testing.assert_allclose(same(q, k, v), dot_product_attention(scaled, k, v, causal=causal, padding_mask=pad), atol=3e-5)
+    g = jax.grad(lambda s_: ssmax_attention(q, k, v, s=s_, causal=causal, padding_mask=pad).sum())(s)
+    assert g.shape == (2,) and bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_ssmax_keeps_a_matching_key_sharp_as_distractors_grow():
+    "Key 3 matches the query with logit 3, the others are random with logits in [-0.75, 0.75]: the plain softmax weight on key 3 falls with length, SSMax's (s = 0.6) rises."
+    def weight_on_match(T, s):
+        k = np.random.default_rng(T).normal(size=(1, T, 1, 16))
+        k = 0.5 * k / np.linalg.norm(k, axis=-1, keepdims=True)  # distractors: |q.k| / 4 <= 0.75
+        k[0, 3, 0] = 0.0; k[0, 3, 0, 0] = 2.0
+        q = jnp.zeros((1, 1, 1, 16)).at[..., 0].set(6.0)  # logit of key 3: 6 * 2 / sqrt(16) = 3
+        v = jnp.zeros((1, T, 1, 16)).at[0, 3, 0, 0].set(1.0)  # the output's first entry is the weight on key 3
+        k = jnp.asarray(k, jnp.float32)
+        out = dot_product_attention(q, k, v) if s is None else ssmax_attention(q, k, v, s=jnp.asarray([s]))
+        return float(out[0, 0, 0, 0])
+    plain = [weight_on_match(T, None) for T in (64, 4096)]
+    ssmax = [weight_on_match(T, 0.6) for T in (64, 4096)]
+    assert plain[1] < plain[0] / 10
+    assert ssmax[1] > ssmax[0] > plain[0]
+
+
+def test_ssmax_scale_is_learned_per_kv_head():
+    layer = MultiHeadAttention(16, 4, n_kv_heads=2, attention='ssmax', causal=True, rngs=nnx.Rngs(0))
+    assert isinstance(layer.extra, SSMaxScale) and layer.extra.s.shape == (2,)
+    grads = nnx.grad(lambda m: (m(rand(1, 12, 16)) ** 2).sum())(layer)
+    assert float(jnp.abs(grads.extra.s[...]).sum()) > 0

@@ -370,7 +370,8 @@ class AttentionKind:
     make_params: Callable | None = None  # (n_kv_heads, d_head, rngs, **options) -> nnx.Module with .as_kwargs()
 
 ATTENTION: dict[str, AttentionKind] = {}
-_BUILTIN = {'local': 'attention_variants', 'memory_compressed': 'attention_variants', 'sparse': 'attention_variants', 'lsh': 'lsh'}
+_BUILTIN = {'local': 'attention_variants', 'memory_compressed': 'attention_variants', 'sparse': 'attention_variants', 'ssmax': 'attention_variants',
+            'lsh': 'lsh'}
 
 def register_attention(name: str, fn: Callable, doc: str, make_params: Callable | None = None) -> AttentionKind:
     "Register (or replace) the attention kind `name`."

@@ -18,13 +18,14 @@ import numpy as np
 from flax import nnx
 
 from .core import check_choice, check_positive, check_shape, machine_info
-from .attention import (BIG, AttentionPattern, blockwise_attention, default_positions,
+from .attention import (BIG, AttentionPattern, blockwise_attention, causal_mask, default_positions,
                                            dot_product_attention, get_attention, register_attention)
 from .bench import benchmark, make_record, run_isolated, time_call
 
 # %% auto #0
 __all__ = ['ATTENTION_BENCH', 'LocalPattern', 'local_attention', 'compress_kv', 'memory_compressed_attention', 'KVCompression',
-           'SparsePattern', 'sparse_attention', 'attention_case', 'torch_case', 'attention_benchmark']
+           'SparsePattern', 'sparse_attention', 'visible_keys', 'ssmax_attention', 'SSMaxScale', 'attention_case',
+           'torch_case', 'attention_benchmark']
 
 # %% ../nbs/11_attention_variants.ipynb #11002572
 @dataclasses.dataclass(frozen=True)
@@ -169,12 +170,48 @@ def sparse_attention(
     return blockwise_attention(q, cat(k), cat(v), padding_mask=cat(pad), bias=bias, kv_positions=cat(kv_pos, 0),
                                segments=(S, len(idx)), block_q=stride, block_kv=min(block_kv, stride), **kw)
 
+# %% ../nbs/11_attention_variants.ipynb #d18b33fb
+def visible_keys(B: int, T: int, S: int, *, padding_mask=None, causal: bool = False, q_positions=None, kv_positions=None) -> jax.Array:
+    "`(B, T)` number of keys each query may see (at least 1), under the causal and padding masks."
+    if causal:
+        qp = default_positions(T, S - T) if q_positions is None else q_positions
+        kp = default_positions(S) if kv_positions is None else kv_positions
+        m = causal_mask(qp, kp)[None]  # (1, T, S)
+    else: m = jnp.ones((1, T, S), bool)
+    if padding_mask is not None: m = m & jnp.asarray(padding_mask, bool)[:, None, :]
+    return jnp.maximum(jnp.broadcast_to(m, (B, T, S)).sum(-1), 1)
+
+def ssmax_attention(
+    q, k, v,  # (B, T, N, H), (B, S, K, H), (B, S, K, H)
+    *, s=None,  # (K,) learned scale per key/value head (shared by its query group); None: 1/log(64) everywhere
+    padding_mask=None, causal: bool = False, q_positions=None, kv_positions=None, s_init: float | None = None, **options,
+) -> jax.Array:  # (B, T, N, H)
+    "Scalable-softmax attention (Nakanishi 2025): logits times `s · log n`, `n` the keys each query may see."
+    B, T, N, _ = check_shape(q, 'B T N H', 'q').values()
+    K = check_shape(k, 'B S K H', 'k', B=B)['K']
+    s = jnp.full((K,), 1 / math.log(64.0)) if s is None else check_shape(s, 'K', 's', K=K) and s
+    n = visible_keys(B, T, k.shape[1], padding_mask=padding_mask, causal=causal, q_positions=q_positions, kv_positions=kv_positions)
+    factor = jnp.log(n.astype(jnp.float32))[:, :, None] * jnp.repeat(s, N // K)[None, None]  # (B, T, N)
+    return dot_product_attention((q * factor[..., None]).astype(q.dtype), k, v, padding_mask=padding_mask, causal=causal,
+                                 q_positions=q_positions, kv_positions=kv_positions, **options)
+
+class SSMaxScale(nnx.Module):
+    "The learned `s` of scalable-softmax attention, one per key/value head."
+    def __init__(self, n_kv_heads: int, d_head: int, *, rngs: nnx.Rngs, s_init: float | None = None, **_):
+        s_init = 1 / math.log(64.0) if s_init is None else s_init  # ordinary softmax for a query that sees 64 keys
+        check_positive('s_init', s_init)
+        self.s = nnx.Param(jnp.full((n_kv_heads,), s_init, jnp.float32))
+    def as_kwargs(self) -> dict: return {'s': self.s[...]}
+
 # %% ../nbs/11_attention_variants.ipynb #a4d8733d
 register_attention('local', local_attention, 'blocks of block_size tokens seeing look_back blocks before (Liu et al. 2018)')
 register_attention('memory_compressed', memory_compressed_attention,
                    'keys and values shortened by a strided convolution, kernel = stride = 3 (Liu et al. 2018)',
                    make_params=lambda n_kv_heads, d_head, rngs, **options: KVCompression(n_kv_heads, d_head, rngs=rngs, **options))
 register_attention('sparse', sparse_attention, 'fixed or strided sparse pattern (Child et al. 2019)')
+register_attention('ssmax', ssmax_attention, 'scalable softmax: logits times s·log(visible keys), s learned per head (Nakanishi 2025)',
+                   make_params=lambda n_kv_heads, d_head, rngs, **options: SSMaxScale(n_kv_heads, d_head, rngs=rngs, **options))
+
 
 # %% ../nbs/11_attention_variants.ipynb #8a2faf8c
 def attention_case(kind: str, length: int, causal: bool = True, batch: int = 1, heads: int = 4, d_head: int = 64,

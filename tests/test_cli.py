@@ -39,6 +39,12 @@ def test_bench_lists_and_rejects_unknown_names(tmp_path):
     assert 'Traceback' not in r.stderr
 
 
+def test_experiment_resume_is_refused_by_an_experiment_that_cannot_resume(tmp_path):
+    r = howfar('experiment', 'influence', '--quick', '--resume', '--out', str(tmp_path))
+    assert r.returncode == 2 and "howfar experiment: error: resume: experiment 'influence' cannot resume" in r.stderr
+    assert not (tmp_path / 'influence.json').exists() and 'Traceback' not in r.stderr
+
+
 def test_demo_runs_and_writes_plots(tmp_path):
     r = howfar('demo', '--quick', '--out', str(tmp_path / 'out'))
     assert r.returncode == 0, r.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -24,7 +25,7 @@ from .core import check_positive, machine_info, register_command
 # %% auto #0
 __all__ = ['BENCHMARKS', 'EXPERIMENTS', 'make_record', 'write_records', 'read_records', 'time_call', 'peak_rss_gb',
            'run_isolated', 'benchmark', 'import_all_modules', 'run_benchmark', 'matmul_benchmark', 'experiment',
-           'run_experiment', 'plot_records']
+           'run_experiment', 'experiment_dir', 'plot_records']
 
 # %% ../nbs/05_bench.ipynb #bd28d0a3
 def make_record(benchmark: str, config: dict, metric: str, value, unit: str, machine: dict | None = None) -> dict:
@@ -101,14 +102,14 @@ def import_all_modules():
     for m in pkgutil.iter_modules(transformers_howfar.__path__):
         if not m.name.startswith('_'): importlib.import_module(f'transformers_howfar.{m.name}')
 
-def _run_registered(registry: dict, name: str, out_dir, quick: bool) -> Path:
+def _registered(registry: dict, name: str) -> Callable:
     import_all_modules()
     if name not in registry: raise ValueError(f'name: expected one of {sorted(registry)}, got {name!r}')
-    return write_records(Path(out_dir) / f'{name}.json', registry[name](quick=quick))
+    return registry[name]
 
 def run_benchmark(name: str, out_dir='benchmarks/results', quick: bool = False) -> Path:
     "Run the benchmark `name` and write its records to `out_dir/name.json`."
-    return _run_registered(BENCHMARKS, name, out_dir, quick)
+    return write_records(Path(out_dir) / f'{name}.json', _registered(BENCHMARKS, name)(quick=quick))
 
 # %% ../nbs/05_bench.ipynb #b2f22d74
 @benchmark('matmul')
@@ -129,13 +130,13 @@ def _add_run_arguments(what: str, default_out: str):
         p.add_argument('--out', default=default_out, help='folder for NAME.json')
     return add
 
-def _runner(registry: dict, run: Callable):
+def _runner(registry: dict, run: Callable[[argparse.Namespace], Path]):
     def go(args) -> int:
         import_all_modules()
         if not args.name:
             for n, fn in sorted(registry.items()): print(f'{n:12s} {(fn.__doc__ or "").strip().splitlines()[0]}')
             return 0
-        path = run(args.name, args.out, quick=args.quick)
+        path = run(args)
         for r in read_records(path):
             value = 'failed' if r['value'] is None else f"{r['value']:.4g}"
             print(f"{r['metric']:>12s} {value:>12s} {r['unit']:8s} {r['config']}")
@@ -144,7 +145,7 @@ def _runner(registry: dict, run: Callable):
     return go
 
 register_command('bench', 'Run a benchmark and write benchmarks/results/NAME.json.',
-                 _add_run_arguments('benchmark', 'benchmarks/results'), _runner(BENCHMARKS, run_benchmark))
+                 _add_run_arguments('benchmark', 'benchmarks/results'), _runner(BENCHMARKS, lambda a: run_benchmark(a.name, a.out, quick=a.quick)))
 
 
 # %% ../nbs/05_bench.ipynb #a5bc7525
@@ -156,12 +157,30 @@ def experiment(name: str):
         EXPERIMENTS[name] = fn; return fn
     return register
 
-def run_experiment(name: str, out_dir='experiments/results', quick: bool = False) -> Path:
-    "Run the experiment `name` and write its records to `out_dir/name.json`."
-    return _run_registered(EXPERIMENTS, name, out_dir, quick)
+def run_experiment(name: str, out_dir='experiments/results', quick: bool = False, resume: bool = False) -> Path:
+    "Run the experiment `name`, write its records to `out_dir/name.json`; `out_dir` and `resume` go to an experiment that takes them."
+    fn = _registered(EXPERIMENTS, name)
+    takes, kwargs = inspect.signature(fn).parameters, {'quick': quick}
+    if 'out_dir' in takes: kwargs['out_dir'] = out_dir
+    if 'resume' in takes: kwargs['resume'] = resume
+    elif resume: raise ValueError(f'resume: experiment {name!r} cannot resume (its function takes no `resume` argument); run it without --resume')
+    return write_records(Path(out_dir) / f'{name}.json', fn(**kwargs))
 
-register_command('experiment', 'Run an experiment and write experiments/results/NAME.json.',
-                 _add_run_arguments('experiment', 'experiments/results'), _runner(EXPERIMENTS, run_experiment))
+def _add_experiment_arguments(p: argparse.ArgumentParser):
+    _add_run_arguments('experiment', 'experiments/results')(p)
+    p.add_argument('--resume', action='store_true', help="keep what an interrupted run finished (for experiments that take `resume`)")
+
+register_command('experiment', 'Run an experiment and write experiments/results/NAME.json.', _add_experiment_arguments,
+                 _runner(EXPERIMENTS, lambda a: run_experiment(a.name, a.out, quick=a.quick, resume=a.resume)))
+
+# %% ../nbs/05_bench.ipynb #b23dc44a
+def experiment_dir(name: str) -> Path:
+    "The folder outside git for experiment `name`'s models and runs: `$HOWFAR_EXPERIMENT_CACHE/NAME`, else `$XDG_CACHE_HOME/transformers_howfar/experiments/NAME` (`XDG_CACHE_HOME` defaults to `~/.cache`); not created."
+    if not isinstance(name, str) or not name or name in ('.', '..') or '/' in name or os.sep in name:
+        raise ValueError(f'name: expected a non-empty folder name without path separators, got {name!r}')
+    if os.environ.get('HOWFAR_EXPERIMENT_CACHE'): return Path(os.environ['HOWFAR_EXPERIMENT_CACHE']).expanduser() / name
+    cache = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
+    return Path(cache).expanduser() / 'transformers_howfar' / 'experiments' / name
 
 # %% ../nbs/05_bench.ipynb #b50295d4
 def plot_records(records: list[dict], x: str, metric: str, by: str | None = None, ax=None, logx=True, logy=True, title=None):

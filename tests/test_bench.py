@@ -1,0 +1,48 @@
+"""bench's experiment plumbing: the folder outside git, and what `run_experiment` passes to an experiment."""
+import json
+from pathlib import Path
+
+import pytest
+
+from transformers_howfar import bench
+from transformers_howfar.bench import EXPERIMENTS, experiment, experiment_dir, make_record, read_records, run_experiment
+
+
+def test_experiment_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv('HOWFAR_EXPERIMENT_CACHE', raising=False)
+    monkeypatch.delenv('XDG_CACHE_HOME', raising=False)
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    assert experiment_dir('translation') == tmp_path / 'home' / '.cache' / 'transformers_howfar' / 'experiments' / 'translation'
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert experiment_dir('scaling') == tmp_path / 'xdg' / 'transformers_howfar' / 'experiments' / 'scaling'
+    monkeypatch.setenv('HOWFAR_EXPERIMENT_CACHE', str(tmp_path / 'root'))
+    assert experiment_dir('scaling') == tmp_path / 'root' / 'scaling'
+    assert not (tmp_path / 'root').exists()  # a path, nothing created
+
+
+@pytest.mark.parametrize('bad', ['', '.', '..', 'a/b', None])
+def test_experiment_dir_rejects_paths(bad):
+    with pytest.raises(ValueError, match='name: expected a non-empty folder name'): experiment_dir(bad)
+
+
+@pytest.fixture
+def registered():
+    seen = []
+    @experiment('_plain')
+    def plain(quick: bool = False):
+        seen.append(('plain', quick)); return [make_record('_plain', {}, 'x', 1, 'count')]
+    @experiment('_full')
+    def full(quick: bool = False, out_dir=None, resume: bool = False):
+        seen.append(('full', quick, out_dir, resume)); return [make_record('_full', {}, 'x', 2, 'count')]
+    yield seen
+    del EXPERIMENTS['_plain'], EXPERIMENTS['_full']
+
+
+def test_run_experiment_passes_out_dir_and_resume_only_where_taken(registered, tmp_path):
+    assert read_records(run_experiment('_plain', tmp_path, quick=True))[0]['value'] == 1
+    path = run_experiment('_full', tmp_path / 'r', resume=True)
+    assert path == tmp_path / 'r' / '_full.json' and json.loads(path.read_text())[0]['value'] == 2
+    run_experiment('_full', tmp_path, quick=True)
+    assert registered == [('plain', True), ('full', False, tmp_path / 'r', True), ('full', True, tmp_path, False)]
+    with pytest.raises(ValueError, match="resume: experiment '_plain' cannot resume"): run_experiment('_plain', tmp_path, resume=True)
+    assert len(registered) == 3  # refused before running

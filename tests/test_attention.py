@@ -1,6 +1,7 @@
 """Attention: dense reference, exact memory-efficient kernel (values and gradients), KV cache, registry, module."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from transformers_howfar.attention import (ATTENTION, FullPattern, KVCache, MultiHeadAttention, attention_weights,
-                                           blockwise_attention, dot_product_attention, get_attention,
-                                           memory_efficient_attention, register_attention)
+                                           blockwise_attention, dot_product_attention, format_attention_options, get_attention,
+                                           memory_efficient_attention, parse_attention_options, register_attention)
 
 
 def rand(*shape, seed=0):
@@ -195,3 +196,56 @@ def test_bench_attention_quick_cli(tmp_path):
     kinds = {x['config']['kind'] for x in records}
     assert kinds == {'jax_dense', 'chunked', 'local'}
     assert all(x['value'] is not None and x['value'] > 0 for x in records)
+
+
+@pytest.mark.parametrize('kind', ['full', 'chunked'])
+@pytest.mark.parametrize('K', [1, 2])
+def test_return_weights_reproduce_the_output(kind, K):
+    layer = MultiHeadAttention(16, 4, n_kv_heads=K, attention=kind, causal=True, rngs=nnx.Rngs(3))
+    x, pad = rand(2, 9, 16, seed=5), jnp.arange(9)[None] < jnp.array([[9], [6]])
+    y, w = layer(x, padding_mask=pad, return_weights=True)
+    assert w.shape == (2, 4, 9, 9)
+    np.testing.assert_array_equal(y, layer(x, padding_mask=pad))  # asking for the weights changes nothing else
+    assert float(jnp.triu(w, 1).max()) == 0.0 and float(w[1, :, :, 6:].max()) == 0.0
+    v = jnp.repeat(layer.v(x), 4 // K, axis=2)
+    np.testing.assert_allclose(layer.out(jnp.einsum('bnts,bsnh->btnh', w, v)), y, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['lsh', 'local', 'memory_compressed', 'sparse'])
+def test_return_weights_refused_by_kinds_without_weights(kind):
+    layer = MultiHeadAttention(16, 4, attention=kind, causal=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=f"return_weights: attention kind '{kind}' never builds"):
+        layer(rand(1, 8, 16), return_weights=True)
+
+
+def test_attention_options_parse_and_format():
+    entries = format_attention_options('lsh', n_rounds=2, n_buckets=(4, 8), chunk_length=16) + ('local.block_size=64',)
+    assert entries == ('lsh.chunk_length=16', 'lsh.n_buckets=[4, 8]', 'lsh.n_rounds=2', 'local.block_size=64')
+    assert parse_attention_options(entries, ('lsh', 'local')) == {'lsh': {'chunk_length': 16, 'n_buckets': (4, 8), 'n_rounds': 2},
+                                                                   'local': {'block_size': 64}}
+    assert parse_attention_options(('lsh.n_buckets=null', 'lsh.correct_duplicates=true')) == {'lsh': {'n_buckets': None, 'correct_duplicates': True}}
+
+
+@pytest.mark.parametrize('entries, message', [
+    ('local.block_size=64', "expected a tuple of 'kind.option=value'"),
+    (('local:block_size=64',), "expected 'kind.option=value'"),
+    ((64,), "expected 'kind.option=value'"),
+    (('fast.x=1',), "names an unknown kind"),
+    (('local.window=3',), "'local' takes no option 'window'"),
+    (('full.padding_mask=null',), "'full' takes no option 'padding_mask'"),
+    (('local.block_size=4', 'local.block_size=8'), 'local.block_size is given twice'),
+])
+def test_attention_options_errors(entries, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        parse_attention_options(entries)
+    assert str(err.value).startswith('attention_options: ')
+
+
+def test_attention_options_reach_the_kind():
+    layer = MultiHeadAttention(16, 4, attention='local', attention_options=parse_attention_options(('local.block_size=4',))['local'],
+                               causal=True, rngs=nnx.Rngs(0))
+    x = rand(1, 12, 16, seed=2)
+    t = jnp.arange(12)
+    mask = (t[None, :] <= t[:, None]) & (t[None, :] // 4 >= t[:, None] // 4 - 1)  # own block and the one before
+    q, k, v = layer.q(x), layer.k(x), layer.v(x)
+    np.testing.assert_allclose(layer(x), layer.out(dot_product_attention(q, k, v, mask=mask[None, None])), atol=1e-5)

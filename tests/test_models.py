@@ -9,7 +9,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from transformers_howfar.bert import Bert, BertConfig
-from transformers_howfar.layers import apply_rotary, count_parameters, depth_plan, sinusoidal_positions
+from transformers_howfar.layers import apply_rotary, count_parameters, depth_plan, sinusoidal_positions, with_config
 from transformers_howfar.lm import LM, LMConfig
 from transformers_howfar.rnn import RNNConfig, RNNEncoderDecoder
 from transformers_howfar.saving import load, load_tokenizer, read_model_config, save_model
@@ -152,3 +152,46 @@ def test_load_rejects_mismatched_shapes(tmp_path):
 def test_config_errors(cfg, field, value, message):
     with pytest.raises(ValueError, match=message):
         cfg.tiny().replace(**{field: value})
+
+
+def test_attention_options_survive_save_load_and_overrides(tmp_path):
+    config = LMConfig.tiny().override(['attention=local,full', 'attention_options=local.block_size=4,local.look_back=2'])
+    model = LM(config, rngs=nnx.Rngs(2))
+    assert model.stack.blocks[0].attention.mha.options == (('block_size', 4), ('look_back', 2))
+    assert model.stack.blocks[1].attention.mha.options == ()
+    save_model(model, tmp_path / 'm')
+    back = load(tmp_path / 'm')
+    assert back.config == config and hash(back.config) == hash(config)
+    np.testing.assert_array_equal(back(TOKENS), model(TOKENS))
+    old = {k: v for k, v in LMConfig.tiny().to_dict().items() if k != 'attention_options'}  # written before the field existed
+    assert LMConfig.from_dict(old) == LMConfig.tiny()
+    with pytest.raises(ValueError, match="attention_options: 'lsh.n_rounds=2' is for kind 'lsh'"):
+        LMConfig.tiny().replace(attention_options=('lsh.n_rounds=2',))
+
+
+def test_with_config_keeps_parameters_and_changes_attention():
+    lsh = LMConfig.tiny().replace(attention=('lsh',), attention_options=('lsh.chunk_length=4', 'lsh.dense_threshold=1000'))
+    model = LM(lsh, rngs=nnx.Rngs(3))
+    dense = model(TOKENS)  # every length up to the threshold: exact shared-QK attention
+    hashed = with_config(model, attention_options=('lsh.chunk_length=4', 'lsh.dense_threshold=0', 'lsh.n_rounds=2'))
+    assert hashed.config.attention_options[-1] == 'lsh.n_rounds=2' and model.config == lsh
+    out = hashed(TOKENS)
+    assert out.shape == dense.shape and float(jnp.abs(out - dense).max()) > 1e-4  # short chunks: not every key is a candidate
+    np.testing.assert_array_equal(with_config(hashed, attention_options=lsh.attention_options)(TOKENS), dense)
+    with pytest.raises(ValueError, match="changes: {'d_ff': 32} would change the parameters of LM"):
+        with_config(model, d_ff=32)
+
+
+@pytest.mark.parametrize('make, call', [
+    (lambda: LM(LMConfig.tiny().replace(position='rotary', n_kv_heads=2), rngs=nnx.Rngs(5)), lambda m, x, p: m(x, padding_mask=p, return_weights=True)),
+    (lambda: Bert(BertConfig.tiny().replace(shared_layers=True), rngs=nnx.Rngs(5)), lambda m, x, p: m(x, None, p, return_weights=True)),
+])
+def test_models_return_one_attention_map_per_layer(make, call):
+    model, pad = make(), jnp.arange(9)[None] < jnp.array([[9], [5]])
+    out, maps = call(model, TOKENS, pad)
+    assert len(maps) == model.config.n_layers and all(m.shape == (2, 4, 9, 9) for m in maps)
+    np.testing.assert_array_equal(out, call(model, TOKENS, pad)[0])
+    np.testing.assert_allclose(jnp.stack(maps).sum(-1), 1.0, atol=1e-5)
+    assert float(jnp.stack(maps)[:, 1, :, :, 5:].max()) == 0.0  # padding keys get nothing
+    causal = isinstance(model, LM)
+    assert (float(jnp.triu(jnp.stack(maps), 1).max()) == 0.0) == causal

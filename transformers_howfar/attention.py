@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
+import json
 import math
+import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from .core import check_choice, check_divisible, check_positive, check_range, check_shape
+from .core import check_divisible, check_positive, check_range, check_shape
 
 # %% auto #0
 __all__ = ['BIG', 'FullPattern', 'NEG', 'ATTENTION', 'default_positions', 'causal_mask', 'padding_to_mask', 'attention_weights',
            'dot_product_attention', 'AttentionPattern', 'blockwise_attention', 'memory_efficient_attention', 'KVCache',
-           'AttentionKind', 'register_attention', 'get_attention', 'MultiHeadAttention']
+           'AttentionKind', 'register_attention', 'get_attention', 'parse_attention_options',
+           'format_attention_options', 'MultiHeadAttention']
 
 # %% ../nbs/10_attention.ipynb #ccddccd2
 def default_positions(length: int, offset=0) -> jax.Array:
@@ -368,14 +371,16 @@ class AttentionKind:
     fn: Callable  # fn(q, k, v, *, padding_mask, causal, bias, q_positions, kv_positions, scale, dropout_rate, dropout_key, **options)
     doc: str  # one line for listings
     make_params: Callable | None = None  # (n_kv_heads, d_head, rngs, **options) -> nnx.Module with .as_kwargs()
+    weights: Callable | None = None  # (q, k, *, padding_mask, causal, bias, q_positions, kv_positions, **options) -> (B, N, T, S); dense kinds only
 
 ATTENTION: dict[str, AttentionKind] = {}
 _BUILTIN = {'local': 'attention_variants', 'memory_compressed': 'attention_variants', 'sparse': 'attention_variants', 'ssmax': 'attention_variants',
             'lsh': 'lsh'}
 
-def register_attention(name: str, fn: Callable, doc: str, make_params: Callable | None = None) -> AttentionKind:
+def register_attention(name: str, fn: Callable, doc: str, make_params: Callable | None = None,
+                       weights: Callable | None = None) -> AttentionKind:
     "Register (or replace) the attention kind `name`."
-    ATTENTION[name] = AttentionKind(name, fn, doc, make_params)
+    ATTENTION[name] = AttentionKind(name, fn, doc, make_params, weights)
     return ATTENTION[name]
 
 def get_attention(name: str) -> AttentionKind:
@@ -386,8 +391,47 @@ def get_attention(name: str) -> AttentionKind:
     if name not in ATTENTION: raise ValueError(f'attention: expected one of {sorted(set(ATTENTION) | set(_BUILTIN))}, got {name!r}')
     return ATTENTION[name]
 
-register_attention('full', dot_product_attention, 'dense softmax attention; builds the (T, S) weights')
-register_attention('chunked', memory_efficient_attention, 'exact attention in memory linear in length (Rabe & Staats 2021)')
+def _dense_weights(q, k, *, padding_mask=None, causal=False, bias=None, q_positions=None, kv_positions=None, scale=None, **_options):
+    "The probabilities `full` and `chunked` use (their options change how, never what, they compute)."
+    return attention_weights(q, k, padding_mask=padding_mask, causal=causal, bias=bias, q_positions=q_positions,
+                             kv_positions=kv_positions, scale=scale)
+
+register_attention('full', dot_product_attention, 'dense softmax attention; builds the (T, S) weights', weights=_dense_weights)
+register_attention('chunked', memory_efficient_attention, 'exact attention in memory linear in length (Rabe & Staats 2021)',
+                   weights=_dense_weights)
+
+# %% ../nbs/10_attention.ipynb #9166b54d
+_COMMON = ('padding_mask', 'causal', 'mask', 'bias', 'q_positions', 'kv_positions', 'scale', 'dropout_rate', 'dropout_key')
+
+def _hashable(v): return tuple(_hashable(x) for x in v) if isinstance(v, list) else v
+
+def parse_attention_options(
+    entries,  # tuple of 'kind.option=value' strings
+    kinds=None,  # the attention kinds the model uses; options for other kinds are an error
+) -> dict[str, dict[str, Any]]:  # {kind: {option: value}}, values hashable (JSON lists become tuples)
+    "Check a config's `attention_options` and group them by kind."
+    if isinstance(entries, str) or not isinstance(entries, (tuple, list)):
+        raise ValueError(f"attention_options: expected a tuple of 'kind.option=value' strings, got {entries!r}")
+    out = {}
+    for e in entries:
+        m = re.fullmatch(r'\s*([A-Za-z_]\w*)\.([A-Za-z_]\w*)\s*=(.*)', e) if isinstance(e, str) else None
+        if m is None: raise ValueError(f"attention_options: expected 'kind.option=value' such as 'local.block_size=64', got {e!r}")
+        kind, name, text = m.group(1), m.group(2), m.group(3).strip()
+        if kinds is not None and kind not in kinds: raise ValueError(f'attention_options: {e!r} is for kind {kind!r}, but attention is {tuple(kinds)}')
+        try: fn = get_attention(kind).fn
+        except ValueError as err: raise ValueError(f'attention_options: {e!r} names an unknown kind; {err}') from None
+        params = inspect.signature(fn).parameters
+        known = any(p.kind == p.VAR_KEYWORD for p in params.values()) or (name in params and params[name].kind == inspect.Parameter.KEYWORD_ONLY)
+        if name in _COMMON or not known: raise ValueError(f'attention_options: {e!r}: {kind!r} takes no option {name!r} (the layer passes {_COMMON} itself)')
+        if name in out.setdefault(kind, {}): raise ValueError(f'attention_options: {kind}.{name} is given twice')
+        try: value = json.loads(text)
+        except json.JSONDecodeError: value = text  # a bare word
+        out[kind][name] = _hashable(value)
+    return out
+
+def format_attention_options(kind: str, **options) -> tuple[str, ...]:
+    "`options` of `kind` as config entries: `format_attention_options('local', block_size=64)` -> `('local.block_size=64',)`."
+    return tuple(f'{kind}.{name}={json.dumps(list(v) if isinstance(v, tuple) else v)}' for name, v in sorted(options.items()))
 
 # %% ../nbs/10_attention.ipynb #e78bcf39
 class MultiHeadAttention(nnx.Module):
@@ -418,9 +462,13 @@ class MultiHeadAttention(nnx.Module):
 
     def __call__(self, x, context=None, *, kv=None, padding_mask=None, bias=None, cache: KVCache | None = None,
                  dropout_key=None,
-                 rotate: Callable | None = None):  # applied to queries, and to keys projected here, e.g. rotary positions
-        "`x (B, T, D)` → `(B, T, D)`; with a `cache`, returns `(output, new_cache)`."
+                 rotate: Callable | None = None,  # applied to queries, and to keys projected here, e.g. rotary positions
+                 return_weights: bool = False):  # also return the (B, N, T, S) probabilities (dense kinds only)
+        "`x (B, T, D)` → `(B, T, D)`; with a `cache`, `(output, new_cache)`; the weights, when asked for, come last."
         check_shape(x, 'B T D', 'x')
+        if return_weights and self.kind.weights is None:
+            dense = sorted(n for n, kind in ATTENTION.items() if kind.weights is not None)
+            raise ValueError(f'return_weights: attention kind {self.kind.name!r} never builds (B, N, T, S) weights; dense kinds are {dense}')
         if cache is not None and (context is not None or kv is not None):
             raise ValueError('cache: a KV cache is for self-attention; for cross-attention pass kv=project_kv(context)')
         rotate = rotate or (lambda t: t)
@@ -437,8 +485,10 @@ class MultiHeadAttention(nnx.Module):
             written = jnp.broadcast_to(kv_pos[None, :] < cache.index, (x.shape[0], cache.max_len))  # slots not written yet are never visible
             padding_mask = written if padding_mask is None else written & padding_mask
         extra = self.extra.as_kwargs() if self.extra is not None else {}
-        out = self.kind.fn(q, k, v, padding_mask=padding_mask, causal=self.causal, bias=bias, q_positions=q_pos, kv_positions=kv_pos,
-                           dropout_rate=self.dropout_rate if dropout_key is not None else 0.0, dropout_key=dropout_key,
+        common = dict(padding_mask=padding_mask, causal=self.causal, bias=bias, q_positions=q_pos, kv_positions=kv_pos)
+        out = self.kind.fn(q, k, v, **common, dropout_rate=self.dropout_rate if dropout_key is not None else 0.0, dropout_key=dropout_key,
                            **dict(self.options), **extra)
         y = self.out(out)
-        return y if cache is None else (y, cache)
+        if not return_weights: return y if cache is None else (y, cache)
+        w = self.kind.weights(q, k, **common, **dict(self.options), **extra)  # (B, N, T, S), before dropout
+        return (y, w) if cache is None else (y, cache, w)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import get_attention
+from .attention import get_attention, parse_attention_options
 from .core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
 from .saving import register_model
 from .layers import ACTIVATIONS, POSITIONS, Embedder, Stack
@@ -32,6 +32,7 @@ class BertConfig(Config):
     max_len: int = 512
     dropout_rate: float = 0.1
     attention: tuple = ('full',)
+    attention_options: tuple = ()  # 'kind.option=value' strings, e.g. ('local.block_size=64',)
     position: str = 'learned'
     norm: str = 'post'
     activation: str = 'gelu'
@@ -47,6 +48,7 @@ class BertConfig(Config):
         if isinstance(self.attention, str) or not self.attention:
             raise ValueError(f'attention: expected a non-empty tuple of attention types, got {self.attention!r}')
         for kind in self.attention: get_attention(kind)
+        parse_attention_options(self.attention_options, self.attention)
         check_choice('position', self.position, POSITIONS); check_choice('norm', self.norm, ('pre', 'post')); check_choice('activation', self.activation, ACTIVATIONS)
     @property
     def kv_heads(self) -> int: return self.n_kv_heads or self.n_heads
@@ -61,7 +63,7 @@ class Bert(nnx.Module):
         self.embed = Embedder(c.vocab_size, c.d_model, c.max_len, c.position, n_segments=c.n_segments, dropout_rate=c.dropout_rate, rngs=rngs)
         self.embed_norm = nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs) if c.norm == 'post' else None  # post-LN stacks start normalised
         self.encoder = Stack(c.n_layers, c.attention, c.d_model, c.n_heads, c.d_ff, shared=c.shared_layers, norm=c.norm,
-                             n_kv_heads=c.kv_heads, rotary=c.position == 'rotary', activation=c.activation,
+                             attention_options=parse_attention_options(c.attention_options, c.attention), n_kv_heads=c.kv_heads, rotary=c.position == 'rotary', activation=c.activation,
                              dropout_rate=c.dropout_rate, rngs=rngs)
         self.mlm_transform = nnx.Linear(c.d_model, c.d_model, rngs=rngs)
         self.mlm_norm = nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs)
@@ -70,14 +72,14 @@ class Bert(nnx.Module):
         self.classifier = nnx.Linear(c.d_model, c.n_classes, rngs=rngs)
         self.dropout = nnx.Dropout(c.dropout_rate)
 
-    def __call__(self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None):
-        "Hidden states (B, T, D) of `inputs` (B, T) with `segments` (B, T) and `attention_mask` (B, T)."
+    def __call__(self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None, return_weights: bool = False):
+        "Hidden states (B, T, D) of `inputs` (B, T) with `segments` and `attention_mask` (B, T); `(hidden, [(B, N, T, T) per layer])` with `return_weights`."
         sizes = check_shape(inputs, 'B T', 'inputs')
         if segments is not None: check_shape(segments, 'B T', 'segments', **sizes)
         mask = None if attention_mask is None else jnp.asarray(check_shape(attention_mask, 'B T', 'attention_mask', **sizes) and attention_mask) > 0
         x = self.embed(inputs, segments=segments, rngs=rngs)
         if self.embed_norm is not None: x = self.embed_norm(x)
-        return self.encoder(x, padding_mask=mask, rngs=rngs)
+        return self.encoder(x, padding_mask=mask, rngs=rngs, return_weights=return_weights)
 
     def mlm_logits(self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None):
         "Masked-LM logits (B, T, V) through the tied token table."

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
-from .attention import KVCache, get_attention
+from .attention import KVCache, get_attention, parse_attention_options
 from .saving import register_model
 from .layers import ACTIVATIONS, POSITIONS, Embedder, Stack
 
@@ -32,6 +32,7 @@ class LMConfig(Config):
     max_len: int = 1024  # longest sequence (learned positions have this many rows)
     dropout_rate: float = 0.1
     attention: tuple = ('full',)  # attention types, cycled over the layers
+    attention_options: tuple = ()  # 'kind.option=value' strings, e.g. ('local.block_size=64',); see attention.parse_attention_options
     position: str = 'learned'  # 'learned' (GPT-2), 'sinusoidal', 'rotary' or 'none'
     norm: str = 'pre'  # LayerNorm 'pre' (GPT-2) or 'post' (original Transformer)
     activation: str = 'gelu'
@@ -46,6 +47,7 @@ class LMConfig(Config):
         if isinstance(self.attention, str) or not self.attention:
             raise ValueError(f'attention: expected a non-empty tuple of attention types, got {self.attention!r}')
         for kind in self.attention: get_attention(kind)
+        parse_attention_options(self.attention_options, self.attention)
         check_choice('position', self.position, POSITIONS); check_choice('norm', self.norm, ('pre', 'post'))
         check_choice('activation', self.activation, ACTIVATIONS)
     @property
@@ -62,16 +64,17 @@ class LM(nnx.Module):
         self.config = c = config
         self.embed = Embedder(c.vocab_size, c.d_model, c.max_len, c.position, dropout_rate=c.dropout_rate, rngs=rngs)
         self.stack = Stack(c.n_layers, c.attention, c.d_model, c.n_heads, c.d_ff, shared=c.shared_layers, norm=c.norm,
-                           n_kv_heads=c.kv_heads, causal=True, rotary=c.position == 'rotary', activation=c.activation,
+                           attention_options=parse_attention_options(c.attention_options, c.attention), n_kv_heads=c.kv_heads, causal=True, rotary=c.position == 'rotary', activation=c.activation,
                            dropout_rate=c.dropout_rate, rngs=rngs)
 
-    def __call__(self, tokens, *, positions=None, padding_mask=None, rngs: nnx.Rngs | None = None):
-        "Next-token logits (B, T, V) for `tokens` (B, T) in one causal pass (training, scoring, uncached decoding)."
+    def __call__(self, tokens, *, positions=None, padding_mask=None, rngs: nnx.Rngs | None = None, return_weights: bool = False):
+        "Next-token logits (B, T, V) for `tokens` (B, T) in one causal pass; with `return_weights`, `(logits, [(B, N, T, T) per layer])`."
         check_shape(tokens, 'B T', 'tokens')
         if positions is None: positions = jnp.arange(tokens.shape[1])[None]
         x = self.embed(tokens, positions, rngs=rngs)  # (B, T, D)
-        x = self.stack(x, positions=positions, padding_mask=padding_mask, rngs=rngs)
-        return self.embed.attend(x)  # (B, T, V)
+        out = self.stack(x, positions=positions, padding_mask=padding_mask, rngs=rngs, return_weights=return_weights)
+        x, weights = out if return_weights else (out, None)
+        return (self.embed.attend(x), weights) if return_weights else self.embed.attend(x)  # (B, T, V)
 
 # %% ../nbs/21_lm.ipynb #84a6c5d8
 def _init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:

@@ -1,4 +1,4 @@
-"Tests of transformers_howfar.exp_duplication: attention modes switched on trained weights, evaluation, the experiment command."
+"Tests of transformers_howfar.exp_duplication: attention modes as config options on the same trained state, evaluation, the experiment command."
 import json
 import os
 from pathlib import Path
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformers_howfar.exp_duplication import (PAPER_TABLE2, accuracy_table, attention_options, duplication_setup,
-                                                 evaluate_modes, mode_name, set_attention)
+from transformers_howfar.exp_duplication import (PAPER_TABLE2, TRAIN_MODES, _same_setup, accuracy_table, attention_options,
+                                                 duplication_setup, evaluate_modes, mode_name, with_mode)
 from transformers_howfar.lsh import shared_qk_attention
 from transformers_howfar.tokenizer import NUM_SPECIAL
 from transformers_howfar.training import TASKS, DuplicateConfig, TrainConfig
@@ -24,8 +24,8 @@ def _model(word_length=8):
 
 
 @pytest.mark.parametrize('mode,expected', [
-    ('full', (('chunk_length', 8), ('dense_threshold', 2**62))),
-    (4, (('chunk_length', 8), ('dense_threshold', 0), ('n_buckets', None), ('n_rounds', 4))),
+    ('full', ('lsh.chunk_length=8', f'lsh.dense_threshold={2**62}')),
+    (4, ('lsh.chunk_length=8', 'lsh.dense_threshold=0', 'lsh.n_buckets=null', 'lsh.n_rounds=4')),
 ])
 def test_attention_options(mode, expected):
     assert attention_options(mode, 8) == expected
@@ -41,16 +41,32 @@ def test_attention_options_errors(bad):
 def test_switch_modes_on_the_same_weights():
     task = _model()
     model, tokens = task.model, jnp.array([[3, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5]])
-    full = set_attention(model, 'full', 4)(tokens)
+    full_model = with_mode(model, 'full', 4)
+    full = full_model(tokens)
     # the 'full' mode is the dense shared-QK attention: check the attention layer against it directly
-    mha = next(n for _, n in nnx.iter_graph(model) if type(n).__name__ == 'MultiHeadAttention')
+    mha = next(n for _, n in nnx.iter_graph(full_model) if type(n).__name__ == 'MultiHeadAttention')
     x = jnp.ones((1, 17, 16)) * jnp.arange(1, 18)[None, :, None] / 17
     ref = mha.out(shared_qk_attention(mha.q(x), mha.v(x), causal=True))
     np.testing.assert_allclose(mha(x), ref, atol=1e-5)
-    np.testing.assert_allclose(set_attention(model, 1, 32)(tokens), full, atol=1e-5)  # one chunk holds every key
-    assert float(jnp.abs(set_attention(model, 2, 2)(tokens) - full).max()) > 1e-4
-    assert dict(mha.options)['n_rounds'] == 2  # static options, changed in place
-    with pytest.raises(ValueError, match="kind 'lsh'"): set_attention(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 1, 4)
+    np.testing.assert_allclose(with_mode(model, 1, 32)(tokens), full, atol=1e-5)  # one chunk holds every key
+    two = with_mode(model, 2, 2)
+    assert float(jnp.abs(two(tokens) - full).max()) > 1e-4
+    layer = lambda m: next(n for _, n in nnx.iter_graph(m) if type(n).__name__ == 'MultiHeadAttention')
+    assert dict(layer(two).options)['n_rounds'] == 2 and layer(model).options == ()  # a new model; the trained one is untouched
+    np.testing.assert_array_equal(nnx.state(two, nnx.Param)['stack']['blocks'][0]['attention']['mha']['q']['kernel'][...],
+                                  nnx.state(model, nnx.Param)['stack']['blocks'][0]['attention']['mha']['q']['kernel'][...])
+    with pytest.raises(ValueError, match=r"model: expected a model whose config has attention \('lsh',\)"):
+        with_mode(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 1, 4)
+
+
+def test_saved_setups_still_match_so_resume_keeps_the_trained_models():
+    model, train, chunk, buckets = duplication_setup(False)
+    setup = json.loads(json.dumps({'model': model.to_dict(), 'train': train.to_dict(), 'chunk_length': chunk, 'n_buckets': buckets}))
+    for mode in TRAIN_MODES:  # written before LMConfig had attention_options
+        saved = json.loads((Path(__file__).parents[1] / 'experiments' / 'results' / f'duplication_{mode_name(mode)}.json').read_text())['setup']
+        assert _same_setup(saved, setup)
+    assert not _same_setup(dict(setup, chunk_length=8), setup) and not _same_setup(None, setup)
+    assert not _same_setup(dict(setup, model=dict(setup['model'], d_model=128)), setup)
 
 
 def test_evaluate_modes_uses_fresh_hashes_and_every_mode():
@@ -90,7 +106,6 @@ def test_cli_quick_and_resume(tmp_path):
     per_model = tmp_path / 'cache' / 'duplication' / 'quick'
     assert (per_model / 'duplication_lsh-1.json').exists() and (per_model / 'lsh-1' / 'checkpoints' / '2').exists()
     # resuming reads the finished models back: the same records, no training
-    env['HOWFAR_RESUME'] = '1'
-    out = subprocess.run([howfar, 'experiment', 'duplication', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    out = subprocess.run([howfar, 'experiment', 'duplication', '--quick', '--resume', '--out', str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / 'duplication.json').read_text()) == first

@@ -16,15 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .core import check_choice, check_positive, machine_info
+from .core import check_positive, machine_info
 from .bench import experiment, make_record
-from .attention import MultiHeadAttention
+from .attention import format_attention_options
+from .layers import with_config
 from .tokenizer import NUM_SPECIAL
 from .training import TASKS, DuplicateConfig, TrainConfig, Trainer
-from . import lsh as _lsh  # registers the 'lsh' attention kind
 
 # %% auto #0
-__all__ = ['MODES', 'TRAIN_MODES', 'DUPLICATION_STEPS', 'PAPER_TABLE2', 'mode_name', 'attention_options', 'set_attention',
+__all__ = ['MODES', 'TRAIN_MODES', 'DUPLICATION_STEPS', 'PAPER_TABLE2', 'mode_name', 'attention_options', 'with_mode',
            'evaluate_modes', 'train_duplication', 'duplication_setup', 'model_records', 'duplication_experiment',
            'accuracy_table']
 
@@ -35,21 +35,19 @@ def mode_name(mode) -> str:
     "`'full'` or `'lsh-R'`."
     return 'full' if mode == 'full' else f'lsh-{mode}'
 
-def attention_options(mode, chunk_length: int, n_buckets=None) -> tuple:
-    "The `'lsh'` kind's options for `mode`: `'full'` (dense shared-QK attention at every length) or a round count R."
+def attention_options(mode, chunk_length: int, n_buckets=None) -> tuple[str, ...]:
+    "The config's `attention_options` for `mode`: `'full'` (dense shared-QK attention at every length) or a round count R."
     check_positive('chunk_length', chunk_length)
-    if mode == 'full': return (('chunk_length', chunk_length), ('dense_threshold', 2**62))
+    if mode == 'full': return format_attention_options('lsh', chunk_length=chunk_length, dense_threshold=2**62)
     if isinstance(mode, bool) or not isinstance(mode, (int, np.integer)) or mode < 1:
         raise ValueError(f"mode: expected 'full' or a positive number of hash rounds, got {mode!r}")
-    return (('chunk_length', chunk_length), ('dense_threshold', 0), ('n_buckets', n_buckets), ('n_rounds', int(mode)))
+    return format_attention_options('lsh', chunk_length=chunk_length, dense_threshold=0, n_buckets=n_buckets, n_rounds=int(mode))
 
-def set_attention(model: nnx.Module, mode, chunk_length: int, n_buckets=None) -> nnx.Module:
-    "Switch every `'lsh'` attention layer of `model` to `mode` in place (weights untouched) and return it."
-    opts, layers = attention_options(mode, chunk_length, n_buckets), 0
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, MultiHeadAttention) and node.kind.name == 'lsh': node.options, layers = opts, layers + 1
-    if not layers: raise ValueError("model: expected at least one attention layer of kind 'lsh', found none")
-    return model
+def with_mode(model: nnx.Module, mode, chunk_length: int, n_buckets=None) -> nnx.Module:
+    "`model` (an `lm.LM` with `'lsh'` attention) rebuilt for attention `mode`, with the same trained state (`layers.with_config`)."
+    attention = getattr(getattr(model, 'config', None), 'attention', ())
+    if 'lsh' not in attention: raise ValueError(f"model: expected a model whose config has attention ('lsh',), got {type(model).__name__} with {attention!r}")
+    return with_config(model, attention_options=attention_options(mode, chunk_length, n_buckets))
 
 # %% ../nbs/50_duplication.ipynb #78347649
 def _eval_fn(graphdef, loss_fn):
@@ -64,8 +62,7 @@ def evaluate_modes(model: nnx.Module, loss_fn, eval_data, *, modes=MODES, chunk_
     check_positive('n_batches', n_batches)
     out = {}
     for mode in modes:
-        set_attention(model, mode, chunk_length, n_buckets)
-        graphdef, state = nnx.split(model)
+        graphdef, state = nnx.split(with_mode(model, mode, chunk_length, n_buckets))
         step, rows = _eval_fn(graphdef, loss_fn), []
         for _, batch in zip(range(n_batches), eval_data()):
             metrics, state = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -82,8 +79,7 @@ def train_duplication(model_config: DuplicateConfig, train_config: TrainConfig, 
     "Train `lm.LM` on duplication with attention `mode` ('full' or R rounds), then evaluate it with every mode in `eval_modes`."
     if 'lsh' not in model_config.attention: raise ValueError(f"model_config: expected attention ('lsh',), got {model_config.attention!r}")
     if run_dir is not None and not resume: shutil.rmtree(run_dir, ignore_errors=True)
-    task = TASKS['duplicate'].build(model_config, train_config)
-    set_attention(task.model, mode, chunk_length, n_buckets)
+    task = TASKS['duplicate'].build(model_config.replace(attention_options=attention_options(mode, chunk_length, n_buckets)), train_config)
     trainer = Trainer(task.model, task.loss_fn, train_config, run_dir=run_dir, batch_shapes=task.batch_shapes)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     summary = trainer.fit(task.train_data, resume=resume)
@@ -110,6 +106,13 @@ def duplication_setup(quick: bool = False) -> tuple[DuplicateConfig, TrainConfig
                             word_length=127, n_symbols=128, attention=('lsh',), position='sinusoidal'),
             TrainConfig(steps=DUPLICATION_STEPS, batch_size=8, learning_rate=6e-3, warmup_steps=50, log_every=50,
                         checkpoint_every=100, eval_batches=4, progress=False), 16, 32)
+
+def _same_setup(saved, setup) -> bool:
+    "Saved setups read through the configs, so a field added since (with its default) still matches."
+    if not isinstance(saved, dict) or set(saved) != set(setup): return False
+    configs = lambda s: (DuplicateConfig.from_dict(s['model']), TrainConfig.from_dict(s['train']))
+    try: return configs(saved) == configs(setup) and all(saved[k] == setup[k] for k in setup if k not in ('model', 'train'))
+    except (ValueError, TypeError): return False
 
 def _cache_dir() -> Path:
     return Path(os.environ.get('HOWFAR_CACHE', Path.home() / '.cache' / 'transformers_howfar')) / 'duplication'
@@ -141,7 +144,7 @@ def duplication_experiment(quick: bool = False, resume: bool | None = None, resu
         setup = json.loads(json.dumps({'model': model_config.to_dict(), 'train': train_config.to_dict(), 'chunk_length': chunk,
                                        'n_buckets': buckets}))  # as read back from JSON
         done = json.loads(path.read_text()) if resume and path.exists() else None
-        if done is None or done.get('setup') != setup or set(done['eval']) != {mode_name(m) for m in eval_modes}:
+        if done is None or not _same_setup(done.get('setup'), setup) or set(done['eval']) != {mode_name(m) for m in eval_modes}:
             done = dict(train_duplication(model_config, train_config, mode, chunk_length=chunk, n_buckets=buckets, run_dir=cache / mode_name(mode),
                                           resume=resume, eval_modes=eval_modes, eval_batches=train_config.eval_batches), setup=setup)
             out.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(done, indent=1))

@@ -5,7 +5,6 @@
 # %% ../nbs/54_heads.ipynb #6ce815eb
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -18,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import MultiHeadAttention, attention_weights, dot_product_attention
-from .bench import experiment, make_record, read_records, write_records
+from .bench import experiment, make_record
 from .bert import Bert, BertConfig
 from .core import check_choice, check_positive, machine_info
 from .data import encode_documents, lm_batches, load_split
@@ -30,46 +28,20 @@ from .tasks import TOY_ALPHABET
 from .tokenizer import CLS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, SEP_ID, CharTokenizer
 
 # %% auto #0
-__all__ = ['DENSE_KINDS', 'SEPARATOR_PIECES', 'PRONOUN_SENTENCES', 'HEADS_LM', 'HEADS_LM_STEPS', 'HEADS_LM_BATCH',
-           'capture_attention', 'bert_attention', 'lm_attention', 'separator_keys', 'head_scores', 'word_spans',
-           'encode_pronoun_set', 'pronoun_margins', 'best_head', 'leave_one_out', 'binomial_tail', 'real_sentences',
-           'pad_rows', 'model_inputs', 'run_maps', 'analyse_heads', 'train_heads_lm', 'heads_lm', 'load_models',
-           'heads_records', 'heads_experiment']
-
-# %% ../nbs/54_heads.ipynb #8279be00
-DENSE_KINDS = ('full', 'chunked')  # attention kinds whose weights are exactly softmax(QK^T / sqrt(H)) under the masks
-
-def capture_attention(model: nnx.Module, forward, *args, **kwargs) -> tuple:
-    "Run `forward(model, *args, **kwargs)` eagerly and return `(output, maps)`: one (B, N, T, S) array per attention call, in call order."
-    layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, MultiHeadAttention)]
-    if not layers: raise ValueError('model: expected at least one MultiHeadAttention layer, found none')
-    for layer in layers:
-        if layer.kind.name not in DENSE_KINDS:
-            raise ValueError(f'model: capture_attention needs dense attention kinds {DENSE_KINDS}, found {layer.kind.name!r}')
-    maps, originals = [], [layer.kind for layer in layers]
-    def recording(kind):
-        def fn(q, k, v, *, padding_mask=None, causal=False, mask=None, bias=None, q_positions=None, kv_positions=None, scale=None, **rest):
-            maps.append(np.asarray(attention_weights(q, k, padding_mask=padding_mask, causal=causal, mask=mask, bias=bias,
-                                                     q_positions=q_positions, kv_positions=kv_positions, scale=scale)))
-            return kind.fn(q, k, v, padding_mask=padding_mask, causal=causal, mask=mask, bias=bias, q_positions=q_positions,
-                           kv_positions=kv_positions, scale=scale, **rest)
-        return dataclasses.replace(kind, fn=fn)
-    try:
-        for layer, kind in zip(layers, originals): layer.kind = recording(kind)
-        out = forward(model, *args, **kwargs)
-    finally:
-        for layer, kind in zip(layers, originals): layer.kind = kind
-    return out, maps
+__all__ = ['SEPARATOR_PIECES', 'PRONOUN_SENTENCES', 'HEADS_LM', 'HEADS_LM_STEPS', 'HEADS_LM_BATCH', 'bert_attention',
+           'lm_attention', 'separator_keys', 'head_scores', 'word_spans', 'encode_pronoun_set', 'pronoun_margins',
+           'best_head', 'leave_one_out', 'binomial_tail', 'real_sentences', 'pad_rows', 'model_inputs', 'run_maps',
+           'analyse_heads', 'train_heads_lm', 'heads_lm', 'load_models', 'heads_records', 'heads_experiment']
 
 # %% ../nbs/54_heads.ipynb #29d46cd7
 def bert_attention(model: Bert, inputs, attention_mask=None) -> tuple[jax.Array, np.ndarray]:
     "Hidden states (B, T, D) and attention maps (L, B, N, T, T) of a `Bert` on `inputs` (B, T)."
-    hidden, maps = capture_attention(model, lambda m, x, a: m(x, None, a), jnp.asarray(inputs), attention_mask)
+    hidden, maps = model(jnp.asarray(inputs), None, attention_mask, return_weights=True)
     return hidden, np.stack(maps)
 
 def lm_attention(model: LM, tokens, padding_mask=None) -> tuple[jax.Array, np.ndarray]:
     "Next-token logits (B, T, V) and attention maps (L, B, N, T, T) of an `LM` on `tokens` (B, T)."
-    logits, maps = capture_attention(model, lambda m, x, p: m(x, padding_mask=p), jnp.asarray(tokens), padding_mask)
+    logits, maps = model(jnp.asarray(tokens), padding_mask=padding_mask, return_weights=True)
     return logits, np.stack(maps)
 
 # %% ../nbs/54_heads.ipynb #16b08535

@@ -73,6 +73,8 @@ def test_sigkill_mid_training_then_resume_is_bit_exact(tmp_path, straight_run):
     ra = [(r['step'], r['loss']) for r in read_metrics(straight_run) if r['split'] == 'train']
     rb = [(r['step'], r['loss']) for r in read_metrics(killed) if r['split'] == 'train']
     assert ra == rb
+    clock = [r['seconds'] for r in read_metrics(killed)]  # the resumed fit's clock goes on from the log's last time
+    assert clock == sorted(clock)
 
 
 KILL_DURING_SAVE = f'''
@@ -156,6 +158,8 @@ def test_howfar_train_cli_end_to_end(tmp_path):
     cfg = json.loads((run / 'config.json').read_text())
     assert cfg['task'] == 'duplicate' and cfg['train']['steps'] == 10 and cfg['model']['class'] == 'DuplicateConfig'
     assert [rec['step'] for rec in read_metrics(run) if rec['split'] == 'train'] == [2, 4, 6, 8, 10]
+    seconds = [rec['seconds'] for rec in read_metrics(run)]  # wall-clock since fit started, on every record
+    assert len(seconds) == 6 and seconds == sorted(seconds) and seconds[0] > 0
     assert (run / 'plots' / 'loss.png').stat().st_size > 5000 and (run / 'checkpoints' / '10').is_dir()
     loaded = load_run(run)
     assert loaded.step == 10 and loaded.model_config.word_length == 3

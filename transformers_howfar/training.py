@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -419,11 +418,13 @@ class Trainer:
         return summarize_metrics(rows)
 
     def fit(self, train_data: Iterator, eval_data=None, *, resume: bool = True) -> dict:
-        "Train to `config.steps`, resuming from the newest checkpoint if any; return the last train and eval records."
-        cfg, last = self.config, {}
+        "Train to `config.steps`, resuming from the newest checkpoint if any; return the last train and eval records and the `seconds`."
+        cfg, last, fit_start = self.config, {}, time.perf_counter()
         if not hasattr(train_data, '__next__'): train_data = iter(train_data)
         if resume and self.latest_checkpoint() is not None: self.restore(train_data)
         start, log = self.step, MetricsLog(self.run_dir / 'metrics.jsonl' if self.run_dir else None, after=self.step)
+        before = max((r.get('seconds', 0.0) for r in log.records), default=0.0)  # a resumed run's clock goes on from its log
+        clock = lambda: before + time.perf_counter() - fit_start
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc='train', leave=False)
         window, t0 = [], time.perf_counter()
@@ -438,17 +439,17 @@ class Trainer:
             bar.update(1); done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 last = dict(summarize_metrics(jax.device_get(window)), step=done, split='train')
-                last['tokens_per_s'] = last['tokens'] / (time.perf_counter() - t0)
+                last['tokens_per_s'], last['seconds'] = last['tokens'] / (time.perf_counter() - t0), clock()
                 log.write(last); bar.set_postfix(loss=f"{last['loss']:.4f}"); window, t0 = [], time.perf_counter()
             if self.manager and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps): self.save(train_data)
             if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                log.write(dict(self.evaluate(eval_data), step=done, split='eval'))
+                log.write(dict(self.evaluate(eval_data), step=done, split='eval', seconds=clock()))
         bar.close()
         if self.manager and self.step not in self.manager.all_steps(): self.save(train_data)
-        ev = dict(self.evaluate(eval_data), step=self.step, split='eval') if eval_data is not None else {}
+        ev = dict(self.evaluate(eval_data), step=self.step, split='eval', seconds=clock()) if eval_data is not None else {}
         if ev: log.write(ev)
         if self.run_dir and log.records: self._plot(log.records)
-        return {'step': self.step, 'train': last, 'eval': ev}
+        return {'step': self.step, 'train': last, 'eval': ev, 'seconds': clock()}
 
     def _non_finite_message(self, step, loss) -> str:
         last = self.latest_checkpoint()

@@ -13,8 +13,8 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from transformers_howfar.exp_scaling import (
-    QUICK_SIZES, SIZES, ScalingSetup, count_params, fit_power_law, load_scaling_data, load_scaling_model, scaling_batches,
-    scaling_config, scaling_experiment, scaling_table, train_size)
+    QUICK_SIZES, SIZES, ScalingSetup, fit_power_law, load_scaling_data, load_scaling_model, scaling_batches,
+    parameter_counts, scaling_config, scaling_experiment, scaling_table, train_size)
 from transformers_howfar.lm import LM
 from transformers_howfar.saving import load, load_tokenizer
 
@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
     out, models = tmp_path_factory.mktemp('scaling'), tmp_path_factory.mktemp('scaling_models')
-    return out, scaling_experiment(quick=True, results_dir=out, folder=models), models
+    return out, scaling_experiment(quick=True, out_dir=out, folder=models), models
 
 
 def test_quick_run_records_each_size_and_both_fits(quick_run):
@@ -47,7 +47,7 @@ def test_resume_reads_the_per_size_files(quick_run, tmp_path):
     side = json.loads((tmp_path / 'scaling_q1.json').read_text())
     side['valid_nll'] = 9.25
     (tmp_path / 'scaling_q1.json').write_text(json.dumps(side))
-    records = scaling_experiment(quick=True, results_dir=tmp_path, resume=True)
+    records = scaling_experiment(quick=True, out_dir=tmp_path, resume=True)
     assert [r['value'] for r in records if r['metric'] == 'valid_nll' and r['config']['size'] == 'q1'] == [9.25]
 
 
@@ -57,7 +57,7 @@ def test_resample_draws_from_the_saved_models(quick_run, tmp_path):
     side = json.loads((tmp_path / 'scaling_q2.json').read_text())
     side['samples'] = []
     (tmp_path / 'scaling_q2.json').write_text(json.dumps(side))
-    scaling_experiment(quick=True, results_dir=tmp_path, resume=True, folder=models, resample=True)
+    scaling_experiment(quick=True, out_dir=tmp_path, resume=True, folder=models, resample=True)
     again = json.loads((tmp_path / 'scaling_q2.json').read_text())['samples']
     assert again == json.loads((out / 'scaling_q2.json').read_text())['samples']  # same saved model, same key: same text
 
@@ -103,18 +103,24 @@ def test_every_size_gets_the_same_batches():
     with pytest.raises(ValueError, match='which'): scaling_batches(data, setup, 'test')
 
 
-@pytest.mark.parametrize('size', ['xs'])
+@pytest.mark.parametrize('size', ['xs', 's'])
 def test_parameter_counts_match_the_built_model(size):
     config = scaling_config(ScalingSetup(), size).replace(vocab_size=100, max_len=16)
-    counts = count_params(config)
-    built = sum(x.size for x in jax.tree.leaves(nnx.state(LM(config, rngs=nnx.Rngs(0)), nnx.Param)))
-    assert counts['params'] == built
-    assert counts['params'] - counts['non_embedding_params'] == (100 + 16) * config.d_model
+    model = LM(config, rngs=nnx.Rngs(0))
+    counts = parameter_counts(model)
+    assert counts['params'] == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert counts['params'] - counts['non_embedding_params'] == (100 + 16) * config.d_model  # token and position tables
+    assert parameter_counts(nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))) == counts  # counted without allocating
 
 
-def test_sizes_span_the_range_asked_for():
-    counts = [count_params(scaling_config(ScalingSetup(), s))['params'] for s in SIZES]
-    assert counts == sorted(counts) and counts[0] < 0.2e6 and counts[-1] > 3e6
+def test_sizes_span_the_range_asked_for_and_match_the_committed_results():
+    counts = {s: parameter_counts(nnx.eval_shape(lambda: LM(scaling_config(ScalingSetup(), s), rngs=nnx.Rngs(0)))) for s in SIZES}
+    totals = [c['params'] for c in counts.values()]
+    assert totals == sorted(totals) and totals[0] < 0.2e6 and totals[-1] > 3e6
+    results = Path(__file__).parents[1] / 'experiments' / 'results'
+    for s, c in counts.items():
+        side = json.loads((results / f'scaling_{s}.json').read_text())
+        assert {k: side[k] for k in c} == c, s
 
 
 @settings(max_examples=30, deadline=None)

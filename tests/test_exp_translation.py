@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from transformers_howfar.bench import read_records
 from transformers_howfar.data import seq2seq_batches
 from transformers_howfar.exp_translation import (
-    TimedBatches, TranslationSetup, load_translation_data, make_trainer, measure_throughput, score_translations,
+    TranslationSetup, load_translation_data, make_trainer, measure_throughput, score_translations,
     translate, translation_configs, translation_experiment, translation_table)
 
 BIN = Path(sys.executable).parent
@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('translation')
-    return out, translation_experiment(quick=True, results_dir=out)
+    return out, translation_experiment(quick=True, out_dir=out)
 
 
 def test_quick_run_writes_every_model_and_metric(quick_run):
@@ -38,8 +38,8 @@ def test_quick_run_writes_every_model_and_metric(quick_run):
         assert np.isfinite(by[(model, 'valid_nll', None)])
         side = json.loads((out / f'translation_{model}.json').read_text())
         assert side['steps'] == TranslationSetup.tiny().steps
-        seconds = [c['seconds'] for c in side['curve'] if c['split'] == 'train']
-        assert seconds == sorted(seconds) and seconds[0] > 0  # the loss curve runs forward in time
+        seconds = [c['seconds'] for c in side['curve']]  # from the trainer's log: every record, training and validation
+        assert seconds == sorted(seconds) and 0 < seconds[0] and seconds[-1] <= side['train_seconds']  # the curve runs forward in time
         assert len(side['samples']) == TranslationSetup.tiny().n_samples
 
 
@@ -49,9 +49,15 @@ def test_resume_reads_the_per_model_files_instead_of_training(quick_run, tmp_pat
     side = json.loads((tmp_path / 'translation_rnn.json').read_text())
     side['beam']['bleu'] = 42.5  # a value training could not produce here: proves it was read back
     (tmp_path / 'translation_rnn.json').write_text(json.dumps(side))
-    records = translation_experiment(quick=True, results_dir=tmp_path, resume=True)
+    records = translation_experiment(quick=True, out_dir=tmp_path, resume=True)
     beam = [r for r in records if r['config']['model'] == 'rnn' and r['metric'] == 'bleu' and r['config']['decoding'] == 'beam']
     assert [r['value'] for r in beam] == [42.5]
+    # the command line: --out reaches the experiment as out_dir, --resume as resume
+    p = subprocess.run([str(BIN / 'howfar'), 'experiment', 'translation', '--quick', '--resume', '--out', str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    records = json.loads((tmp_path / 'translation.json').read_text())
+    assert [r['value'] for r in records if r['config']['model'] == 'rnn' and r['metric'] == 'bleu' and r['config']['decoding'] == 'beam'] == [42.5]
 
 
 def test_table_has_one_row_per_model(quick_run):
@@ -104,19 +110,6 @@ def test_throughput_probe_restores_the_model(tiny):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(t.state['params']), before[n])
         assert int(t.state['step']) == 0
     with pytest.raises(ValueError, match='rounds'): measure_throughput(trainers, batch, rounds=0)
-
-
-def test_timed_batches_stamp_each_request_and_pass_state_through(tiny):
-    setup, _, data = tiny
-    timed = TimedBatches(seq2seq_batches(data['train'], setup.batch_size, seed=3))
-    first = [next(timed)['src'] for _ in range(3)]
-    state = timed.get_state()
-    assert len(timed.times) == 3 and timed.times == sorted(timed.times)
-    again = TimedBatches(seq2seq_batches(data['train'], setup.batch_size, seed=3))
-    again.set_state(state)
-    fresh = seq2seq_batches(data['train'], setup.batch_size, seed=3)
-    for _ in range(3): next(fresh)
-    np.testing.assert_array_equal(next(again)['src'], next(fresh)['src'])
 
 
 def test_translate_greedy_and_beam_shapes_and_errors(tiny):

@@ -206,8 +206,8 @@ def run_influence(setup: InfluenceSetup, out_dir) -> list[dict]:
     return records
 
 @experiment('influence')
-def influence_experiment(quick: bool = False) -> list[dict]:
+def influence_experiment(quick: bool = False, out_dir='experiments/results') -> list[dict]:
     "TracIn over 5 checkpoints of a bag-of-embeddings classifier on Rotten Tomatoes (SGD, 2000 steps): finding 100 injected mislabelled copies; proponents and opponents."
     if quick:
-        with tempfile.TemporaryDirectory() as d: return run_influence(InfluenceSetup.tiny(), d)
-    return run_influence(InfluenceSetup(), os.environ.get('HOWFAR_EXPERIMENT_DIR', 'experiments/results'))
+        with tempfile.TemporaryDirectory() as d: return run_influence(InfluenceSetup.tiny(), d)  # the quick run keeps no examples file
+    return run_influence(InfluenceSetup(), out_dir)

@@ -22,20 +22,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .bench import experiment, make_record, read_records
+from .bench import experiment, experiment_dir, make_record
 from .bert import Bert, BertConfig
 from .core import Config, check_positive, check_range, derive_key, machine_info, make_key
 from .data import classification_batch, classification_batches, encode_documents, load_split, mlm_batches
 from .saving import load, load_tokenizer, save_model
-from .tasks import TOY_ALPHABET, classify_loss, make_tokenizer, mlm_loss, toy_corpus
-from .tokenizer import CharTokenizer
+from .tasks import classify_loss, make_tokenizer, mlm_loss, toy_corpus
 from .training import Trainer, TrainConfig
 
 # %% auto #0
 __all__ = ['PRETRAINED_BERT', 'PRETRAINING_SETTINGS', 'PretrainingConfig', 'load_corpora', 'corpus_tokenizer', 'pretrain',
            'trainer_log', 'transfer_encoder', 'accuracy', 'finetune', 'bag_of_words', 'logistic_regression',
-           'predict_logistic', 'bag_of_words_baseline', 'mean_ci', 'models_dir', 'load_pretrained_bert',
-           'run_pretraining', 'pretraining_records', 'pretraining_experiment']
+           'predict_logistic', 'bag_of_words_baseline', 'mean_ci', 'load_pretrained_bert', 'run_pretraining',
+           'pretraining_records', 'pretraining_experiment']
 
 # %% ../nbs/52_pretraining.ipynb #f655e544
 @dataclasses.dataclass(frozen=True)
@@ -229,16 +228,11 @@ def mean_ci(values) -> tuple[float, float]:
     return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))
 
 # %% ../nbs/52_pretraining.ipynb #2234aa35
-def models_dir() -> Path:
-    "Folder for trained models kept outside git: `$HOWFAR_MODEL_DIR`, else `$XDG_CACHE_HOME/transformers_howfar/models`."
-    if os.environ.get('HOWFAR_MODEL_DIR'): return Path(os.environ['HOWFAR_MODEL_DIR']).expanduser()
-    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache').expanduser() / 'transformers_howfar' / 'models'
-
-PRETRAINED_BERT = 'bert_mlm_wikipedia_brown'
+PRETRAINED_BERT = 'bert_mlm_wikipedia_brown'  # its folder in `experiment_dir('pretraining')`
 
 def load_pretrained_bert(path=None) -> tuple[Bert, object]:
     "The encoder saved by the full pre-training run (or the model directory `path`) and its tokenizer."
-    path = Path(path) if path else models_dir() / PRETRAINED_BERT
+    path = Path(path) if path else experiment_dir('pretraining') / PRETRAINED_BERT
     if not (path / 'model.json').exists():
         raise FileNotFoundError(f'path: no pre-trained BERT in {path}; run `howfar experiment pretraining` first')
     return load(path), load_tokenizer(path)
@@ -306,10 +300,8 @@ def pretraining_records(state: dict, data: dict | None = None) -> list[dict]:
 PRETRAINING_SETTINGS = {'full': PretrainingConfig(), 'quick': PretrainingConfig.tiny()}
 
 @experiment('pretraining')
-def pretraining_experiment(quick: bool = False, resume: bool | None = None) -> list[dict]:
+def pretraining_experiment(quick: bool = False, out_dir='experiments/results', resume: bool = False) -> list[dict]:
     "MLM pre-training on Wikipedia + Brown, fine-tuning on Rotten Tomatoes: pre-trained vs random init (3 seeds) vs bag-of-words."
-    resume = os.environ.get('HOWFAR_RESUME') == '1' if resume is None else resume
     if quick:  # the whole pipeline on the toy corpora, nothing kept
         with tempfile.TemporaryDirectory() as d: return run_pretraining(PRETRAINING_SETTINGS['quick'], d, d)
-    out = Path(os.environ.get('HOWFAR_EXPERIMENT_DIR', 'experiments/results'))
-    return run_pretraining(PRETRAINING_SETTINGS['full'], out, models_dir(), resume=resume)
+    return run_pretraining(PRETRAINING_SETTINGS['full'], out_dir, experiment_dir('pretraining'), resume=resume)

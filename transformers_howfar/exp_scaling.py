@@ -11,18 +11,17 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 
-from .bench import experiment, make_record
+from .bench import experiment, experiment_dir, make_record
 from .core import Config, check_choice, check_positive, machine_info
-from .data import cache_dir, encode_documents, lm_batches, load_split
+from .data import encode_documents, lm_batches, load_split
 from .decoding import generate
+from .layers import count_parameters
 from .lm import LM, LMConfig
 from .saving import load, load_tokenizer, save_model
 from .tasks import lm_loss, make_tokenizer, toy_corpus
@@ -30,9 +29,9 @@ from .tokenizer import EOS_ID, SentencePieceTokenizer, load_tokenizer as load_to
 from .training import TrainConfig, Trainer, read_metrics
 
 # %% auto #0
-__all__ = ['SIZES', 'QUICK_SIZES', 'ScalingSetup', 'scaling_config', 'count_params', 'load_scaling_data', 'scaling_batches',
-           'scaling_cache', 'train_size', 'sample_texts', 'load_scaling_model', 'fit_power_law', 'scaling_experiment',
-           'scaling_table', 'plot_scaling']
+__all__ = ['SIZES', 'QUICK_SIZES', 'ScalingSetup', 'scaling_config', 'parameter_counts', 'load_scaling_data', 'scaling_batches',
+           'train_size', 'sample_texts', 'load_scaling_model', 'fit_power_law', 'scaling_experiment', 'scaling_table',
+           'plot_scaling']
 
 # %% ../nbs/53_scaling.ipynb #90c53afc
 SIZES = {  # d_model, n_layers, n_heads, d_ff: width and depth grow together, d_ff = 4 d_model
@@ -75,12 +74,10 @@ def scaling_config(setup: ScalingSetup, size: str, sizes: dict = SIZES) -> LMCon
     return LMConfig(vocab_size=setup.vocab_size, max_len=setup.seq_len, dropout_rate=0.0, **sizes[size])
 
 # %% ../nbs/53_scaling.ipynb #62c29758
-def count_params(config: LMConfig) -> dict[str, int]:
-    "Total parameters of `LM(config)` and the non-embedding ones (without the token and position tables)."
-    abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-    embedding = config.vocab_size * config.d_model + config.max_len * config.d_model  # tied output layer: counted once
-    return {'params': total, 'non_embedding_params': total - embedding}
+def parameter_counts(model: LM) -> dict[str, int]:
+    "Total parameters of `model` and the non-embedding ones (without its embedder's token and position tables)."
+    total = count_parameters(model)
+    return {'params': total, 'non_embedding_params': total - count_parameters(model.embed)}
 
 # %% ../nbs/53_scaling.ipynb #a013544b
 def load_scaling_data(setup: ScalingSetup, tokenizer=None) -> dict:
@@ -103,10 +100,6 @@ def scaling_batches(data: dict, setup: ScalingSetup, which: str = 'train'):
     return lm_batches(data['valid'], setup.seq_len, setup.batch_size, shuffle=False, epochs=1)
 
 # %% ../nbs/53_scaling.ipynb #073fab07
-def scaling_cache() -> Path:
-    "Where the scaling experiment keeps its run directories and trained models: `experiments/scaling` beside the data cache."
-    return cache_dir().parent / 'experiments' / 'scaling'
-
 def train_size(size: str, setup: ScalingSetup, data: dict, folder, sizes: dict = SIZES) -> dict:
     "Train model `size` on `data` in `folder/size`, save it to `folder/size/model`; losses, curve, samples and timings."
     run_dir = Path(folder) / size
@@ -116,15 +109,14 @@ def train_size(size: str, setup: ScalingSetup, data: dict, folder, sizes: dict =
                         checkpoint_every=0, keep_checkpoints=1, seed=setup.seed, progress=False)
     shutil.rmtree(run_dir / 'run', ignore_errors=True)  # a fresh run: no stale checkpoint or log
     trainer = Trainer(LM(config, rngs=nnx.Rngs(params=setup.seed)), lm_loss(), train, run_dir=run_dir / 'run')
-    load_start, start = os.getloadavg()[0], time.perf_counter()
+    load_start = os.getloadavg()[0]
     summary = trainer.fit(scaling_batches(data, setup), lambda: scaling_batches(data, setup, 'valid'), resume=False)
-    seconds = time.perf_counter() - start
     model = trainer.model
     save_model(model, run_dir / 'model', data['tokenizer'], overwrite=True)
-    return {'size': size, 'model_config': config.to_dict(), **count_params(config), 'tokens': setup.tokens, 'steps': trainer.step,
-            'valid_nll': summary['eval']['nll'], 'train_nll': summary['train']['nll'], 'train_seconds': seconds,
+    return {'size': size, 'model_config': config.to_dict(), **parameter_counts(model), 'tokens': setup.tokens, 'steps': trainer.step,
+            'valid_nll': summary['eval']['nll'], 'train_nll': summary['train']['nll'], 'train_seconds': summary['seconds'],
             'load_average': [load_start, os.getloadavg()[0]],
-            'curve': [{k: r[k] for k in ('step', 'split', 'nll')} for r in read_metrics(run_dir / 'run')],
+            'curve': [{k: r[k] for k in ('step', 'split', 'nll', 'seconds')} for r in read_metrics(run_dir / 'run')],
             'samples': sample_texts(model, data['tokenizer'], setup)}
 
 # %% ../nbs/53_scaling.ipynb #5b831f72
@@ -137,7 +129,7 @@ def sample_texts(model: LM, tokenizer, setup: ScalingSetup) -> list[dict]:
 def load_scaling_model(size: str, *, retrain: bool = True, folder=None) -> tuple[LM, object]:
     "The trained LM of `size` and its tokenizer from the experiment cache; trained again with the full set-up when absent and `retrain`."
     check_choice('size', size, list(SIZES))
-    folder = Path(folder) if folder is not None else scaling_cache()
+    folder = Path(folder) if folder is not None else experiment_dir('scaling')
     path = folder / size / 'model'
     if not (path / 'model.json').exists():
         if not retrain: raise FileNotFoundError(f'size: no trained {size!r} model in {path}; run `howfar experiment scaling` or pass retrain=True')
@@ -162,14 +154,14 @@ def fit_power_law(n: Sequence[float], loss: Sequence[float]) -> dict[str, float]
 
 # %% ../nbs/53_scaling.ipynb #95df115e
 @experiment('scaling')
-def scaling_experiment(quick: bool = False, results_dir=None, resume: bool = False, folder=None, resample: bool = False) -> list[dict]:
-    "Four LM sizes (0.1M to 3.7M parameters) on the same Wikipedia+Brown tokens: validation loss, power-law fit, samples; models kept in `folder` (default `scaling_cache()`)."
+def scaling_experiment(quick: bool = False, out_dir=None, resume: bool = False, folder=None, resample: bool = False) -> list[dict]:
+    "Four LM sizes (0.1M to 3.7M parameters) on the same Wikipedia+Brown tokens: validation loss, power-law fit, samples; models kept in `folder` (default `experiment_dir('scaling')`)."
     setup, sizes = (ScalingSetup.tiny(), QUICK_SIZES) if quick else (ScalingSetup(), SIZES)
     machine = machine_info()
-    if results_dir is None: results_dir = Path(tempfile.mkdtemp()) if quick else Path('experiments/results')
-    results_dir = Path(results_dir); results_dir.mkdir(parents=True, exist_ok=True)
-    folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp()) if quick else scaling_cache()
-    side = lambda size: results_dir / f'scaling_{size}.json'
+    if out_dir is None: out_dir = Path(tempfile.mkdtemp()) if quick else Path('experiments/results')
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp()) if quick else experiment_dir('scaling')
+    side = lambda size: out_dir / f'scaling_{size}.json'
     results = {s: json.loads(side(s).read_text()) for s in sizes if resume and side(s).exists()}
     if len(results) < len(sizes):
         data = load_scaling_data(setup); data['tokenizer'].save(folder / 'tokenizer')

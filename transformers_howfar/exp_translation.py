@@ -11,28 +11,28 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 import sacrebleu
 from flax import nnx
 
-from .bench import experiment, make_record, read_records, write_records
+from .bench import experiment, experiment_dir, make_record
 from .core import Config, check_choice, check_positive, machine_info
-from .data import cache_dir, encode_pairs, load_split, seq2seq_batch, seq2seq_batches
+from .data import encode_pairs, load_split, seq2seq_batch, seq2seq_batches
 from .decoding import beam_search, generate
 from .rnn import RNNConfig, RNNEncoderDecoder
-from .saving import load, load_tokenizer, save_model
+from .saving import save_model
 from .tasks import TranslateRNNTask, TranslateTask, make_tokenizer, seq2seq_loss, toy_corpus
 from .tokenizer import EOS_ID, PAD_ID
 from .training import TrainConfig, Trainer
 from .transformer import EncoderDecoder, TransformerConfig
 
 # %% auto #0
-__all__ = ['MODELS', 'BASES', 'TranslationSetup', 'translation_configs', 'load_translation_data', 'TimedBatches',
-           'measure_throughput', 'translate', 'score_translations', 'make_trainer', 'train_translator',
-           'experiment_cache', 'translation_experiment', 'translation_table', 'plot_translation_curves', 'plt_axes']
+__all__ = ['MODELS', 'BASES', 'TranslationSetup', 'translation_configs', 'load_translation_data', 'measure_throughput',
+           'translate', 'score_translations', 'make_trainer', 'train_translator', 'translation_experiment',
+           'translation_table', 'plot_translation_curves', 'plt_axes']
 
 # %% ../nbs/51_translation.ipynb #6ce9ecfb
 @dataclasses.dataclass(frozen=True)
@@ -92,17 +92,6 @@ def load_translation_data(setup: TranslationSetup) -> dict:
     return {'tokenizer': tokenizer, 'train': train_ids, 'valid': encode(valid), 'test': list(test)}
 
 # %% ../nbs/51_translation.ipynb #d9efd5e0
-class TimedBatches:
-    "Wrap a batch iterator: `times[i]` is the `time.perf_counter()` at which batch `i` was requested; state passes through."
-    def __init__(self, batches: Iterator):
-        self.batches, self.times = batches, []
-    def __iter__(self): return self
-    def __next__(self):
-        self.times.append(time.perf_counter())
-        return next(self.batches)
-    def get_state(self): return self.batches.get_state()
-    def set_state(self, state): self.batches.set_state(state)
-
 def measure_throughput(trainers: dict[str, Trainer], batch: dict, rounds: int = 3, steps: int = 5) -> dict[str, float]:
     "Target tokens per second of each trainer's step on `batch`, interleaved over `rounds`; each trainer's state is restored after."
     check_positive('rounds', rounds); check_positive('steps', steps)
@@ -164,19 +153,17 @@ def make_trainer(name: str, config, setup: TranslationSetup, steps: int, run_dir
 # %% ../nbs/51_translation.ipynb #a122f54c
 def train_translator(name: str, trainer: Trainer, data: dict, setup: TranslationSetup, save_dir=None) -> dict:
     "Train `trainer` on `data['train']`, then decode the test split greedily and with beam search; curve, scores, samples."
-    train = TimedBatches(seq2seq_batches(data['train'], setup.batch_size, seed=setup.seed, pad_multiple=setup.pad_multiple))
+    train = seq2seq_batches(data['train'], setup.batch_size, seed=setup.seed, pad_multiple=setup.pad_multiple)
     valid = lambda: seq2seq_batches(data['valid'], setup.batch_size, shuffle=False, epochs=1, pad_multiple=setup.pad_multiple)
     load_start = os.getloadavg()[0]
     summary = trainer.fit(train, valid)
-    t0 = train.times[0]
-    seconds = time.perf_counter() - t0
     model, tok = trainer.model, data['tokenizer']
     if save_dir is not None: save_model(model, Path(save_dir) / name, tok, overwrite=True)
     sources, refs = [s for s, _ in data['test']], [t for _, t in data['test']]
     kw = dict(seq_len=setup.seq_len, max_new_tokens=setup.max_new_tokens, batch_size=setup.decode_batch)
     start = time.perf_counter(); greedy = translate(model, tok, sources, **kw); greedy_s = time.perf_counter() - start
     start = time.perf_counter(); beam = translate(model, tok, sources, beam_size=setup.beam_size, **kw); beam_s = time.perf_counter() - start
-    return {'name': name, 'steps': trainer.step, 'train_seconds': seconds, 'step_times': [t - t0 for t in train.times],
+    return {'name': name, 'steps': trainer.step, 'train_seconds': summary['seconds'],
             'valid_nll': summary['eval']['nll'], 'train_nll': summary['train']['nll'],
             'params': int(sum(x.size for x in jax.tree.leaves(trainer.state['params']))),
             'greedy': score_translations(greedy, refs), 'beam': score_translations(beam, refs),
@@ -186,24 +173,18 @@ def train_translator(name: str, trainer: Trainer, data: dict, setup: Translation
 
 # %% ../nbs/51_translation.ipynb #3ece383f
 def _fit_logged(name, trainer_args, data, setup, save_dir) -> dict:
-    "Train in a temporary run directory so that the metrics log can be read back; attach the curve against time."
+    "Train in a temporary run directory so that the metrics log can be read back; attach the loss curve (steps and seconds)."
     from transformers_howfar.training import read_metrics
     with tempfile.TemporaryDirectory() as tmp:
         model_config, steps = trainer_args
         trainer = make_trainer(name, model_config, setup, steps, run_dir=Path(tmp) / name)
         result = train_translator(name, trainer, data, setup, save_dir)
         records = read_metrics(trainer.run_dir)
-    times = result.pop('step_times')
-    at = lambda step: times[step] if step < len(times) else result['train_seconds']  # seconds when `step` steps were done
     result['tokens_per_s_training'] = sum(r['tokens'] for r in records if r['split'] == 'train') / result['train_seconds']
-    result['curve'] = [{'step': r['step'], 'seconds': at(r['step']), 'split': r['split'], 'nll': r['nll']} for r in records]
+    result['curve'] = [{k: r[k] for k in ('step', 'seconds', 'split', 'nll')} for r in records]
     return result
 
 # %% ../nbs/51_translation.ipynb #6061ea6d
-def experiment_cache(name: str) -> Path:
-    "Folder for the trained models of experiment `name`: `experiments/NAME` beside the data cache (`$HOWFAR_DATA_DIR`)."
-    return cache_dir().parent / 'experiments' / name
-
 def _records(results: dict, throughput: dict, configs: dict, machine: dict) -> list[dict]:
     out = []
     for name, r in results.items():
@@ -220,16 +201,16 @@ def _records(results: dict, throughput: dict, configs: dict, machine: dict) -> l
 
 # %% ../nbs/51_translation.ipynb #79f8c921
 @experiment('translation')
-def translation_experiment(quick: bool = False, results_dir=None, resume: bool = False) -> list[dict]:
+def translation_experiment(quick: bool = False, out_dir=None, resume: bool = False) -> list[dict]:
     "Transformer against LSTM with attention on EN→FR: same tokenizer, data and wall-clock budget; BLEU, chrF, throughput, curves."
     configs, machine = translation_configs(quick), machine_info()
     setup = configs['setup']
-    if results_dir is None: results_dir = Path(tempfile.mkdtemp()) if quick else Path('experiments/results')
-    results_dir = Path(results_dir); results_dir.mkdir(parents=True, exist_ok=True)
-    side = lambda name: results_dir / f'translation_{name}.json'
-    data, save_dir = load_translation_data(setup), (None if quick else experiment_cache('translation'))
+    if out_dir is None: out_dir = Path(tempfile.mkdtemp()) if quick else Path('experiments/results')
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    side = lambda name: out_dir / f'translation_{name}.json'
+    data, save_dir = load_translation_data(setup), (None if quick else experiment_dir('translation'))
     results = {n: json.loads(side(n).read_text()) for n in MODELS if resume and side(n).exists()}
-    throughput_file = results_dir / 'translation_throughput.json'
+    throughput_file = out_dir / 'translation_throughput.json'
     if resume and throughput_file.exists(): throughput = json.loads(throughput_file.read_text())
     else:
         trainers = {n: make_trainer(n, configs[n], setup, 100) for n in MODELS}

@@ -30,8 +30,7 @@ import grain
 import numpy as np
 
 from .core import check_choice, check_positive, check_range, register_command
-from .tokenizer import (BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID,
-                                           CharTokenizer, SentencePieceTokenizer, Tokenizer)
+from .tokenizer import BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, Tokenizer
 
 # %% auto #0
 __all__ = ['SOURCES', 'EXTRACT_VERSION', 'FILES', 'cache_dir', 'FetchError', 'pip_download', 'npm_pack', 'apt_download',

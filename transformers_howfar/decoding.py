@@ -8,10 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 from functools import partial
-from pathlib import Path
 from typing import Sequence
 
 import jax

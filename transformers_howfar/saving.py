@@ -5,13 +5,10 @@
 # %% ../nbs/16_saving.ipynb #bcf11f5e
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformers_howfar.attention import dot_product_attention, get_attention
+from transformers_howfar.attention import dot_product_attention
 from transformers_howfar.bench import run_isolated
-from transformers_howfar.exp_lsh_quality import (LSHQualitySetup, _eval_fn, evaluate, load_lsh_data, local_kind, model_config,
+from transformers_howfar.exp_lsh_quality import (LSHQualitySetup, _eval_fn, evaluate, load_lsh_data, model_config,
                                                  run_lsh_quality)
 from transformers_howfar.reformer import ReformerLM
 
@@ -18,13 +18,17 @@ TINY = LSHQualitySetup.tiny()
 
 
 @pytest.mark.parametrize('block, length', [(4, 16), (8, 32), (16, 48)])
-def test_local_kind_is_a_causal_window_of_two_blocks(block, length):
+def test_local_model_is_a_causal_window_of_two_blocks(block, length):
+    setup = TINY.replace(chunk=block, seq_len=length, timing_lengths=(length,), timing_tokens=length)
+    config = model_config(setup, 'local')
+    assert (config.attention, config.attention_options) == (('local',), (f'local.block_size={block}', 'local.look_back=1'))
+    layer = ReformerLM(config, rngs=nnx.Rngs(0)).stack.sublayers[0].attention  # the layer the model runs
     rng = np.random.default_rng(block)
-    q, k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32) for _ in range(3))
+    x = jnp.asarray(rng.normal(size=(2, length, setup.d_model)), jnp.float32)
     t = np.arange(length)
     mask = (t[None] <= t[:, None]) & (t[None] >= (t[:, None] // block - 1) * block)
-    want = dot_product_attention(q, k, v, mask=jnp.asarray(mask)[None, None])
-    np.testing.assert_allclose(get_attention(local_kind(block)).fn(q, k, v, causal=True), want, atol=1e-5)
+    want = layer.out(dot_product_attention(layer.q(x), layer.k(x), layer.v(x), mask=jnp.asarray(mask)[None, None]))
+    np.testing.assert_allclose(layer(x), want, atol=1e-5)
 
 
 def test_models_differ_only_in_attention():

@@ -136,3 +136,16 @@ def test_bench_memory_quick_cli(tmp_path):
     assert {x['config']['residual'] for x in peaks} == {'reversible', 'ordinary'} and all(x['value'] and x['value'] > 0 for x in peaks), records
     steps = [x for x in records if x['metric'] == 'step_time']
     assert len(steps) == 2 and all(x['value'] > 0 and np.isfinite(x['config']['loss']) and x['config']['loss'] > 0 for x in steps), records
+
+
+def test_attention_options_reach_the_layers():
+    c = ReformerConfig.tiny().replace(attention=('lsh', 'local'), attention_options=('local.block_size=8', 'lsh.n_buckets=4', 'lsh.dense_threshold=0'))
+    m = ReformerLM(c, rngs=nnx.Rngs(0))
+    lsh, local = m.stack.sublayers[0].attention, m.stack.sublayers[2].attention
+    assert (lsh.n_buckets, lsh.dense_threshold, lsh.n_rounds, lsh.chunk_length) == ((4,), 0, c.n_rounds, c.lsh_chunk)
+    assert local.options == (('block_size', 8),)
+    x = jax.random.randint(make_key(1), (1, 40), 0, 32)
+    assert m(x).shape == (1, 40, 32)
+    assert ReformerConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ValueError, match='attention_options: lsh.chunk_length is set by the field lsh_chunk'):
+        c.replace(attention_options=('lsh.chunk_length=16',))

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import tempfile
@@ -19,8 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .attention import register_attention
-from .attention_variants import local_attention
+from .attention import format_attention_options
 from .bench import experiment, make_record, run_isolated
 from .core import Config, check_choice, check_positive, machine_info, make_key
 from .data import encode_documents, lm_batches, load_split
@@ -29,8 +27,8 @@ from .tasks import make_tokenizer, toy_corpus
 from .training import Trainer, TrainConfig, read_metrics, summarize_metrics
 
 # %% auto #0
-__all__ = ['LSHQualitySetup', 'local_kind', 'model_config', 'load_lsh_data', 'lsh_batches', 'evaluate', 'train_model',
-           'step_seconds', 'run_lsh_quality', 'lsh_quality_experiment']
+__all__ = ['LSHQualitySetup', 'model_config', 'load_lsh_data', 'lsh_batches', 'evaluate', 'train_model', 'step_seconds',
+           'run_lsh_quality', 'lsh_quality_experiment']
 
 # %% ../nbs/55_lsh_quality.ipynb #9960e4af
 @dataclasses.dataclass(frozen=True)
@@ -74,23 +72,16 @@ class LSHQualitySetup(Config):
                    rounds=(1, 2), eval_batches=1, timing_lengths=(32, 64), timing_tokens=128, timing_rounds=2, timing_repeats=1)
 
 # %% ../nbs/55_lsh_quality.ipynb #be5dc8b5
-def local_kind(block_size: int) -> str:
-    "Register causal-capable local attention with blocks of `block_size` tokens (each seeing the block before) as `local{block_size}`."
-    check_positive('block_size', block_size)
-    name = f'local{block_size}'
-    register_attention(name, functools.partial(local_attention, block_size=block_size, look_back=1),
-                       f'local attention, blocks of {block_size} tokens seeing the block before')
-    return name
-
 def model_config(setup: LSHQualitySetup, model: str, n_rounds: int | None = None) -> ReformerConfig:
     "The `ReformerConfig` of `model` ('full', 'local' or 'lsh<R>'); `n_rounds` overrides R (for evaluating with other rounds)."
     check_choice('model', model, setup.models)
-    kind = 'full' if model == 'full' else local_kind(setup.chunk) if model == 'local' else 'lsh'
+    kind = 'full' if model == 'full' else 'local' if model == 'local' else 'lsh'
+    options = format_attention_options('local', block_size=setup.chunk, look_back=1) if kind == 'local' else ()
     R = n_rounds or (int(model[3:]) if kind == 'lsh' else 1)
     second = 1 << (int(np.ceil(np.log2(np.sqrt(setup.seq_len)))))
     return ReformerConfig(vocab_size=setup.vocab_size, d_model=setup.d_model, d_ff=setup.d_ff, n_heads=setup.n_heads, n_layers=setup.n_layers,
                           max_len=setup.seq_len, axial_shape=(-(-setup.seq_len // second), second), axial_dims=(setup.d_model // 2, setup.d_model - setup.d_model // 2),
-                          attention=(kind,), n_rounds=R, lsh_chunk=setup.chunk, ff_chunk=setup.seq_len, loss_chunk=setup.seq_len, residual='ordinary')
+                          attention=(kind,), attention_options=options, n_rounds=R, lsh_chunk=setup.chunk, ff_chunk=setup.seq_len, loss_chunk=setup.seq_len, residual='ordinary')
 
 # %% ../nbs/55_lsh_quality.ipynb #b7171c0f
 def load_lsh_data(setup: LSHQualitySetup) -> dict:

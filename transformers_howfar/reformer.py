@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from .core import Config, check_choice, check_divisible, check_positive, check_range, check_shape, derive_key, make_key, machine_info
-from .attention import MultiHeadAttention, get_attention
+from .attention import MultiHeadAttention, get_attention, parse_attention_options
 from .lsh import LSHSelfAttention
 from .reversible import MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy
 from .layers import FeedForward, ACTIVATIONS
@@ -38,6 +38,8 @@ __all__ = ['EVAL_HASH_KEY', 'MEMORY_GRID', 'SINGLE_THREAD_XLA', 'TORCH_GRID', 'L
            'profile_step', 'profile_benchmark', 'byte_stream', 'train_longcontext', 'longcontext_experiment']
 
 # %% ../nbs/23_reformer.ipynb #2838a4d4
+_LSH_LAYER_OPTIONS = ('n_buckets', 'correct_duplicates', 'dense_threshold')  # of LSHSelfAttention, besides rounds and chunk
+
 @dataclasses.dataclass(frozen=True)
 class ReformerConfig(Config):
     "Sizes and options of a Reformer language model (and of each stack of the encoder-decoder)."
@@ -50,6 +52,7 @@ class ReformerConfig(Config):
     axial_shape: tuple = (256, 256)  # position t is (t // A2, t % A2)
     axial_dims: tuple = (128, 128)  # widths of the two position tables; they sum to d_model
     attention: tuple = ('lsh',)  # attention types cycled over the layers: lsh, full, chunked, local, memory_compressed, ...
+    attention_options: tuple = ()  # 'kind.option=value' strings for the self-attention layers, e.g. ('local.block_size=64',)
     n_rounds: int = 4  # LSH hash rounds
     lsh_chunk: int = 64  # LSH chunk length (a bucket holds about half a chunk)
     ff_chunk: int = 4096  # positions per feed-forward chunk
@@ -66,12 +69,21 @@ class ReformerConfig(Config):
             raise ValueError(f'attention: expected a non-empty tuple of attention types, got {self.attention!r}')
         for kind in self.attention: get_attention(kind)
         check_divisible('n_layers', self.n_layers, len(self.attention), 'len(attention)')
+        self.options_for('lsh')  # checks attention_options
         if len(self.axial_shape) != 2 or len(self.axial_dims) != 2: raise ValueError(f'axial_shape: expected two factors and two widths, got {self.axial_shape} and {self.axial_dims}')
         if self.axial_shape[0] * self.axial_shape[1] < self.max_len:
             raise ValueError(f'axial_shape: expected a product of at least max_len = {self.max_len}, got {self.axial_shape}')
         if sum(self.axial_dims) != self.d_model: raise ValueError(f'axial_dims: expected widths summing to d_model = {self.d_model}, got {self.axial_dims}')
         check_range('dropout_rate', self.dropout_rate, 0, 1, inclusive_high=False)
         check_choice('activation', self.activation, ACTIVATIONS); check_choice('residual', self.residual, MODES)
+    def options_for(self, kind: str) -> dict:
+        "The self-attention options of `kind`; LSH layers take n_buckets, correct_duplicates and dense_threshold (rounds and chunk are fields)."
+        options = parse_attention_options(self.attention_options, self.attention)
+        for name in options.get('lsh', {}):
+            if name in ('n_rounds', 'chunk_length'):
+                raise ValueError(f"attention_options: lsh.{name} is set by the field {'n_rounds' if name == 'n_rounds' else 'lsh_chunk'}")
+            if name not in _LSH_LAYER_OPTIONS: raise ValueError(f'attention_options: the LSH layer takes {_LSH_LAYER_OPTIONS}, got lsh.{name}')
+        return options.get(kind, {})
     @classmethod
     def tiny(cls):
         return cls(vocab_size=32, d_model=32, d_ff=64, n_heads=4, n_layers=2, max_len=256, axial_shape=(16, 16), axial_dims=(16, 16),
@@ -99,11 +111,12 @@ class AttentionSublayer(nnx.Module):
     def __init__(self, c: ReformerConfig, kind: str, *, causal: bool, cross: bool = False, rngs: nnx.Rngs):
         self.norm = nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs)
         self.kind, self.cross = kind, cross
+        options = {} if cross else c.options_for(kind)  # cross-attention is always plain full attention
         if kind == 'lsh' and not cross:  # shared query/key projection (Reformer §2); we pass the hash key, so recomputation replays it
-            self.attention = LSHSelfAttention(c.d_model, c.n_heads, causal=causal, n_rounds=c.n_rounds, chunk_length=c.lsh_chunk, rngs=rngs)
+            self.attention = LSHSelfAttention(c.d_model, c.n_heads, causal=causal, n_rounds=c.n_rounds, chunk_length=c.lsh_chunk, rngs=rngs, **options)
         else:
-            self.attention = MultiHeadAttention(c.d_model, c.n_heads, attention='full' if cross else kind, causal=causal and not cross,
-                                                dropout_rate=c.dropout_rate, rngs=rngs)
+            self.attention = MultiHeadAttention(c.d_model, c.n_heads, attention='full' if cross else kind, attention_options=options,
+                                                causal=causal and not cross, dropout_rate=c.dropout_rate, rngs=rngs)
         self.dropout = nnx.Dropout(c.dropout_rate)
 
     def __call__(self, x, *, key=None, context=None, aux=None):

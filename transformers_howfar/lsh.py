@@ -17,16 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
 
-from .core import check_positive, check_shape, derive_key, machine_info
+from .core import check_divisible, check_positive, check_shape, derive_key, machine_info
 from .bench import benchmark, make_record, read_records, run_isolated, time_call
 from .attention import dot_product_attention, register_attention
 
 # %% auto #0
-__all__ = ['SELF_VALUE', 'MASK_VALUE', 'hash_vectors', 'collision_probability', 'auto_buckets', 'shared_qk_scores',
-           'shared_qk_attention', 'lsh_sort_orders', 'lsh_attention', 'lsh_multiplicity', 'lsh_attention_kind',
-           'LSHKeys', 'LSHSelfAttention', 'lsh_layer_step', 'torch_reference', 'lsh_reference_comparison',
-           'lsh_benchmark']
+__all__ = ['SELF_VALUE', 'MASK_VALUE', 'HEADS_AXIS', 'SHARDED_ENV', 'hash_vectors', 'collision_probability', 'auto_buckets',
+           'shared_qk_scores', 'shared_qk_attention', 'lsh_sort_orders', 'heads_mesh', 'lsh_attention',
+           'lsh_multiplicity', 'lsh_attention_kind', 'LSHKeys', 'LSHSelfAttention', 'lsh_layer_step', 'torch_reference',
+           'lsh_reference_comparison', 'lsh_benchmark']
 
 # %% ../nbs/12_lsh.ipynb #950f5382
 SELF_VALUE = -1e5  # a token attends to itself only when nothing else is visible (paper, Sec. 2.2)
@@ -145,13 +146,15 @@ def _valid_slices(padding_mask, B, T, N, Tp):
     return jnp.repeat(valid, N, axis=0)  # (B·N, Tp), slice b·N + n
 
 # %% ../nbs/12_lsh.ipynb #4872bbe3
+def _slices_orders(xs, valid, ids, key, fs, R, Tp, batch_size):
+    "Sort orders `(S, R, Tp)` of slices `xs (S, Tp, H)`; slice `ids` pick the rotations, so any subset hashes as in the whole."
+    return jax.lax.map(lambda a: _slice_orders(*a, key, fs, R, Tp), (jax.lax.stop_gradient(xs), valid, ids), batch_size=batch_size)
+
 def lsh_sort_orders(qk, *, key, n_rounds: int, n_buckets, Tp: int, padding_mask=None, batch_size: int = 1):
     "Sort orders and inverses `(B·N, R, Tp)` of every (batch, head) slice; no gradient flows through them."
     B, T, N, H = qk.shape
-    fs = _factors(n_buckets)
-    xs = (jax.lax.stop_gradient(_to_slices(qk.astype(jnp.float32), Tp)), _valid_slices(padding_mask, B, T, N, Tp),
-          jnp.arange(B * N, dtype=jnp.int32))
-    return jax.lax.map(lambda a: _slice_orders(*a, key, fs, n_rounds, Tp), xs, batch_size=batch_size)
+    return _slices_orders(_to_slices(qk.astype(jnp.float32), Tp), _valid_slices(padding_mask, B, T, N, Tp),
+                          jnp.arange(B * N, dtype=jnp.int32), key, _factors(n_buckets), n_rounds, Tp, batch_size)
 
 # %% ../nbs/12_lsh.ipynb #867508ea
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +274,13 @@ def _slice_backward(qk, v, valid, perms, undos, o, m, l, do, p):
     return dqk, dv
 
 # %% ../nbs/12_lsh.ipynb #4bd2e70a
+HEADS_AXIS = 'heads'  # a mesh axis of this name shards LSH attention's (batch, head) slices
+
+def heads_mesh():
+    "The ambient mesh (`jax.set_mesh`) when it has a `heads` axis of more than one device, else None."
+    m = jax.sharding.get_abstract_mesh()
+    return None if m.empty or HEADS_AXIS not in m.axis_names or m.shape[HEADS_AXIS] == 1 else m
+
 def _slices_batch(p, n_slices):
     return max(1, min(n_slices, (1 << 18) // max(1, p.n_blocks * p.block * p.chunk)))
 
@@ -304,7 +314,7 @@ def lsh_attention(
     dense_threshold: int | None = None,  # lengths up to this use exact dense attention (default: chunk_length)
     block_length: int = 256,  # tokens processed together inside the kernel (memory/speed only; 256 keeps a block in cache)
     max_bucket_factor: int = 64,  # automatic bucket counts above this are split into factors
-) -> jax.Array:  # (B, T, N, H), in the dtype of `v`
+) -> jax.Array:  # (B, T, N, H), in the dtype of `v`; slices sharded over the ambient mesh's `heads` axis, if any
     "LSH attention (Kitaev, Kaiser, Levskaya 2020) in time O(T log T) and memory O(T) for forward and backward."
     d = check_shape(qk, 'B T N H', 'qk'); check_shape(v, 'B T N H', 'v', **d)
     B, T, N, H = d['B'], d['T'], d['N'], d['H']
@@ -315,10 +325,16 @@ def lsh_attention(
     n_blocks, bc, Tp = _plan_lengths(T, chunk_length, block_length)
     fs = _factors(auto_buckets(T, chunk_length, max_bucket_factor) if n_buckets is None else n_buckets)
     p = _Plan(chunk_length, bc, n_blocks, int(n_rounds), bool(causal), bool(correct_duplicates), 1 / math.sqrt(H))
-    bs = _slices_batch(p, B * N)
-    perms, undos = lsh_sort_orders(qk, key=key, n_rounds=n_rounds, n_buckets=fs, Tp=Tp, padding_mask=padding_mask, batch_size=bs)
-    out = _lsh_core(p, _to_slices(qk.astype(jnp.float32), Tp), _to_slices(v.astype(jnp.float32), Tp),
-                    _valid_slices(padding_mask, B, T, N, Tp), perms, undos)  # (B·N, Tp, H)
+    def kernel(qs, vs, valid, ids, key):  # the slices of one device (all of them without a `heads` axis)
+        perms, undos = _slices_orders(qs, valid, ids, key, fs, int(n_rounds), Tp, _slices_batch(p, qs.shape[0]))
+        return _lsh_core(p, qs, vs, valid, perms, undos)
+    mesh = heads_mesh()
+    if mesh is not None:
+        check_divisible('batch × heads', B * N, mesh.shape[HEADS_AXIS], f"the mesh's {HEADS_AXIS!r} axis")
+        s = P(HEADS_AXIS)
+        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(s, s, s, s, P()), out_specs=s, check_vma=False)
+    out = kernel(_to_slices(qk.astype(jnp.float32), Tp), _to_slices(v.astype(jnp.float32), Tp),
+                 _valid_slices(padding_mask, B, T, N, Tp), jnp.arange(B * N, dtype=jnp.int32), key)  # (B·N, Tp, H)
     return out[:, :T].reshape(B, N, T, H).transpose(0, 2, 1, 3).astype(v.dtype)
 
 # %% ../nbs/12_lsh.ipynb #777fa34b
@@ -388,8 +404,11 @@ class LSHSelfAttention(nnx.Module):
 
 # %% ../nbs/12_lsh.ipynb #70f29f58
 def lsh_layer_step(length: int, batch: int = 1, attention: str = 'lsh', n_rounds: int = 4, d_model: int = 256,
-                   n_heads: int = 4, chunk_length: int = 64, repeats: int = 2) -> dict:
+                   n_heads: int = 4, chunk_length: int = 64, repeats: int = 2,
+                   devices: int = 1) -> dict:  # > 1: heads sharded over that many devices (a `heads` mesh; see `HEADS_AXIS`)
     "Seconds for forward+backward of one self-attention layer (projections included); run it in its own process."
+    if devices > 1 and len(jax.devices()) < devices:
+        raise ValueError(f'devices: expected at most {len(jax.devices())} (set XLA_FLAGS=--xla_force_host_platform_device_count), got {devices}')
     H = d_model // n_heads
     ks = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(ks[0], (batch, length, d_model))
@@ -401,8 +420,9 @@ def lsh_layer_step(length: int, batch: int = 1, attention: str = 'lsh', n_rounds
         else: o = dot_product_attention(qk, qk / jnp.linalg.norm(qk, axis=-1, keepdims=True), v, causal=True)
         return ((o.reshape(batch, length, d_model) @ W[2]) * cot).sum()
     step = jax.jit(jax.value_and_grad(layer, argnums=(0, 1)))
-    t = time_call(lambda: step(W, x, jax.random.key(1)), repeats=repeats)
-    return {'seconds': t['min_s']}
+    if devices == 1: return {'seconds': time_call(lambda: step(W, x, jax.random.key(1)), repeats=repeats)['min_s']}
+    with jax.set_mesh(Mesh(np.array(jax.devices()[:devices]), (HEADS_AXIS,))):
+        return {'seconds': time_call(lambda: step(W, x, jax.random.key(1)), repeats=repeats)['min_s']}
 
 # %% ../nbs/12_lsh.ipynb #aaf7b4fa
 _TORCH_REFERENCE = r'''
@@ -462,29 +482,34 @@ def _record(machine, config, result, records):
     records.append(make_record('lsh', config, 'us_per_token', 1e6 * result['seconds'] / tokens, 'us', machine))
     records.append(make_record('lsh', config, 'peak_memory', result['peak_rss_gb'], 'GB', machine))
 
+SHARDED_ENV = {'XLA_FLAGS': f'--xla_force_host_platform_device_count={os.cpu_count() or 1}'}  # one CPU device per core
+
 def lsh_reference_comparison(length: int = 65536, repeats: int = 3, python: str | None = None, machine=None) -> list[dict]:
-    "Our layer, HF transformers' and reformer-pytorch's, interleaved `repeats` times (ours, HF, rp, ours, ...), and the ratios."
+    "Our layer (on one device, and with heads sharded over one device per core), HF transformers' and reformer-pytorch's, interleaved `repeats` times, and the ratios."
     python = python or os.environ.get('HOWFAR_TORCH_PYTHON')
     if not python: raise ValueError('python: expected a Python with torch, transformers and reformer-pytorch (or HOWFAR_TORCH_PYTHON), got none')
     machine, records, runs = machine or machine_info(), [], {}
     base = {'length': length, 'batch': 1, 'attention': 'lsh', 'n_rounds': 4, 'd_model': 256, 'n_heads': 4, 'chunk_length': 64,
             'causal': True, 'threads': os.cpu_count() or 1, 'series': 'reference'}
+    n_dev = os.cpu_count() or 1
+    ours = [('transformers_howfar', 1)] + ([('transformers_howfar', n_dev)] if n_dev > 1 else [])
     for rep in range(repeats):
-        for impl in ('transformers_howfar', 'hf', 'reformer_pytorch'):
+        for impl, devices in ours + [('hf', None), ('reformer_pytorch', None)]:
             load = os.getloadavg()[0]
-            res = (run_isolated('transformers_howfar.lsh:lsh_layer_step', {'length': length}, timeout=1800) if impl == 'transformers_howfar'
-                   else torch_reference(impl, length, python))
-            _record(machine, {**base, 'implementation': impl, 'repeat': rep, 'load_average': round(load, 1),
+            res = (run_isolated('transformers_howfar.lsh:lsh_layer_step', {'length': length, 'devices': devices}, timeout=1800,
+                                env=SHARDED_ENV if devices and devices > 1 else None)
+                   if devices else torch_reference(impl, length, python))
+            _record(machine, {**base, 'implementation': impl, 'devices': devices, 'repeat': rep, 'load_average': round(load, 1),
                               'versions': res.pop('versions', None)}, res, records)
-            runs.setdefault(impl, []).append(res)
+            runs.setdefault((impl, devices), []).append(res)
     ok = {k: [r for r in v if 'error' not in r] for k, v in runs.items()}
+    median = lambda k, f: float(np.median([r[f] for r in ok[k]]))
     if all(ok.values()):
-        ours = float(np.median([r['seconds'] for r in ok['transformers_howfar']]))
-        best = min(('hf', 'reformer_pytorch'), key=lambda k: np.median([r['seconds'] for r in ok[k]]))
-        mem = lambda k: float(np.median([r['peak_rss_gb'] for r in ok[k]]))
-        cfg = {**base, 'implementation': 'transformers_howfar', 'against': best, 'repeats': repeats}
-        records.append(make_record('lsh', cfg, 'speedup', float(np.median([r['seconds'] for r in ok[best]])) / ours, 'x', machine))
-        records.append(make_record('lsh', cfg, 'memory_ratio', mem('transformers_howfar') / mem(best), 'x', machine))
+        best = min((('hf', None), ('reformer_pytorch', None)), key=lambda k: median(k, 'seconds'))
+        for k in ours:
+            cfg = {**base, 'implementation': 'transformers_howfar', 'devices': k[1], 'against': best[0], 'repeats': repeats}
+            records.append(make_record('lsh', cfg, 'speedup', median(best, 'seconds') / median(k, 'seconds'), 'x', machine))
+            records.append(make_record('lsh', cfg, 'memory_ratio', median(k, 'peak_rss_gb') / median(best, 'peak_rss_gb'), 'x', machine))
     return records
 
 @benchmark('lsh')

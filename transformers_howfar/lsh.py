@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from .core import check_divisible, check_positive, check_shape, derive_key, machine_info
-from .bench import benchmark, make_record, read_records, run_isolated, time_call
+from .bench import benchmark, make_record, run_isolated, time_call
 from .attention import dot_product_attention, register_attention
 
 # %% auto #0

@@ -25,7 +25,7 @@ from .attention import MultiHeadAttention, get_attention, parse_attention_option
 from .lsh import LSHSelfAttention
 from .reversible import MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy
 from .layers import FeedForward, ACTIVATIONS
-from .bench import benchmark, experiment, make_record, run_isolated, read_records, write_records, plot_records, time_call
+from .bench import benchmark, experiment, make_record, run_isolated, write_records, time_call
 from .data import load_split
 from .lm import LM, LMConfig
 from .losses import cross_entropy

@@ -98,7 +98,7 @@ def test_committed_results_are_complete():
 
 def test_cli_quick_and_resume(tmp_path):
     howfar = str(Path(sys.executable).parent / 'howfar')
-    env = dict(os.environ, HOWFAR_CACHE=str(tmp_path / 'cache'))
+    env = dict(os.environ, HOWFAR_EXPERIMENT_CACHE=str(tmp_path / 'cache'))
     out = subprocess.run([howfar, 'experiment', 'duplication', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     first = json.loads((tmp_path / 'duplication.json').read_text())

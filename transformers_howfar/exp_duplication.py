@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from .core import check_positive, machine_info
-from .bench import experiment, make_record
+from .bench import experiment, experiment_dir, make_record
 from .attention import format_attention_options
 from .layers import with_config
 from .tokenizer import NUM_SPECIAL
@@ -114,9 +114,6 @@ def _same_setup(saved, setup) -> bool:
     try: return configs(saved) == configs(setup) and all(saved[k] == setup[k] for k in setup if k not in ('model', 'train'))
     except (ValueError, TypeError): return False
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get('HOWFAR_CACHE', Path.home() / '.cache' / 'transformers_howfar')) / 'duplication'
-
 def model_records(done: dict, machine=None) -> list[dict]:
     "Accuracy and loss records of one trained model's result (as saved in `duplication_<mode>.json`)."
     machine, setup = machine or machine_info(), done['setup']
@@ -130,15 +127,14 @@ def model_records(done: dict, machine=None) -> list[dict]:
     return out
 
 @experiment('duplication')
-def duplication_experiment(quick: bool = False, resume: bool | None = None, results_dir='experiments/results',
+def duplication_experiment(quick: bool = False, resume: bool = False, out_dir='experiments/results',
                            cache_dir=None) -> list[dict]:
     "Reformer Table 2: train with full attention and LSH-1/2/4, evaluate each with full and LSH-1/2/4/8 (token accuracy on the second w)."
-    resume = bool(int(os.environ.get('HOWFAR_RESUME', '0'))) if resume is None else resume
     model_config, train_config, chunk, buckets = duplication_setup(quick)
-    cache = Path(cache_dir) if cache_dir else _cache_dir() / ('quick' if quick else 'full')
+    cache = Path(cache_dir) if cache_dir else experiment_dir('duplication') / ('quick' if quick else 'full')
     train_modes, eval_modes = (('full', 1), ('full', 1, 2)) if quick else (TRAIN_MODES, MODES)
     machine, records = machine_info(), []
-    out = cache if quick else Path(results_dir)  # the quick run's per-model files stay out of the results folder
+    out = cache if quick else Path(out_dir)  # the quick run's per-model files stay out of the results folder
     for mode in train_modes:
         path = out / f'duplication_{mode_name(mode)}.json'
         setup = json.loads(json.dumps({'model': model_config.to_dict(), 'train': train_config.to_dict(), 'chunk_length': chunk,

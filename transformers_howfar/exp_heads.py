@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .bench import experiment, make_record
+from .bench import experiment, experiment_dir, make_record
 from .bert import Bert, BertConfig
 from .core import check_choice, check_positive, machine_info
 from .data import encode_documents, lm_batches, load_split
@@ -228,13 +228,12 @@ def train_heads_lm(tokenizer, documents, steps: int = HEADS_LM_STEPS, batch_size
 
 def heads_lm(tokenizer, *, scaling_size: str = 'm', folder=None) -> tuple[LM, object, str]:
     "The LM to analyse, its tokenizer and where it comes from: the scaling experiment's `scaling_size` if saved, else our own (trained once, cached)."
-    from transformers_howfar.exp_pretraining import models_dir
     try:
         from transformers_howfar.exp_scaling import load_scaling_model
         model, tok = load_scaling_model(scaling_size, retrain=False)
         return model, tok, f'exp_scaling size {scaling_size}'
     except (ImportError, FileNotFoundError): pass
-    path = Path(folder) if folder else models_dir() / 'lm_heads'
+    path = Path(folder) if folder else experiment_dir('heads') / 'lm_heads'
     if not (path / 'model.json').exists():
         model, summary = train_heads_lm(tokenizer, [d for c in ('wikipedia', 'brown') for d in load_split(c, 'train')])
         save_model(model, path, tokenizer, overwrite=True)
@@ -268,7 +267,7 @@ def heads_records(results: dict) -> list[dict]:
 
 # %% ../nbs/54_heads.ipynb #d320d40b
 @experiment('heads')
-def heads_experiment(quick: bool = False) -> list[dict]:
+def heads_experiment(quick: bool = False, out_dir='experiments/results') -> list[dict]:
     "Score every head of the pre-trained BERT and of a trained decoder LM for previous-token, separator and pronoun attention."
     start = time.perf_counter()
     if quick:  # untrained tiny models on toy sentences: the pipeline, in seconds
@@ -282,7 +281,7 @@ def heads_experiment(quick: bool = False) -> list[dict]:
     for name, (model, _) in models.items(): results[name]['config'] = model.config.to_dict()
     results['lm']['source'] = lm_source
     if not quick:
-        out = Path(os.environ.get('HOWFAR_EXPERIMENT_DIR', 'experiments/results'))
+        out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / 'heads_scores.json').write_text(json.dumps(dict(results, seconds=time.perf_counter() - start, load=list(os.getloadavg()))))
     return heads_records(results)

@@ -210,9 +210,8 @@ def run_lsh_quality(setup: LSHQualitySetup, out_dir, *, resume: bool = False, ti
     return _records(setup, {m: runs[m] for m in setup.models}, timings, machine)
 
 @experiment('lsh_quality')
-def lsh_quality_experiment(quick: bool = False, resume: bool | None = None) -> list[dict]:
+def lsh_quality_experiment(quick: bool = False, resume: bool = False, out_dir='experiments/results') -> list[dict]:
     "A Reformer LM at 1024 tokens with full, local and LSH (1/2/4/8 rounds) attention: validation bits per token, and step time against length."
-    resume = os.environ.get('HOWFAR_RESUME') == '1' if resume is None else resume
     if quick:
         with tempfile.TemporaryDirectory() as d: return run_lsh_quality(LSHQualitySetup.tiny(), d)
-    return run_lsh_quality(LSHQualitySetup(), os.environ.get('HOWFAR_EXPERIMENT_DIR', 'experiments/results'), resume=resume)
+    return run_lsh_quality(LSHQualitySetup(), out_dir, resume=resume)

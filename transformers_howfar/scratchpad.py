@@ -18,14 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .core import Config, check_choice, check_positive, derive_key, make_key, machine_info
+from .core import check_choice, check_positive, derive_key, make_key, machine_info
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, CharTokenizer
 from .layers import POSITIONS, sinusoidal_positions, count_parameters
 from .lm import LM, LMConfig
 from .saving import register_model
-from .training import (SyntheticBatches, Task, TrainConfig, cross_entropy, load_run, register_task,
-                                          train_task)
-from .bench import experiment, make_record, write_records
+from .training import SyntheticBatches, Task, TrainConfig, cross_entropy, register_task, train_task
+from .bench import experiment, experiment_dir, make_record
 
 # %% auto #0
 __all__ = ['FORMATS', 'TOKENIZER', 'ROLES', 'ROLE', 'DIGIT_CODES', 'SMALL', 'SMALL_TRAIN', 'EVAL_DIGITS', 'EXPERIMENT_MODELS',
@@ -339,16 +338,22 @@ EXPERIMENT_MODELS = {  # name: overrides of the 'small' preset, in the order the
     'scratchpad-digits-d32': ('format=scratchpad', 'position=digits', 'd_model=32', 'd_ff=128', 'n_heads=2'),
     'scratchpad-digits-d16': ('format=scratchpad', 'position=digits', 'd_model=16', 'd_ff=64', 'n_heads=2'),
     'reversed-digits': ('format=reversed', 'position=digits'),
+    'scratchpad-digits-ssmax': ('format=scratchpad', 'position=digits', 'attention=ssmax'),
+    'scratchpad-random-4500': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'steps=4500'),
+    'scratchpad-random-ssmax-4500': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'attention=ssmax', 'steps=4500'),
+    'scratchpad-random-ssmax-7000': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'attention=ssmax', 'steps=7000'),
+    'scratchpad-random-8000': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'steps=8000'),
 }
 
-def run_model(name: str, overrides, out_dir='experiments/results', run_root=None, *, preset: str = 'small',
-              digits=EVAL_DIGITS, count: int = 200, resume: bool = True) -> dict:
+def run_model(name: str, overrides, out_dir='experiments/results',
+              run_root=None,  # folder of the training runs (checkpoints); default `bench.experiment_dir('scratchpad')`
+              *, preset: str = 'small', digits=EVAL_DIGITS, count: int = 200, resume: bool = True) -> dict:
     "Train a model (with `resume`: continue its run, or reuse its results file), evaluate it at `digits`, write `out_dir/scratchpad_<name>.json`."
     path = Path(out_dir) / f'scratchpad_{name}.json'
     if resume and path.exists():
         done = json.loads(path.read_text())
         if done['overrides'] == list(overrides) and done['preset'] == preset and [r['n_digits'] for r in done['eval']] == list(digits): return done
-    run_dir = Path(run_root or Path(os.environ.get('HOWFAR_RUNS', 'runs')) / 'scratchpad') / name
+    run_dir = (Path(run_root) if run_root else experiment_dir('scratchpad')) / name
     load = [os.getloadavg()[0]]
     t0 = time.perf_counter()
     trainer, summary = train_task('addition', preset, list(overrides), run_dir, fresh=not resume)
@@ -380,15 +385,15 @@ def result_records(results: list[dict]) -> list[dict]:
 
 # %% ../nbs/40_scratchpad.ipynb #423a216a
 def accuracy_table(results: list[dict], groups=((1, 8), (9, 16), (20, 20), (24, 24), (28, 28), (32, 32))) -> str:
-    "A text table of mean exact match per model over digit ranges `groups`."
-    head = f"{'model':24s}{'params':>8s}{'steps':>7s}{'train s':>9s}" + ''.join(f'{f"{a}-{b}" if a != b else str(a):>8s}' for a, b in groups)
-    lines = [head]
+    "A Markdown table of mean exact match (%) per model over the digit ranges `groups`."
+    ranges = [f'{a}-{b}' if a != b else str(a) for a, b in groups]
+    lines = ['| model | parameters | steps | train s | ' + ' | '.join(ranges) + ' |', '|' + '---|' * (4 + len(groups))]
     for r in results:
         cells = []
         for a, b in groups:
             vals = [row['exact_match'] for row in r['eval'] if a <= row['n_digits'] <= b]
-            cells.append(f'{100 * np.mean(vals):7.1f}%' if vals else f'{"-":>8s}')
-        lines.append(f"{r['model']:24s}{r['parameters']:8d}{r['steps']:7d}{r['train_seconds']:9.0f}" + ''.join(cells))
+            cells.append(f'{100 * np.mean(vals):.1f}' if vals else '-')
+        lines.append(f"| {r['model']} | {r['parameters']:,} | {r['steps']} | {r['train_seconds']:.0f} | " + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 @experiment('scratchpad')

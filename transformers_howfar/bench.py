@@ -24,8 +24,8 @@ from .core import check_positive, machine_info, register_command
 
 # %% auto #0
 __all__ = ['BENCHMARKS', 'EXPERIMENTS', 'make_record', 'write_records', 'read_records', 'time_call', 'peak_rss_gb',
-           'run_isolated', 'benchmark', 'import_all_modules', 'run_benchmark', 'matmul_benchmark', 'experiment',
-           'run_experiment', 'experiment_dir', 'plot_records']
+           'run_isolated', 'memory_first_options', 'benchmark', 'import_all_modules', 'run_benchmark',
+           'matmul_benchmark', 'experiment', 'run_experiment', 'experiment_dir', 'plot_records']
 
 # %% ../nbs/05_bench.ipynb #bd28d0a3
 def make_record(benchmark: str, config: dict, metric: str, value, unit: str, machine: dict | None = None) -> dict:
@@ -86,6 +86,11 @@ def run_isolated(target: str, kwargs: dict, timeout: float = 600, env: dict | No
     killed = proc.returncode < 0 or proc.returncode == 137
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['']
     return {'error': ('killed (out of memory?) ' if killed else f'exit {proc.returncode}: ') + tail[0][-300:]}
+
+# %% ../nbs/05_bench.ipynb #54a2f2dd
+def memory_first_options(backend: str | None = None) -> dict:
+    "XLA compiler options that schedule a program for low peak memory rather than for concurrency (CPU only; `{}` elsewhere)."
+    return {'xla_cpu_enable_concurrency_optimized_scheduler': False} if (backend or jax.default_backend()) == 'cpu' else {}
 
 # %% ../nbs/05_bench.ipynb #11867287
 BENCHMARKS: dict[str, Callable[..., list[dict]]] = {}

@@ -5,6 +5,7 @@
 # %% ../nbs/12_lsh.ipynb #1d2899fb
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,7 +26,7 @@ from .attention import dot_product_attention, register_attention
 
 # %% auto #0
 __all__ = ['SELF_VALUE', 'MASK_VALUE', 'HEADS_AXIS', 'SHARDED_ENV', 'hash_vectors', 'collision_probability', 'auto_buckets',
-           'shared_qk_scores', 'shared_qk_attention', 'lsh_sort_orders', 'heads_mesh', 'lsh_attention',
+           'shared_qk_scores', 'shared_qk_attention', 'lsh_sort_orders', 'heads_mesh', 'heads_devices', 'lsh_attention',
            'lsh_multiplicity', 'lsh_attention_kind', 'LSHKeys', 'LSHSelfAttention', 'lsh_layer_step', 'torch_reference',
            'lsh_reference_comparison', 'lsh_benchmark']
 
@@ -281,6 +282,13 @@ def heads_mesh():
     m = jax.sharding.get_abstract_mesh()
     return None if m.empty or HEADS_AXIS not in m.axis_names or m.shape[HEADS_AXIS] == 1 else m
 
+def heads_devices(devices: int = 1):
+    "A context whose mesh spreads LSH slices over the first `devices` devices; for one device, a context that does nothing."
+    check_positive('devices', devices)
+    if devices > len(jax.devices()):
+        raise ValueError(f'devices: expected at most {len(jax.devices())} (more need XLA_FLAGS=--xla_force_host_platform_device_count), got {devices}')
+    return jax.set_mesh(Mesh(np.array(jax.devices()[:devices]), (HEADS_AXIS,))) if devices > 1 else contextlib.nullcontext()
+
 def _slices_batch(p, n_slices):
     return max(1, min(n_slices, (1 << 18) // max(1, p.n_blocks * p.block * p.chunk)))
 
@@ -396,8 +404,16 @@ class LSHSelfAttention(nnx.Module):
         if context is not None or kv is not None: raise ValueError('context: LSH attention is self-attention, got a context')
         if cache is not None: raise ValueError('cache: LSH attention has no KV cache; decode with full attention')
         if bias is not None: raise ValueError('bias: LSH attention takes no additive bias, got one')
+        return self.attend(*self.inputs(x), padding_mask=padding_mask, key=key, n_rounds=n_rounds)
+
+    def inputs(self, x) -> tuple[jax.Array, jax.Array]:
+        "Shared query/keys and values `(B, T, N, H)` of `x (B, T, D)`."
+        return self.qk(x), self.v(x)
+
+    def attend(self, qk, v, *, padding_mask=None, key: jax.Array | None = None, n_rounds: int | None = None) -> jax.Array:
+        "LSH attention of given `inputs`, through the output projection: `(B, T, D)`."
         key = self.hash_rngs.lsh() if key is None else key
-        o = lsh_attention(self.qk(x), self.v(x), key=key, n_rounds=n_rounds or self.n_rounds, causal=self.causal,
+        o = lsh_attention(qk, v, key=key, n_rounds=n_rounds or self.n_rounds, causal=self.causal,
                           padding_mask=padding_mask, chunk_length=self.chunk_length, n_buckets=self.n_buckets,
                           correct_duplicates=self.correct_duplicates, dense_threshold=self.dense_threshold)
         return self.out(o)
@@ -405,10 +421,8 @@ class LSHSelfAttention(nnx.Module):
 # %% ../nbs/12_lsh.ipynb #70f29f58
 def lsh_layer_step(length: int, batch: int = 1, attention: str = 'lsh', n_rounds: int = 4, d_model: int = 256,
                    n_heads: int = 4, chunk_length: int = 64, repeats: int = 2,
-                   devices: int = 1) -> dict:  # > 1: heads sharded over that many devices (a `heads` mesh; see `HEADS_AXIS`)
+                   devices: int = 1) -> dict:  # > 1: heads sharded over that many devices (`heads_devices`)
     "Seconds for forward+backward of one self-attention layer (projections included); run it in its own process."
-    if devices > 1 and len(jax.devices()) < devices:
-        raise ValueError(f'devices: expected at most {len(jax.devices())} (set XLA_FLAGS=--xla_force_host_platform_device_count), got {devices}')
     H = d_model // n_heads
     ks = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(ks[0], (batch, length, d_model))
@@ -420,9 +434,10 @@ def lsh_layer_step(length: int, batch: int = 1, attention: str = 'lsh', n_rounds
         else: o = dot_product_attention(qk, qk / jnp.linalg.norm(qk, axis=-1, keepdims=True), v, causal=True)
         return ((o.reshape(batch, length, d_model) @ W[2]) * cot).sum()
     step = jax.jit(jax.value_and_grad(layer, argnums=(0, 1)))
-    if devices == 1: return {'seconds': time_call(lambda: step(W, x, jax.random.key(1)), repeats=repeats)['min_s']}
-    with jax.set_mesh(Mesh(np.array(jax.devices()[:devices]), (HEADS_AXIS,))):
-        return {'seconds': time_call(lambda: step(W, x, jax.random.key(1)), repeats=repeats)['min_s']}
+    with heads_devices(devices):
+        value = float(step(W, x, jax.random.key(1))[0])  # compiles and warms up; equal on any number of devices
+        seconds = time_call(lambda: step(W, x, jax.random.key(1)), repeats=repeats, warmup=0)['min_s']
+    return {'seconds': seconds, 'value': value}
 
 # %% ../nbs/12_lsh.ipynb #aaf7b4fa
 _TORCH_REFERENCE = r'''

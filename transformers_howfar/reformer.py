@@ -22,10 +22,10 @@ from flax import nnx
 
 from .core import Config, check_choice, check_divisible, check_positive, check_range, check_shape, derive_key, make_key, machine_info
 from .attention import MultiHeadAttention, get_attention, parse_attention_options
-from .lsh import LSHSelfAttention
+from .lsh import LSHSelfAttention, heads_devices
 from .reversible import MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy
 from .layers import FeedForward, ACTIVATIONS
-from .bench import benchmark, experiment, make_record, run_isolated, write_records, time_call
+from .bench import benchmark, experiment, make_record, memory_first_options, run_isolated, write_records, time_call
 from .data import load_split
 from .lm import LM, LMConfig
 from .losses import cross_entropy
@@ -106,6 +106,11 @@ class AxialPositions(nnx.Module):
 # %% ../nbs/23_reformer.ipynb #5f245818
 EVAL_HASH_KEY = 0  # seed of the LSH hash key used when no key is given
 
+@nnx.remat
+def _lsh_inputs(norm, attention, x):
+    "LSH attention's shared query/keys and values of `LN(x)`, rematerialised: the backward pass recomputes them from `x` (1M tokens: 0.9 GB less)."
+    return attention.inputs(norm(x))
+
 class AttentionSublayer(nnx.Module):
     "`dropout(attention(LN(x)))` for one attention type; self-attention, or cross-attention to `context` when `cross`."
     def __init__(self, c: ReformerConfig, kind: str, *, causal: bool, cross: bool = False, rngs: nnx.Rngs):
@@ -120,14 +125,15 @@ class AttentionSublayer(nnx.Module):
         self.dropout = nnx.Dropout(c.dropout_rate)
 
     def __call__(self, x, *, key=None, context=None, aux=None):
-        aux, h = aux or {}, self.norm(x)
+        aux = aux or {}
         dropout_key = None if key is None else derive_key(key, 'dropout')
         if self.cross:
-            y = self.attention(h, kv=self.attention.project_kv(context), padding_mask=aux.get('memory_mask'), dropout_key=dropout_key)
+            y = self.attention(self.norm(x), kv=self.attention.project_kv(context), padding_mask=aux.get('memory_mask'), dropout_key=dropout_key)
         elif self.kind == 'lsh':  # an explicit hash key: the same buckets when the reversible backward recomputes this step
             hash_key = make_key(EVAL_HASH_KEY) if key is None else derive_key(key, 'hash')
-            y = self.attention(h, padding_mask=aux.get('padding_mask'), key=hash_key)
-        else: y = self.attention(h, padding_mask=aux.get('padding_mask'), dropout_key=dropout_key)
+            qk, v = _lsh_inputs(self.norm, self.attention, x)
+            y = self.attention.attend(qk, v, padding_mask=aux.get('padding_mask'), key=hash_key)
+        else: y = self.attention(self.norm(x), padding_mask=aux.get('padding_mask'), dropout_key=dropout_key)
         return self.dropout(y, deterministic=key is None, rngs=None if key is None else nnx.Rngs(dropout=derive_key(key, 'output')))
 
 class FeedForwardSublayer(nnx.Module):
@@ -233,7 +239,9 @@ def bench_config(n_layers: int, length: int, residual: str = 'reversible', atten
                           ff_chunk=min(length, 4096), loss_chunk=min(length, 4096), residual=residual)
 
 def training_step(n_layers: int, length: int, residual: str = 'reversible', attention: str = 'lsh', d_model: int = 256,
-                  n_heads: int = 4, repeats: int = 1) -> dict:
+                  n_heads: int = 4, repeats: int = 1,
+                  devices: int = 1,  # > 1: LSH heads sharded over that many devices (`lsh.heads_devices`)
+                  low_memory: bool = True) -> dict:  # compile with `bench.memory_first_options`
     "Seconds per Adam training step of `bench_config` on one random sequence (compiled ahead, then timed); run it in its own process for peak memory."
     check_positive('repeats', repeats)
     c = bench_config(n_layers, length, residual, attention, d_model, n_heads)
@@ -247,13 +255,15 @@ def training_step(n_layers: int, length: int, residual: str = 'reversible', atte
     tokens = jax.random.randint(make_key(0), (1, length + 1), 0, c.vocab_size)
     batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': jnp.ones((1, length), jnp.float32)}
     opt_state, start = optimizer.init(params), time.perf_counter()
-    step = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch, make_key(1)).compile()  # compile apart from the timing
-    compile_s, times = time.perf_counter() - start, []
-    cpu = time.process_time()
-    for i in range(repeats):
-        start = time.perf_counter()
-        params, opt_state, loss = jax.block_until_ready(step(params, opt_state, batch, make_key(2 + i)))
-        times.append(time.perf_counter() - start)
+    with heads_devices(devices):
+        step = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch, make_key(1)).compile(  # compiled apart from the timing
+            memory_first_options() if low_memory else None)
+        compile_s, times = time.perf_counter() - start, []
+        cpu = time.process_time()
+        for i in range(repeats):
+            start = time.perf_counter()
+            params, opt_state, loss = jax.block_until_ready(step(params, opt_state, batch, make_key(2 + i)))
+            times.append(time.perf_counter() - start)
     return {'seconds': min(times), 'cpu_seconds': (time.process_time() - cpu) / repeats, 'compile_s': compile_s, 'loss': float(loss),
             'load_average': os.getloadavg()[0]}
 
@@ -326,14 +336,16 @@ def torch_lm_step(n_layers: int, length: int, python: str, threads: int | None =
     if proc.returncode < 0: return {'error': f'killed by signal {-proc.returncode} (out of memory?)'}
     return {'error': ((proc.stderr or proc.stdout).strip().splitlines() or [''])[-1][-300:]}
 
-TORCH_GRID = [(16384, 2), (65536, 2), (16384, 8)]  # (tokens, layers)
+TORCH_GRID = [(16384, 2, 1), (65536, 2, 1), (16384, 8, 1), (65536, 2, 2)]  # (tokens, layers, threads)
 
 def torch_point(length: int, n_layers: int, python: str, machine: dict | None = None, threads: int = 1) -> list[dict]:
     "Step time and peak memory of ours, then reformer-pytorch's, ReformerLM at one (length, layers), each in its own process."
     machine, records = machine or machine_info(), []
-    env = {'XLA_FLAGS': SINGLE_THREAD_XLA} if threads == 1 else None  # otherwise XLA uses every core
+    # one thread; or one CPU device per thread, with the LSH heads sharded over them
+    env = {'XLA_FLAGS': SINGLE_THREAD_XLA if threads == 1 else f'--xla_force_host_platform_device_count={threads}'}
     for impl in ('transformers_howfar', 'reformer_pytorch'):
-        r = (run_isolated('transformers_howfar.reformer:training_step', {'n_layers': n_layers, 'length': length}, timeout=3600, env=env)
+        r = (run_isolated('transformers_howfar.reformer:training_step', {'n_layers': n_layers, 'length': length, 'devices': threads},
+                             timeout=3600, env=env)
              if impl == 'transformers_howfar' else torch_lm_step(n_layers, length, python, threads, timeout=3600))
         config = {'length': length, 'n_layers': n_layers, 'implementation': impl, 'residual': 'reversible', 'd_model': 256, 'n_heads': 4,
                   'bucket': 64, 'n_rounds': 4, 'vocab_size': 256, 'threads': threads, 'load_average': os.getloadavg()[0]}
@@ -349,7 +361,7 @@ def reformer_pytorch_benchmark(quick: bool = False) -> list[dict]:
     python = os.environ.get('HOWFAR_TORCH_PYTHON')
     if not python: raise ValueError('HOWFAR_TORCH_PYTHON: expected the path of a Python with torch and reformer-pytorch, got nothing')
     machine = machine_info()
-    return [r for point in ([(512, 2)] if quick else TORCH_GRID) for r in torch_point(*point, python, machine)]
+    return [r for L, n, threads in ([(512, 2, 1)] if quick else TORCH_GRID) for r in torch_point(L, n, python, machine, threads)]
 
 # %% ../nbs/23_reformer.ipynb #173691c7
 def profile_step(length: int = 16384, n_layers: int = 2, repeats: int = 2) -> dict:

@@ -93,7 +93,7 @@ def train_duplication(model_config: DuplicateConfig, train_config: TrainConfig, 
 # %% ../nbs/50_duplication.ipynb #381f1a2a
 TRAIN_MODES = ('full', 1, 2, 4)
 
-DUPLICATION_STEPS = 1000
+DUPLICATION_STEPS = 5000
 
 def duplication_setup(quick: bool = False) -> tuple[DuplicateConfig, TrainConfig, int, int | None]:
     "The (model config, train config, chunk length, bucket count) of the experiment; `quick` is the seconds-long test version."
@@ -128,11 +128,15 @@ def model_records(done: dict, machine=None) -> list[dict]:
 
 @experiment('duplication')
 def duplication_experiment(quick: bool = False, resume: bool = False, out_dir='experiments/results',
-                           cache_dir=None) -> list[dict]:
+                           cache_dir=None,
+                           train_modes=TRAIN_MODES,  # the models to train: a subset lets separate processes train different ones
+                          ) -> list[dict]:
     "Reformer Table 2: train with full attention and LSH-1/2/4, evaluate each with full and LSH-1/2/4/8 (token accuracy on the second w)."
+    for mode in train_modes: attention_options(mode, 1)  # a clear error for a bad mode before any training
     model_config, train_config, chunk, buckets = duplication_setup(quick)
     cache = Path(cache_dir) if cache_dir else experiment_dir('duplication') / ('quick' if quick else 'full')
-    train_modes, eval_modes = (('full', 1), ('full', 1, 2)) if quick else (TRAIN_MODES, MODES)
+    if quick: train_modes, eval_modes = (('full', 1) if tuple(train_modes) == TRAIN_MODES else tuple(train_modes)), ('full', 1, 2)
+    else: train_modes, eval_modes = tuple(train_modes), MODES
     machine, records = machine_info(), []
     out = cache if quick else Path(out_dir)  # the quick run's per-model files stay out of the results folder
     for mode in train_modes:

@@ -1,11 +1,16 @@
-"""bench's experiment plumbing: the folder outside git, and what `run_experiment` passes to an experiment."""
+"""bench's plumbing: the experiment folder outside git, what `run_experiment` passes to an experiment, compiler options for memory, pinned child processes."""
 import json
+import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from transformers_howfar import bench
-from transformers_howfar.bench import EXPERIMENTS, experiment, experiment_dir, make_record, read_records, run_experiment
+from transformers_howfar.bench import (EXPERIMENTS, check_cpus, experiment, experiment_dir, make_record, memory_first_options, read_records,
+                                       run_experiment, run_isolated)
 
 
 def test_experiment_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -46,3 +51,22 @@ def test_run_experiment_passes_out_dir_and_resume_only_where_taken(registered, t
     assert registered == [('plain', True), ('full', False, tmp_path / 'r', True), ('full', True, tmp_path, False)]
     with pytest.raises(ValueError, match="resume: experiment '_plain' cannot resume"): run_experiment('_plain', tmp_path, resume=True)
     assert len(registered) == 3  # refused before running
+
+
+def test_memory_first_options_leave_out_ynnpack_fusions():
+    assert memory_first_options('gpu') == {}
+    lowered = jax.jit(lambda a, b: jnp.tanh(a @ b) @ b.T).lower(jnp.ones((256, 32)), jnp.ones((32, 64)))
+    assert '__ynn_fusion' in lowered.compile().as_text()  # XLA's default on this CPU
+    compiled = lowered.compile(memory_first_options('cpu'))
+    assert '__ynn_fusion' not in compiled.as_text()
+    np.testing.assert_allclose(compiled(jnp.ones((256, 32)), jnp.ones((32, 64))), np.full((256, 32), 64 * np.tanh(32.0)), rtol=1e-5)
+
+
+def test_run_isolated_pins_the_child_to_the_cores_given(tmp_path):
+    (tmp_path / 'cores_probe.py').write_text('import os\ndef f():\n    return {"cpus": sorted(os.sched_getaffinity(0))}\n')
+    env = {'PYTHONPATH': str(tmp_path) + os.pathsep + os.environ.get('PYTHONPATH', '')}
+    one = max(os.sched_getaffinity(0))
+    assert run_isolated('cores_probe:f', {}, env=env, cpus=[one])['cpus'] == [one]
+    assert run_isolated('cores_probe:f', {}, env=env)['cpus'] == sorted(os.sched_getaffinity(0))
+    for bad in ([], [-1], [10**6]):
+        with pytest.raises(ValueError, match='cpus: expected a non-empty subset'): check_cpus(bad)

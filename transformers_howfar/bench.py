@@ -23,7 +23,7 @@ import jax
 from .core import check_positive, machine_info, register_command
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'EXPERIMENTS', 'make_record', 'write_records', 'read_records', 'time_call', 'peak_rss_gb',
+__all__ = ['BENCHMARKS', 'EXPERIMENTS', 'make_record', 'write_records', 'read_records', 'time_call', 'peak_rss_gb', 'check_cpus',
            'run_isolated', 'memory_first_options', 'benchmark', 'import_all_modules', 'run_benchmark',
            'matmul_benchmark', 'experiment', 'run_experiment', 'experiment_dir', 'plot_records']
 
@@ -72,10 +72,21 @@ def _child(target: str, kwargs_json: str):
     result = dict(result or {}, peak_rss_gb=peak_rss_gb(), baseline_rss_gb=baseline)
     print('\n@@RESULT@@' + json.dumps(result))
 
-def run_isolated(target: str, kwargs: dict, timeout: float = 600, env: dict | None = None) -> dict:
+def check_cpus(cpus) -> list[int] | None:
+    "`cpus` as a sorted list of CPU cores this process may use (None stays None), or a ValueError."
+    if cpus is None: return None
+    cpus, available = sorted(set(cpus)), os.sched_getaffinity(0)
+    if not cpus or not set(cpus) <= available:
+        raise ValueError(f'cpus: expected a non-empty subset of the available cores {sorted(available)}, got {cpus}')
+    return cpus
+
+def run_isolated(target: str, kwargs: dict, timeout: float = 600, env: dict | None = None,
+                 cpus=None) -> dict:  # CPU core numbers to pin the child to (Linux), or None
     "Run `module:function(**kwargs)` in a fresh process; its dict result plus peak memory, or an `error`."
     if ':' not in target: raise ValueError(f"target: expected 'module:function', got {target!r}")
-    code = f'from transformers_howfar.bench import _child; _child({target!r}, {json.dumps(json.dumps(kwargs))})'
+    cpus = check_cpus(cpus)  # pinned first thing in the child, before any library starts its threads
+    pin = '' if cpus is None else f'import os; os.sched_setaffinity(0, {cpus}); '
+    code = pin + f'from transformers_howfar.bench import _child; _child({target!r}, {json.dumps(json.dumps(kwargs))})'
     try:
         proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **(env or {})})
@@ -89,8 +100,10 @@ def run_isolated(target: str, kwargs: dict, timeout: float = 600, env: dict | No
 
 # %% ../nbs/05_bench.ipynb #54a2f2dd
 def memory_first_options(backend: str | None = None) -> dict:
-    "XLA compiler options that schedule a program for low peak memory rather than for concurrency (CPU only; `{}` elsewhere)."
-    return {'xla_cpu_enable_concurrency_optimized_scheduler': False} if (backend or jax.default_backend()) == 'cpu' else {}
+    "XLA compiler options for low peak memory: a memory-first schedule, no YNNPACK fusions (CPU only; `{}` elsewhere)."
+    if (backend or jax.default_backend()) != 'cpu': return {}
+    return {'xla_cpu_enable_concurrency_optimized_scheduler': False,  # no operations moved early for concurrency
+            'xla_cpu_experimental_ynn_fusion_type': ''}  # no library fusions that allocate memory XLA does not plan
 
 # %% ../nbs/05_bench.ipynb #11867287
 BENCHMARKS: dict[str, Callable[..., list[dict]]] = {}

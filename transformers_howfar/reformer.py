@@ -25,7 +25,7 @@ from .attention import MultiHeadAttention, get_attention, parse_attention_option
 from .lsh import LSHSelfAttention, heads_devices
 from .reversible import MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy
 from .layers import FeedForward, ACTIVATIONS
-from .bench import benchmark, experiment, make_record, memory_first_options, run_isolated, write_records, time_call
+from .bench import benchmark, check_cpus, experiment, make_record, memory_first_options, run_isolated, write_records, time_call
 from .data import load_split
 from .lm import LM, LMConfig
 from .losses import cross_entropy
@@ -299,7 +299,8 @@ def million_benchmark(quick: bool = False) -> list[dict]:
 
 # %% ../nbs/23_reformer.ipynb #33299421
 _TORCH_LM = r'''
-import json, resource, sys, time
+import json, os, resource, sys, time
+if sys.argv[5:]: os.sched_setaffinity(0, [int(c) for c in sys.argv[5].split(',')])  # before torch starts threads
 import torch, reformer_pytorch
 from reformer_pytorch import ReformerLM
 n_layers, T, threads, warmup = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -321,13 +322,14 @@ print('@@RESULT@@' + json.dumps({'seconds': seconds, 'cpu_seconds': cpu, 'first_
       'versions': {'torch': torch.__version__, 'reformer_pytorch': getattr(reformer_pytorch, '__version__', None)}}))
 '''
 
-SINGLE_THREAD_XLA = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'  # XLA_FLAGS for one CPU thread
+SINGLE_THREAD_XLA = '--xla_cpu_multi_thread_eigen=false'  # XLA_FLAGS for single-threaded products; pin the process to one core too
 
-def torch_lm_step(n_layers: int, length: int, python: str, threads: int | None = None, warmup: int = 1, timeout: float = 1800) -> dict:
+def torch_lm_step(n_layers: int, length: int, python: str, threads: int | None = None, warmup: int = 1, timeout: float = 1800,
+                  cpus=None) -> dict:  # CPU cores to pin the process to, or None
     "Seconds and peak memory of a reformer-pytorch `ReformerLM` Adam step after `warmup` steps, run by the Python `python`."
-    threads = threads or os.cpu_count() or 1
+    threads, cpus = threads or os.cpu_count() or 1, check_cpus(cpus)
     with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as f: f.write(_TORCH_LM)
-    try: proc = subprocess.run([python, f.name, str(n_layers), str(length), str(threads), str(warmup)], capture_output=True, text=True, timeout=timeout,
+    try: proc = subprocess.run([python, f.name, str(n_layers), str(length), str(threads), str(warmup)] + ([','.join(map(str, cpus))] if cpus else []), capture_output=True, text=True, timeout=timeout,
                                env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
     except subprocess.TimeoutExpired: return {'error': f'timed out after {timeout} s'}
     finally: os.unlink(f.name)
@@ -341,14 +343,15 @@ TORCH_GRID = [(16384, 2, 1), (65536, 2, 1), (16384, 8, 1), (65536, 2, 2)]  # (to
 def torch_point(length: int, n_layers: int, python: str, machine: dict | None = None, threads: int = 1) -> list[dict]:
     "Step time and peak memory of ours, then reformer-pytorch's, ReformerLM at one (length, layers), each in its own process."
     machine, records = machine or machine_info(), []
-    # one thread; or one CPU device per thread, with the LSH heads sharded over them
+    # one thread on one core; or one CPU device per thread, with the LSH heads sharded over them
     env = {'XLA_FLAGS': SINGLE_THREAD_XLA if threads == 1 else f'--xla_force_host_platform_device_count={threads}'}
+    cpus = [min(os.sched_getaffinity(0))] if threads == 1 else None  # thread flags alone leave some of XLA's work parallel
     for impl in ('transformers_howfar', 'reformer_pytorch'):
         r = (run_isolated('transformers_howfar.reformer:training_step', {'n_layers': n_layers, 'length': length, 'devices': threads},
-                             timeout=3600, env=env)
-             if impl == 'transformers_howfar' else torch_lm_step(n_layers, length, python, threads, timeout=3600))
+                             timeout=3600, env=env, cpus=cpus)
+             if impl == 'transformers_howfar' else torch_lm_step(n_layers, length, python, threads, timeout=3600, cpus=cpus))
         config = {'length': length, 'n_layers': n_layers, 'implementation': impl, 'residual': 'reversible', 'd_model': 256, 'n_heads': 4,
-                  'bucket': 64, 'n_rounds': 4, 'vocab_size': 256, 'threads': threads, 'load_average': os.getloadavg()[0]}
+                  'bucket': 64, 'n_rounds': 4, 'vocab_size': 256, 'threads': threads, 'cores': len(cpus or os.sched_getaffinity(0)), 'load_average': os.getloadavg()[0]}
         config.update({'error': r['error']} if 'error' in r else {'loss': r.get('loss'), 'versions': r.get('versions')})
         records += [make_record('reformer_pytorch', config, 'step_time', r.get('seconds'), 's', machine),
                     make_record('reformer_pytorch', config, 'step_cpu_time', r.get('cpu_seconds'), 's', machine),

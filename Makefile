@@ -30,7 +30,8 @@ chromium:
 check: $(STAMP)
 	$(BIN)/python tools/check_sync.py
 
-# Tests compile many small programs and run each briefly: LLVM's lowest optimisation level compiles them about 4x faster.
+# Tests compile many small programs and run each briefly: at LLVM's lowest optimisation level a Reformer gradient compiled
+# in 3.6 s instead of 16 s, and pytest took 8 min instead of 14-16.
 TEST_XLA := XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS"
 
 nbtest: $(STAMP)

@@ -56,7 +56,7 @@ def test_run_experiment_passes_out_dir_and_resume_only_where_taken(registered, t
 def test_memory_first_options_leave_out_ynnpack_fusions():
     assert memory_first_options('gpu') == {}
     lowered = jax.jit(lambda a, b: jnp.tanh(a @ b) @ b.T).lower(jnp.ones((256, 32)), jnp.ones((32, 64)))
-    assert '__ynn_fusion' in lowered.compile().as_text()  # XLA's default on this CPU
+    if '__ynn_fusion' not in lowered.compile().as_text(): pytest.skip('this XLA does not fuse into YNNPACK on this CPU')
     compiled = lowered.compile(memory_first_options('cpu'))
     assert '__ynn_fusion' not in compiled.as_text()
     np.testing.assert_allclose(compiled(jnp.ones((256, 32)), jnp.ones((32, 64))), np.full((256, 32), 64 * np.tanh(32.0)), rtol=1e-5)

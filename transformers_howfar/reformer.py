@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -25,17 +26,18 @@ from .attention import MultiHeadAttention, get_attention, parse_attention_option
 from .lsh import LSHSelfAttention, heads_devices
 from .reversible import MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy
 from .layers import FeedForward, ACTIVATIONS
-from .bench import benchmark, check_cpus, experiment, make_record, memory_first_options, run_isolated, write_records, time_call
+from .bench import benchmark, check_cpus, experiment, experiment_dir, make_record, memory_first_options, run_isolated, write_records, time_call
 from .data import load_split
 from .lm import LM, LMConfig
-from .losses import cross_entropy
+from .training import SyntheticBatches, TrainConfig, Trainer, lm_loss, read_metrics
 
 # %% auto #0
-__all__ = ['EVAL_HASH_KEY', 'MEMORY_GRID', 'SINGLE_THREAD_XLA', 'TORCH_GRID', 'LONGCONTEXT_RUNS', 'ReformerConfig',
-           'AxialPositions', 'AttentionSublayer', 'FeedForwardSublayer', 'reformer_sublayers', 'ReformerLM',
-           'reformer_loss', 'ReformerEncoderDecoder', 'bench_config', 'training_step', 'memory_point',
+__all__ = ['EVAL_HASH_KEY', 'MEMORY_GRID', 'SINGLE_THREAD_XLA', 'TORCH_GRID', 'LONGCONTEXT_RUNS', 'LONGCONTEXT_COSTS',
+           'ReformerConfig', 'AxialPositions', 'AttentionSublayer', 'FeedForwardSublayer', 'reformer_sublayers',
+           'ReformerLM', 'reformer_loss', 'ReformerEncoderDecoder', 'bench_config', 'training_step', 'memory_point',
            'memory_benchmark', 'million_benchmark', 'torch_lm_step', 'torch_point', 'reformer_pytorch_benchmark',
-           'profile_step', 'profile_benchmark', 'byte_stream', 'train_longcontext', 'longcontext_experiment']
+           'profile_step', 'profile_benchmark', 'byte_stream', 'ngram_bits', 'train_longcontext', 'longcontext_result',
+           'longcontext_cost', 'longcontext_experiment']
 
 # %% ../nbs/23_reformer.ipynb #2838a4d4
 _LSH_LAYER_OPTIONS = ('n_buckets', 'correct_duplicates', 'dense_threshold')  # of LSHSelfAttention, besides rounds and chunk
@@ -401,76 +403,163 @@ def profile_benchmark(quick: bool = False) -> list[dict]:
             if name not in ('peak_rss_gb', 'baseline_rss_gb')]
 
 # %% ../nbs/23_reformer.ipynb #2fa5489e
-LONGCONTEXT_RUNS = {'reformer_16k': ('reformer', 16384), 'transformer_1k': ('transformer', 1024)}  # run: (model, context)
+LONGCONTEXT_RUNS = {'reformer_16k': ('reformer', 16384, ('lsh',)),  # run: (model, context in bytes, attention of the layers in turn)
+                    'reformer_local_lsh_16k': ('reformer', 16384, ('local', 'lsh')), 'reformer_local_lsh_1k': ('reformer', 1024, ('local', 'lsh')),
+                    'transformer_1k': ('transformer', 1024, ('full',))}
 
 def byte_stream(which: str = 'train', sources=('wikipedia', 'brown'), data_dir=None) -> np.ndarray:
     "The documents of one split of fetched text `sources` as one stream of UTF-8 bytes (documents apart by a blank line)."
     docs = [doc for name in sources for doc in load_split(name, which, data_dir)]
     return np.frombuffer('\n\n'.join('\n'.join(doc) for doc in docs).encode('utf-8'), np.uint8)
 
-def _longcontext_model(kind: str, length: int, quick: bool) -> tuple[nnx.Module, Callable]:
+def _longcontext_model(kind: str, length: int, quick: bool, attention=('lsh',)) -> tuple[nnx.Module, Callable]:
     d, f = (32, 64) if quick else (128, 512)
     if kind == 'transformer':
         c = LMConfig(vocab_size=256, d_model=d, d_ff=f, n_heads=4, n_layers=2, max_len=length, dropout_rate=0.0, activation='relu')
-        return LM(c, rngs=nnx.Rngs(0)), lambda m, b, rngs: cross_entropy(m(b['inputs']), b['targets'], b['loss_mask'])
+        return LM(c, rngs=nnx.Rngs(0)), lm_loss()
     c = ReformerConfig(vocab_size=256, d_model=d, d_ff=f, n_heads=4, n_layers=2, max_len=length, axial_shape=_axial_shape(length),
-                       axial_dims=(d // 2, d // 2), attention=('lsh',), n_rounds=2, ff_chunk=min(length, 4096), loss_chunk=min(length, 4096))
+                       axial_dims=(d // 2, d // 2), attention=tuple(attention), n_rounds=2, ff_chunk=min(length, 4096), loss_chunk=min(length, 4096))
     return ReformerLM(c, rngs=nnx.Rngs(0)), reformer_loss()
 
-# %% ../nbs/23_reformer.ipynb #e0dc831f
-def _result(run, kind, length, steps, tokens_per_step, eval_bytes, params, curve, seconds):
-    return {'run': run, 'model': kind, 'context': length, 'steps': steps, 'tokens_per_step': tokens_per_step, 'eval_bytes': eval_bytes,
-            'parameters': int(sum(x.size for x in jax.tree.leaves(params))), 'valid_bits_per_byte': curve[-1]['valid_bits'],
-            'curve': curve, 'seconds': sum(seconds), 'first_step_s': seconds[0], 'median_step_s': float(np.median(seconds[1:] or seconds)),
-            'load_average': os.getloadavg()[0]}
+def _byte_windows(stream: np.ndarray, starts, length: int) -> dict:
+    "Next-byte batches: `length` bytes from each start, and the bytes one position on as targets."
+    idx = np.asarray(starts)[:, None] + np.arange(length)
+    return {'inputs': stream[idx].astype(np.int32), 'targets': stream[idx + 1].astype(np.int32),
+            'loss_mask': np.ones(idx.shape, np.float32)}
 
-def train_longcontext(run: str, steps: int, tokens_per_step: int = 16384, eval_bytes: int = 32768, learning_rate: float = 2e-3,
-                      evals: int = 4, quick: bool = False, data_dir=None, save_to=None) -> dict:
-    "Train one `LONGCONTEXT_RUNS` model on byte windows of Wikipedia + Brown; held-out bits per byte and seconds."
-    kind, length = LONGCONTEXT_RUNS[check_choice('run', run, list(LONGCONTEXT_RUNS))]
+# %% ../nbs/23_reformer.ipynb #c3a9e0f1
+def ngram_bits(train: np.ndarray, held_out: np.ndarray, n: int, alpha: float = 0.01) -> float:
+    "Held-out bits per byte of an add-`alpha` n-gram model of bytes counted on `train`: a count baseline (n = 2 is the bigram level)."
+    check_choice('n', n, range(1, 8)); check_positive('alpha', alpha)
+    if len(train) < n or len(held_out) < n: raise ValueError(f'train, held_out: expected at least n = {n} bytes each')
+    codes = lambda s, m: sum(np.asarray(s[j:len(s) - m + 1 + j], np.int64) << (8 * (m - 1 - j)) for j in range(m))  # m bytes as one integer
+    def counts(m, queries):
+        if m == 0: return np.full(len(queries), len(train) - n + 1)
+        keys, c = np.unique(codes(train, m), return_counts=True)
+        i = np.clip(np.searchsorted(keys, queries), 0, len(keys) - 1)
+        return np.where(keys[i] == queries, c[i], 0)
+    grams = codes(held_out, n)
+    contexts = grams >> 8 if n > 1 else np.zeros_like(grams)
+    p = (counts(n, grams) + alpha) / (counts(n - 1, contexts) + 256 * alpha)
+    return float(-np.mean(np.log2(p)))
+
+# %% ../nbs/23_reformer.ipynb #e0dc831f
+def _longcontext_trainer(kind, length, attention, steps, tokens_per_step, eval_bytes, learning_rate, evals, quick, run_dir, progress=False):
+    model, loss_fn = _longcontext_model(kind, length, quick, attention)
+    batch = tokens_per_step // length
+    config = TrainConfig(steps=steps, batch_size=batch, optimizer='adamw', weight_decay=0.0, learning_rate=learning_rate,
+                         warmup_steps=max(1, steps // 10), final_lr_fraction=0.0, eval_every=max(1, steps // evals),
+                         eval_batches=eval_bytes // tokens_per_step, checkpoint_every=max(1, steps // evals),
+                         log_every=max(1, min(10, steps // evals)), keep_checkpoints=2, progress=progress)
+    shapes = {k: (batch, length) for k in ('inputs', 'targets', 'loss_mask')}
+    return Trainer(model, loss_fn, config, run_dir=run_dir, batch_shapes=shapes)
+
+def _longcontext_curve(records: list[dict]) -> list[dict]:
+    "Held-out (and latest training) bits per byte at each evaluation of a metrics log; a repeated step keeps its last record."
+    evals, train, curve = {r['step']: r for r in records if r['split'] == 'eval'}, [r for r in records if r['split'] == 'train'], []
+    for step, r in sorted(evals.items()):
+        last = [t for t in train if t['step'] <= step]
+        curve.append({'step': step, 'valid_bits': r['nll'] / np.log(2), 'train_bits': last[-1]['nll'] / np.log(2) if last else None})
+    return curve
+
+def train_longcontext(run: str, steps: int, tokens_per_step: int = 16384,
+                      eval_bytes: int = 131072,  # held-out bytes scored, from the start of the valid split
+                      learning_rate: float = 2e-3, evals: int = 10, quick: bool = False, data_dir=None,
+                      run_dir=None,  # folder for checkpoints and metrics.jsonl; None: a temporary one
+                      resume: bool = False,  # continue from run_dir's newest checkpoint instead of starting over
+                      progress: bool = False) -> dict:
+    "Train one `LONGCONTEXT_RUNS` model on byte windows of Wikipedia + Brown with the `Trainer`; held-out bits per byte and seconds."
+    kind, length, attention = LONGCONTEXT_RUNS[check_choice('run', run, list(LONGCONTEXT_RUNS))]
+    check_positive('steps', steps); check_positive('evals', evals)
     if quick: length, tokens_per_step, eval_bytes = length // 64, tokens_per_step // 64, eval_bytes // 64
     check_divisible('tokens_per_step', tokens_per_step, length, 'the context length')
+    check_divisible('eval_bytes', eval_bytes, tokens_per_step, 'tokens_per_step (evaluation batches have the training shape)')
     train, valid = byte_stream('train', data_dir=data_dir), byte_stream('valid', data_dir=data_dir)
     if len(valid) <= eval_bytes: raise ValueError(f'eval_bytes: expected fewer than the {len(valid)} held-out bytes, got {eval_bytes}')
-    model, loss_fn = _longcontext_model(kind, length, quick)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), steps)))
-    windows = lambda stream, starts: {'inputs': np.stack([stream[s:s + length] for s in starts]).astype(np.int32),
-                                      'targets': np.stack([stream[s + 1:s + length + 1] for s in starts]).astype(np.int32),
-                                      'loss_mask': np.ones((len(starts), length), np.float32)}
-    @jax.jit
-    def step(params, opt_state, batch, key):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, nnx.Rngs(dropout=key))[0])(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-    @jax.jit
-    def nll_sum(params, batch):  # summed nats over the batch's tokens, evaluation hashes
-        loss, metrics = loss_fn(nnx.merge(graphdef, params, rest), batch, None)
-        return metrics['nll'] * metrics['tokens'], metrics['tokens']
-    def evaluate(params) -> float:
-        sums = [nll_sum(params, windows(valid, [s])) for s in range(0, eval_bytes, length)]
-        return float(sum(n for n, _ in sums) / sum(t for _, t in sums) / np.log(2))
-    rng, opt_state, curve, seconds = np.random.default_rng(0), optimizer.init(params), [], []
-    result = lambda done: _result(run, kind, length, done, tokens_per_step, eval_bytes, params, curve, seconds)
-    for i in range(steps):
-        batch, start = windows(train, rng.integers(0, len(train) - length - 1, tokens_per_step // length)), time.perf_counter()
-        params, opt_state, loss = jax.block_until_ready(step(params, opt_state, batch, make_key(i)))
-        seconds.append(time.perf_counter() - start)  # the first includes compilation
-        if (i + 1) % max(1, steps // evals) == 0 or i + 1 == steps:
-            curve.append({'step': i + 1, 'train_bits': float(loss) / np.log(2), 'valid_bits': evaluate(params)})
-            if save_to: write_records(save_to, [result(i + 1)])  # a partial result survives an interruption
-    return result(steps)
+    if len(train) <= length + 1: raise ValueError(f'run: the training text has {len(train)} bytes, too few for a context of {length}')
+    settings = {'run': run, 'steps': steps, 'tokens_per_step': tokens_per_step, 'eval_bytes': eval_bytes, 'learning_rate': learning_rate,
+                'evals': evals, 'quick': quick}
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(run_dir) if run_dir else Path(tmp) / run
+        if not resume: shutil.rmtree(run_dir, ignore_errors=True)
+        saved = json.loads((run_dir / 'settings.json').read_text()) if (run_dir / 'settings.json').is_file() else None
+        for k in (settings if saved else []):  # a run goes on only with the settings it started with (its schedule depends on steps)
+            if saved.get(k) != settings[k]: raise ValueError(f'{k}: the run in {run_dir} started with {k} = {saved.get(k)!r}, got {settings[k]!r}; pass the same value to go on, or resume=False to start over')
+        run_dir.mkdir(parents=True, exist_ok=True); (run_dir / 'settings.json').write_text(json.dumps(settings))
+        trainer = _longcontext_trainer(kind, length, attention, steps, tokens_per_step, eval_bytes, learning_rate, evals, quick, run_dir, progress)
+        data = SyntheticBatches(lambda rng, b: _byte_windows(train, rng.integers(0, len(train) - length - 1, b), length),
+                                tokens_per_step // length)
+        held_out = lambda: (_byte_windows(valid, np.arange(s, s + tokens_per_step, length), length) for s in range(0, eval_bytes, tokens_per_step))
+        trainer.fit(data, held_out, resume=resume)
+        parameters = int(sum(x.size for x in jax.tree.leaves(nnx.state(trainer.model, nnx.Param))))
+        return longcontext_result(run, read_metrics(run_dir), parameters, tokens_per_step, eval_bytes, quick)
+
+def longcontext_result(run: str, records: list[dict], parameters: int, tokens_per_step: int = 16384, eval_bytes: int = 131072,
+                       quick: bool = False) -> dict:
+    "The result of a `train_longcontext` run from its metrics log `records`: held-out curve, seconds, median seconds per step."
+    kind, length, attention = LONGCONTEXT_RUNS[check_choice('run', run, list(LONGCONTEXT_RUNS))]
+    curve, windows = _longcontext_curve(records), [r for r in records if r['split'] == 'train']
+    if not curve or not windows: raise ValueError('records: expected the train and eval records of a metrics log, got none of one kind')
+    step_s = [tokens_per_step / r['tokens_per_s'] for r in windows[1:] or windows]  # per log window; the first includes compilation
+    return {'run': run, 'model': kind, 'context': length // (64 if quick else 1), 'attention': list(attention), 'steps': curve[-1]['step'],
+            'tokens_per_step': tokens_per_step, 'eval_bytes': eval_bytes, 'parameters': parameters, 'valid_bits_per_byte': curve[-1]['valid_bits'],
+            'curve': curve, 'seconds': max(r['seconds'] for r in records), 'median_step_s': float(np.median(step_s)),
+            'load_average': os.getloadavg()[0]}
+
+# %% ../nbs/23_reformer.ipynb #b7c41e20
+def longcontext_cost(kind: str, length: int, attention=('lsh',), tokens_per_step: int = 16384, steps: int = 3) -> dict:
+    "Compile the long-context training step of `kind` ('reformer' or 'transformer') at `length` bytes: XLA's planned memory, and seconds per step where the plan fits in this machine's memory. Run it in its own process for peak memory."
+    check_choice('kind', kind, ['reformer', 'transformer']); check_positive('steps', steps)
+    check_divisible('tokens_per_step', tokens_per_step, length, 'length')
+    trainer = _longcontext_trainer(kind, length, attention, steps, tokens_per_step, tokens_per_step, 2e-3, 1, False, None)
+    stream = np.random.default_rng(0).integers(0, 256, tokens_per_step + 1, dtype=np.uint8)
+    batch, start = trainer._put(_byte_windows(stream, np.arange(0, tokens_per_step, length), length)), time.perf_counter()
+    step = trainer._train_step.lower(trainer.state, batch).compile()
+    m, compile_s = step.memory_analysis(), time.perf_counter() - start
+    plan = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 1e9
+    total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9
+    out = {'plan_gb': plan, 'machine_memory_gb': total, 'compile_s': compile_s, 'seconds': None, 'load_average': os.getloadavg()[0]}
+    if plan > 0.9 * total: return out  # would not fit: not run
+    state, times = trainer.state, []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = jax.block_until_ready(step(state, batch))
+        times.append(time.perf_counter() - start)
+    return {**out, 'seconds': float(np.median(times)), 'loss': float(metrics['loss'])}
+
+LONGCONTEXT_COSTS = ([('transformer', L, ('full',)) for L in (1024, 2048, 4096, 8192, 16384)] +  # (model, context, attention)
+                     [('reformer', L, ('local', 'lsh')) for L in (1024, 4096, 16384)] + [('reformer', 16384, ('lsh',))])
 
 @experiment('reformer_longcontext')
-def longcontext_experiment(quick: bool = False, steps: int = 40, out_dir='experiments/results', resume: bool = False) -> list[dict]:
-    "ReformerLM at 16K bytes of context against a same-size Transformer at 1K on Wikipedia + Brown: held-out bits per byte."
+def longcontext_experiment(quick: bool = False, steps: int = 500, out_dir='experiments/results', resume: bool = False,
+                           runs=tuple(LONGCONTEXT_RUNS),  # a subset lets separate processes train different runs
+                           costs: bool = True,  # also measure each model's step at `LONGCONTEXT_COSTS` lengths
+                           baselines=(1, 2, 3, 4)) -> list[dict]:  # n of the count n-gram baselines scored on the same held-out bytes
+    "ReformerLM at 16K and 1K bytes of context against a same-size Transformer at 1K on Wikipedia + Brown: held-out bits per byte; step time and memory against context length."
+    for run in runs: check_choice('runs', run, list(LONGCONTEXT_RUNS))
     machine, records = machine_info(), []
-    for run in LONGCONTEXT_RUNS:
+    for run in runs:
         path = Path(out_dir) / f'reformer_longcontext_{run}.json'
-        if resume and not quick and path.is_file(): result = json.loads(path.read_text())[0]  # possibly a partial run
-        else: result = train_longcontext(run, 3 if quick else steps, quick=quick, save_to=None if quick else path)
-        config = {k: result[k] for k in ('run', 'model', 'context', 'steps', 'tokens_per_step', 'eval_bytes', 'parameters', 'first_step_s', 'load_average')}
+        done = json.loads(path.read_text())[0] if resume and not quick and path.is_file() else None
+        if done is not None and done['steps'] != steps:
+            raise ValueError(f"steps: {path} holds a finished run of {done['steps']} steps, got steps = {steps}; pass steps={done['steps']} to gather it, or delete the file to train again")
+        if done is not None: result = {'attention': list(LONGCONTEXT_RUNS[run][2]), **done}  # files written before runs named their attention lack it
+        else:  # trains, or goes on from the run's newest checkpoint
+            run_dir = None if quick else experiment_dir('reformer_longcontext') / run
+            result = train_longcontext(run, 3 if quick else steps, quick=quick, run_dir=run_dir, resume=resume)
+            if not quick: write_records(path, [result])
+        config = {k: result[k] for k in ('run', 'model', 'context', 'attention', 'steps', 'tokens_per_step', 'eval_bytes', 'parameters', 'load_average')}
         records += [make_record('reformer_longcontext', {**config, 'curve': result['curve']}, 'valid_bits_per_byte', result['valid_bits_per_byte'], 'bits', machine),
                     make_record('reformer_longcontext', config, 'train_seconds', result['seconds'], 's', machine),
                     make_record('reformer_longcontext', config, 'step_seconds', result['median_step_s'], 's', machine)]
+    if baselines:
+        train, held_out = byte_stream('train'), byte_stream('valid')[:131072 // (64 if quick else 1) + 1]
+        records += [make_record('reformer_longcontext', {'model': f'{n}-gram', 'n': n, 'alpha': 0.01, 'eval_bytes': len(held_out) - 1},
+                                'ngram_bits_per_byte', ngram_bits(train, held_out, n), 'bits', machine) for n in baselines]
+    for kind, length, attention in (LONGCONTEXT_COSTS if costs and not quick else []):
+        r = run_isolated('transformers_howfar.reformer:longcontext_cost', {'kind': kind, 'length': length, 'attention': attention}, timeout=1800)
+        config = {'model': kind, 'context': length, 'attention': list(attention), 'tokens_per_step': 16384,
+                  **({'error': r['error']} if 'error' in r else {'load_average': r['load_average'], 'compile_s': r['compile_s']})}
+        records += [make_record('reformer_longcontext', config, metric, r.get(key), 'GB' if 'memory' in metric else 's', machine)
+                    for metric, key in (('cost_step_seconds', 'seconds'), ('cost_peak_memory', 'peak_rss_gb'), ('cost_planned_memory', 'plan_gb'))]
     return records

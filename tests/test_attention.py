@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from transformers_howfar.attention import (ATTENTION, FullPattern, KVCache, MultiHeadAttention, attention_weights,
+from transformers_howfar.layers.attention import (ATTENTION, FullPattern, KVCache, MultiHeadAttention, attention_weights,
                                            blockwise_attention, dot_product_attention, format_attention_options, get_attention,
                                            memory_efficient_attention, parse_attention_options, register_attention)
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformers_howfar import bench
-from transformers_howfar.bench import (EXPERIMENTS, check_cpus, experiment, experiment_dir, make_record, memory_first_options, read_records,
+from transformers_howfar.bench import measure as bench
+from transformers_howfar.bench.measure import (EXPERIMENTS, check_cpus, experiment, experiment_dir, make_record, memory_first_options, read_records,
                                        run_experiment, run_isolated)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transformers_howfar import data as D
-from transformers_howfar.tokenizer import BOS_ID, CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, CharTokenizer, SentencePieceTokenizer
+from transformers_howfar.data import sources as D
+from transformers_howfar.data.tokenizer import BOS_ID, CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, CharTokenizer, SentencePieceTokenizer
 
 FIXTURES = Path(__file__).parent / 'fixtures'
 BIN = Path(sys.executable).parent

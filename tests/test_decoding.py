@@ -13,11 +13,11 @@ from hypothesis import given, settings, strategies as st
 
 from transformers_howfar import decoding
 from transformers_howfar.decoding import beam_search, filter_logits, generate, left_pad, measure_generation, measure_step
-from transformers_howfar.lm import LM, LMConfig
-from transformers_howfar.rnn import RNNConfig, RNNEncoderDecoder
-from transformers_howfar.saving import save_model
-from transformers_howfar.tokenizer import EOS_ID, CharTokenizer
-from transformers_howfar.transformer import EncoderDecoder, TransformerConfig
+from transformers_howfar.models.lm import LM, LMConfig
+from transformers_howfar.models.rnn import RNNConfig, RNNEncoderDecoder
+from transformers_howfar.models.saving import save_model
+from transformers_howfar.data.tokenizer import EOS_ID, CharTokenizer
+from transformers_howfar.models.transformer import EncoderDecoder, TransformerConfig
 
 LM_MODEL = LM(LMConfig.tiny().replace(position='rotary'), rngs=nnx.Rngs(0))
 PROMPTS = [[9, 10, 11, 12, 13], [14, 15], [16, 17, 18]]

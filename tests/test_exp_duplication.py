@@ -1,4 +1,4 @@
-"Tests of transformers_howfar.exp_duplication: attention modes as config options on the same trained state, evaluation, the experiment command."
+"Tests of transformers_howfar.experiments.duplication: attention modes as config options on the same trained state, evaluation, the experiment command."
 import json
 import os
 from pathlib import Path
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformers_howfar.exp_duplication import (PAPER_TABLE2, TRAIN_MODES, _same_setup, accuracy_table, attention_options,
+from transformers_howfar.experiments.duplication import (PAPER_TABLE2, TRAIN_MODES, _same_setup, accuracy_table, attention_options,
                                                  duplication_setup, evaluate_modes, mode_name, with_mode)
-from transformers_howfar.lsh import shared_qk_attention
-from transformers_howfar.tokenizer import NUM_SPECIAL
-from transformers_howfar.training import TASKS, DuplicateConfig, TrainConfig
+from transformers_howfar.layers.lsh import shared_qk_attention
+from transformers_howfar.data.tokenizer import NUM_SPECIAL
+from transformers_howfar.train.trainer import TASKS, DuplicateConfig, TrainConfig
 
 
 def _model(word_length=8):

@@ -12,11 +12,11 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from transformers_howfar.bert import Bert, BertConfig
-from transformers_howfar.exp_heads import (PRONOUN_SENTENCES, best_head, bert_attention, binomial_tail,
+from transformers_howfar.models.bert import Bert, BertConfig
+from transformers_howfar.experiments.heads import (PRONOUN_SENTENCES, best_head, bert_attention, binomial_tail,
                                            encode_pronoun_set, head_scores, leave_one_out, lm_attention, pronoun_margins, word_spans)
-from transformers_howfar.lm import LM, LMConfig
-from transformers_howfar.tokenizer import SentencePieceTokenizer
+from transformers_howfar.models.lm import LM, LMConfig
+from transformers_howfar.data.tokenizer import SentencePieceTokenizer
 
 BIN = Path(sys.executable).parent
 X = jnp.asarray(np.random.default_rng(0).integers(7, 32, (2, 10)))

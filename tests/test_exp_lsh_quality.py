@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformers_howfar.attention import dot_product_attention
-from transformers_howfar.bench import run_isolated
-from transformers_howfar.exp_lsh_quality import (LSHQualitySetup, _eval_fn, evaluate, load_lsh_data, model_config,
+from transformers_howfar.layers.attention import dot_product_attention
+from transformers_howfar.bench.measure import run_isolated
+from transformers_howfar.experiments.lsh_quality import (LSHQualitySetup, _eval_fn, evaluate, load_lsh_data, model_config,
                                                  run_lsh_quality)
-from transformers_howfar.reformer import ReformerLM
+from transformers_howfar.models.reformer import ReformerLM
 
 TINY = LSHQualitySetup.tiny()
 
@@ -54,7 +54,7 @@ def test_evaluation_is_deterministic_and_depends_on_rounds():
 
 
 def test_step_seconds_in_its_own_process():
-    r = run_isolated('transformers_howfar.exp_lsh_quality:step_seconds', {'model': 'full', 'length': 32, 'setup': TINY.to_dict()})
+    r = run_isolated('transformers_howfar.experiments.lsh_quality:step_seconds', {'model': 'full', 'length': 32, 'setup': TINY.to_dict()})
     assert 'error' not in r, r
     assert r['batch'] == TINY.timing_tokens // 32 and r['seconds'] > 0 and np.isfinite(r['loss']) and r['peak_rss_gb'] > 0
 

@@ -15,10 +15,10 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from transformers_howfar.bert import Bert, BertConfig
-from transformers_howfar.exp_pretraining import (PretrainingConfig, bag_of_words, finetune, load_corpora, corpus_tokenizer,
+from transformers_howfar.models.bert import Bert, BertConfig
+from transformers_howfar.experiments.pretraining import (PretrainingConfig, bag_of_words, finetune, load_corpora, corpus_tokenizer,
                                                  logistic_regression, mean_ci, predict_logistic, transfer_encoder, load_pretrained_bert)
-from transformers_howfar.saving import save_model
+from transformers_howfar.models.saving import save_model
 
 BIN = Path(sys.executable).parent
 

@@ -12,11 +12,11 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from transformers_howfar.exp_scaling import (
+from transformers_howfar.experiments.scaling import (
     QUICK_SIZES, SIZES, ScalingSetup, fit_power_law, load_scaling_data, load_scaling_model, scaling_batches,
     parameter_counts, scaling_config, scaling_experiment, scaling_table, train_size)
-from transformers_howfar.lm import LM
-from transformers_howfar.saving import load, load_tokenizer
+from transformers_howfar.models.lm import LM
+from transformers_howfar.models.saving import load, load_tokenizer
 
 BIN = Path(sys.executable).parent
 
@@ -86,7 +86,7 @@ def test_saved_model_reproduces_the_reported_validation_loss(quick_run):
 def test_load_scaling_model_reads_a_saved_size(tmp_path):
     setup = ScalingSetup.tiny()
     data = load_scaling_data(setup)
-    from transformers_howfar.saving import save_model
+    from transformers_howfar.models.saving import save_model
     model = LM(scaling_config(setup, 'xs', SIZES).replace(vocab_size=36), rngs=nnx.Rngs(0))
     save_model(model, tmp_path / 'xs' / 'model', data['tokenizer'])
     loaded, tok = load_scaling_model('xs', retrain=False, folder=tmp_path)

@@ -1,4 +1,4 @@
-"Tests of transformers_howfar.lsh: hashing, LSH attention against its O(T²) reference, gradients, causality, module, CLI."
+"Tests of transformers_howfar.layers.lsh: hashing, LSH attention against its O(T²) reference, gradients, causality, module, CLI."
 import json
 import math
 from pathlib import Path
@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from jax.test_util import check_grads
 
 from transformers_howfar.core import make_key
-from transformers_howfar.lsh import (LSHSelfAttention, _plan_lengths, auto_buckets, collision_probability, hash_vectors,
+from transformers_howfar.layers.lsh import (LSHSelfAttention, _plan_lengths, auto_buckets, collision_probability, hash_vectors,
                                      lsh_attention, lsh_multiplicity, lsh_sort_orders, shared_qk_attention)
 
 
@@ -75,7 +75,7 @@ def test_one_bucket_whole_chunk_equals_dense(causal):
 
 def test_dense_reference_matches_project_dot_product_attention():
     "Non-causal shared-QK attention = dot_product_attention(q, k/|k|, v) with the diagonal at -1e5."
-    from transformers_howfar.attention import dot_product_attention
+    from transformers_howfar.layers.attention import dot_product_attention
     qk, v = _data(T=30)
     k = qk * jax.lax.rsqrt((qk * qk).sum(-1, keepdims=True) + 1e-6)
     bias = jnp.where(jnp.eye(30, dtype=bool), -1e5, 0.0)[None, None]
@@ -149,7 +149,7 @@ REGRESSION_BUCKETS = [[1, 1, 5, 2, 1, 7], [0, 0, 4, 4, 2, 3]]
 
 def test_sort_path_for_large_bucket_counts_is_stable():
     "Above 2^31 the argsort path is used; both paths give the same (bucket, position) order."
-    from transformers_howfar.lsh import _slice_orders
+    from transformers_howfar.layers.lsh import _slice_orders
     x = jax.random.normal(make_key(0), (96, 8))
     valid = jnp.arange(96) < 90
     small = _slice_orders(x, valid, 0, make_key(1), (4, 4), 2, 96)  # the combined-key sort path
@@ -187,7 +187,7 @@ def test_errors(bad, msg):
 
 
 def test_module_and_registry_in_a_model():
-    from transformers_howfar.lm import LM, LMConfig
+    from transformers_howfar.models.lm import LM, LMConfig
     layer = LSHSelfAttention(32, 4, causal=True, chunk_length=8, rngs=nnx.Rngs(0))
     x = jax.random.normal(make_key(0), (2, 50, 32))
     np.testing.assert_array_equal(layer(x, key=make_key(1)), layer(x, key=make_key(1)))
@@ -254,7 +254,7 @@ SHARDED = '''
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
-from transformers_howfar.lsh import lsh_attention, heads_mesh, lsh_layer_step
+from transformers_howfar.layers.lsh import lsh_attention, heads_mesh, lsh_layer_step
 assert len(jax.devices()) == 2, jax.devices()
 qk, v = jax.random.normal(jax.random.key(1), (2, 300, 3, 8)), jax.random.normal(jax.random.key(2), (2, 300, 3, 8))
 pad = jnp.arange(300)[None] < jnp.array([[300], [250]])

@@ -8,13 +8,13 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from transformers_howfar.bert import Bert, BertConfig
-from transformers_howfar.layers import apply_rotary, count_parameters, depth_plan, sinusoidal_positions, with_config
-from transformers_howfar.lm import LM, LMConfig
-from transformers_howfar.rnn import RNNConfig, RNNEncoderDecoder
-from transformers_howfar.saving import load, load_tokenizer, read_model_config, save_model
-from transformers_howfar.tokenizer import CharTokenizer
-from transformers_howfar.transformer import EncoderDecoder, TransformerConfig
+from transformers_howfar.models.bert import Bert, BertConfig
+from transformers_howfar.layers.blocks import apply_rotary, count_parameters, depth_plan, sinusoidal_positions, with_config
+from transformers_howfar.models.lm import LM, LMConfig
+from transformers_howfar.models.rnn import RNNConfig, RNNEncoderDecoder
+from transformers_howfar.models.saving import load, load_tokenizer, read_model_config, save_model
+from transformers_howfar.data.tokenizer import CharTokenizer
+from transformers_howfar.models.transformer import EncoderDecoder, TransformerConfig
 
 TOKENS = jax.random.randint(jax.random.key(1), (2, 9), 7, 32)
 SRC = jnp.array([[5, 6, 7, 8, 9, 0, 0], [10, 11, 12, 13, 14, 15, 16]])

@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 
 from transformers_howfar.core import make_key
-from transformers_howfar.losses import cross_entropy
-from transformers_howfar.lsh import LSHSelfAttention
-from transformers_howfar.reformer import (AxialPositions, ReformerConfig, ReformerEncoderDecoder, ReformerLM, bench_config,
+from transformers_howfar.layers.losses import cross_entropy
+from transformers_howfar.layers.lsh import LSHSelfAttention
+from transformers_howfar.models.reformer import (AxialPositions, ReformerConfig, ReformerEncoderDecoder, ReformerLM, bench_config,
                                           LONGCONTEXT_RUNS, longcontext_cost, longcontext_experiment, ngram_bits, reformer_loss,
                                           reformer_pytorch_benchmark, train_longcontext)
 

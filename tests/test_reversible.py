@@ -7,10 +7,10 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from transformers_howfar.core import make_key
-from transformers_howfar.layers import FeedForward
-from transformers_howfar.reversible import (MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy,
+from transformers_howfar.layers.blocks import FeedForward
+from transformers_howfar.layers.reversible import (MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy,
                                             reverse_sequence, reversible_sequence)
-from transformers_howfar.losses import cross_entropy
+from transformers_howfar.layers.losses import cross_entropy
 
 
 def dropout_tanh(p, x, key, context, aux):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from transformers_howfar.tokenizer import (BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, SPECIAL_TOKENS,
+from transformers_howfar.data.tokenizer import (BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, SPECIAL_TOKENS,
                                            UNK_ID, CharTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer)
 
 FIXTURES = Path(__file__).parent / 'fixtures'

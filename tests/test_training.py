@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformers_howfar.losses import cross_entropy
-from transformers_howfar.training import (
+from transformers_howfar.layers.losses import cross_entropy
+from transformers_howfar.train.trainer import (
     NonFiniteLoss, SyntheticBatches, TrainConfig, Trainer, checkpoint_manager, load_run, make_schedule,
     read_metrics, register_task, resolve_config, save_checkpoint, restore_checkpoint, sam_gradient, train_task, TASKS)
 
@@ -36,7 +36,7 @@ def python(code, *args, env=None, **kw):
 ARGS = ['steps=20', 'checkpoint_every=5', 'log_every=1', 'keep_checkpoints=2', 'schedule=cosine', 'progress=false']
 TRAIN = f'''
 import sys
-from transformers_howfar.training import train_task
+from transformers_howfar.train.trainer import train_task
 train_task('duplicate', 'tiny', {ARGS!r}, sys.argv[1])
 '''
 
@@ -80,7 +80,7 @@ def test_sigkill_mid_training_then_resume_is_bit_exact(tmp_path, straight_run):
 KILL_DURING_SAVE = f'''
 import os, signal, sys, threading, time
 from pathlib import Path
-from transformers_howfar.training import train_task
+from transformers_howfar.train.trainer import train_task
 ckpt = Path(sys.argv[1]) / 'checkpoints'
 def watch():  # SIGKILL this process as soon as orbax starts writing the step-10 checkpoint
     while True:
@@ -110,9 +110,9 @@ EIGHT = '''
 import json, sys
 import jax, numpy as np
 from flax import nnx
-from transformers_howfar.training import Trainer, TrainConfig, lm_loss
-from transformers_howfar.lm import LM, LMConfig
-from transformers_howfar.data import duplication_batches
+from transformers_howfar.train.trainer import Trainer, TrainConfig, lm_loss
+from transformers_howfar.models.lm import LM, LMConfig
+from transformers_howfar.data.sources import duplication_batches
 assert len(jax.devices()) == 8, jax.devices()
 mc = LMConfig(vocab_size=16, d_model=64, n_heads=4, d_ff=128, n_layers=1, max_len=17, dropout_rate=0.0)
 batch = next(duplication_batches(16, 8, n_symbols=8, seed=0))
@@ -291,8 +291,8 @@ def test_registered_tasks_and_presets():
 
 @pytest.mark.parametrize('task', ['duplicate'])
 def test_synthetic_task_is_library_lm_and_checkpoint_holds_iterator_position(task, tmp_path):
-    from transformers_howfar.lm import LM
-    from transformers_howfar.training import checkpoint_manager, restore_checkpoint
+    from transformers_howfar.models.lm import LM
+    from transformers_howfar.train.trainer import checkpoint_manager, restore_checkpoint
     trainer, _ = train_task(task, 'tiny', ['steps=6', 'checkpoint_every=3', 'batch_size=4', 'progress=false'], tmp_path / 'run')
     assert isinstance(trainer.model, LM)
     fresh = TASKS[task].build(*resolve_config(task, 'tiny', ['batch_size=4']))
@@ -305,7 +305,7 @@ def test_synthetic_task_is_library_lm_and_checkpoint_holds_iterator_position(tas
 
 
 def test_train_benchmark_quick_records(monkeypatch):
-    from transformers_howfar.training import train_benchmark, decoder_train_flops
+    from transformers_howfar.train.trainer import train_benchmark, decoder_train_flops
     monkeypatch.delenv('HOWFAR_TORCH_PYTHON', raising=False)
     name = lambda c: c.get('framework', c.get('reference')) + (f"/{c['attention']}" if 'attention' in c else '')
     all_records = train_benchmark(quick=True)

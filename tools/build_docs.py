@@ -98,7 +98,7 @@ def fix_anchors(pages: dict[str, dict]):
         return f'({page}.html#{parent})' if parent in ids[page] else f'({page}.html)'
     for nb in pages.values():
         for c in nb['cells']:
-            if c['cell_type'] == 'markdown': c['source'] = re.sub(r'\((\w+)\.html#([\w.]+)\)', fix, c['source'])
+            if c['cell_type'] == 'markdown': c['source'] = re.sub(r'\(([\w.]+?)\.html#([\w.]+)\)', fix, c['source'])
 
 
 def callouts(md: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import transformers_howfar
 from .core import COMMANDS, register_command, machine_info
-from .bench import import_all_modules
+from .bench.measure import import_all_modules
 
 # %% auto #0
 __all__ = ['build_parser', 'main', 'run_demo']
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 def _time_attention(T: int, kind: str, key) -> float:
     "Seconds for one forward+backward of causal attention over T tokens (B=1, 4 heads of 64), after compiling."
     import time, jax, jax.numpy as jnp
-    from transformers_howfar.attention import memory_efficient_attention
-    from transformers_howfar.lsh import lsh_attention
+    from transformers_howfar.layers.attention import memory_efficient_attention
+    from transformers_howfar.layers.lsh import lsh_attention
     qk, v = (jax.random.normal(k, (1, T, 4, 64), jnp.float32) for k in jax.random.split(key))
     if kind == 'lsh': f = lambda a, b: lsh_attention(a, b, key=key, n_rounds=4, chunk_length=64, causal=True).sum()
     else: f = lambda a, b: memory_efficient_attention(a, a, b, causal=True).sum()
@@ -58,9 +58,9 @@ def run_demo(out_dir='demo_output', quick: bool = False) -> dict:
     "The README's demonstration: train a Transformer on `0w0w`, then time LSH against exact attention; plots into `out_dir`."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from transformers_howfar.bench import make_record, write_records
+    from transformers_howfar.bench.measure import make_record, write_records
     from transformers_howfar.core import make_key
-    from transformers_howfar.training import train_task
+    from transformers_howfar.train.trainer import train_task
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     print(f"machine: {info['cpu']} ({info['cpu_cores']} cores, {info['memory_gb']} GB), jax {info['jax']} on {info['platform']}")

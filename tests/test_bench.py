@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from transformers_howfar.bench import measure as bench
-from transformers_howfar.bench.measure import (EXPERIMENTS, check_cpus, experiment, experiment_dir, make_record, memory_first_options, read_records,
-                                       run_experiment, run_isolated)
+from transformers_howfar.bench.measure import check_cpus, make_record, memory_first_options, read_records, run_isolated
+from transformers_howfar.experiments.common import experiment_dir, run_experiment
 
 
 def test_experiment_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -33,23 +33,21 @@ def test_experiment_dir_rejects_paths(bad):
 @pytest.fixture
 def registered():
     seen = []
-    @experiment('_plain')
     def plain(quick: bool = False):
         seen.append(('plain', quick)); return [make_record('_plain', {}, 'x', 1, 'count')]
-    @experiment('_full')
     def full(quick: bool = False, out_dir=None, resume: bool = False):
         seen.append(('full', quick, out_dir, resume)); return [make_record('_full', {}, 'x', 2, 'count')]
-    yield seen
-    del EXPERIMENTS['_plain'], EXPERIMENTS['_full']
+    return seen, plain, full
 
 
 def test_run_experiment_passes_out_dir_and_resume_only_where_taken(registered, tmp_path):
-    assert read_records(run_experiment('_plain', tmp_path, quick=True))[0]['value'] == 1
-    path = run_experiment('_full', tmp_path / 'r', resume=True)
+    registered, plain, full = registered
+    assert read_records(run_experiment(plain, '_plain', tmp_path, quick=True))[0]['value'] == 1
+    path = run_experiment(full, '_full', tmp_path / 'r', resume=True)
     assert path == tmp_path / 'r' / '_full.json' and json.loads(path.read_text())[0]['value'] == 2
-    run_experiment('_full', tmp_path, quick=True)
+    run_experiment(full, '_full', tmp_path, quick=True)
     assert registered == [('plain', True), ('full', False, tmp_path / 'r', True), ('full', True, tmp_path, False)]
-    with pytest.raises(ValueError, match="resume: experiment '_plain' cannot resume"): run_experiment('_plain', tmp_path, resume=True)
+    with pytest.raises(ValueError, match="resume: experiment '_plain' cannot resume"): run_experiment(plain, '_plain', tmp_path, resume=True)
     assert len(registered) == 3  # refused before running
 
 

@@ -14,7 +14,8 @@ from transformers_howfar.experiments.duplication import (PAPER_TABLE2, TRAIN_MOD
                                                  duplication_setup, evaluate_modes, mode_name, with_mode)
 from transformers_howfar.layers.lsh import shared_qk_attention
 from transformers_howfar.data.tokenizer import NUM_SPECIAL
-from transformers_howfar.train.trainer import TASKS, DuplicateConfig, TrainConfig
+from transformers_howfar.train.tasks import TASKS, DuplicateConfig
+from transformers_howfar.train.trainer import TrainConfig
 
 
 def _model(word_length=8):

@@ -16,9 +16,11 @@ import pytest
 from flax import nnx
 
 from transformers_howfar.layers.losses import cross_entropy
+from transformers_howfar.data.sources import SyntheticBatches
+from transformers_howfar.train.tasks import TASKS, TaskSpec, load_run, resolve_config, train_task
 from transformers_howfar.train.trainer import (
-    NonFiniteLoss, SyntheticBatches, TrainConfig, Trainer, checkpoint_manager, load_run, make_schedule,
-    read_metrics, register_task, resolve_config, save_checkpoint, restore_checkpoint, sam_gradient, train_task, TASKS)
+    NonFiniteLoss, TrainConfig, Trainer, checkpoint_manager, make_schedule, read_metrics, save_checkpoint, restore_checkpoint,
+    sam_gradient)
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONWARNINGS': 'ignore'}
@@ -36,7 +38,7 @@ def python(code, *args, env=None, **kw):
 ARGS = ['steps=20', 'checkpoint_every=5', 'log_every=1', 'keep_checkpoints=2', 'schedule=cosine', 'progress=false']
 TRAIN = f'''
 import sys
-from transformers_howfar.train.trainer import train_task
+from transformers_howfar.train.tasks import train_task
 train_task('duplicate', 'tiny', {ARGS!r}, sys.argv[1])
 '''
 
@@ -80,7 +82,7 @@ def test_sigkill_mid_training_then_resume_is_bit_exact(tmp_path, straight_run):
 KILL_DURING_SAVE = f'''
 import os, signal, sys, threading, time
 from pathlib import Path
-from transformers_howfar.train.trainer import train_task
+from transformers_howfar.train.tasks import train_task
 ckpt = Path(sys.argv[1]) / 'checkpoints'
 def watch():  # SIGKILL this process as soon as orbax starts writing the step-10 checkpoint
     while True:
@@ -286,7 +288,7 @@ def test_registered_tasks_and_presets():
             batch = next(built.train_data)
             assert {k: v.shape for k, v in batch.items()} == dict(built.batch_shapes)
     with pytest.raises(ValueError, match='presets'):
-        register_task('x', lambda m, t: None, {})
+        TaskSpec('x', lambda m, t: None, {})
 
 
 @pytest.mark.parametrize('task', ['duplicate'])

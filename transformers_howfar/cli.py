@@ -10,35 +10,179 @@ import sys
 from pathlib import Path
 
 import transformers_howfar
-from .core import COMMANDS, register_command, machine_info
-from .bench.measure import import_all_modules
+from .core import machine_info
+from .data.sources import SOURCES, FetchError, cache_dir, fetch, list_sources
+from .train.trainer import NonFiniteLoss
+from .train.tasks import TASKS, train_task
+from .decoding import beam_search, generate, left_pad
+from .data.tokenizer import EOS_ID
+from .models.saving import load, load_tokenizer
+from .bench.measure import make_record, matmul_benchmark, read_records, write_records
+from .layers.variants import attention_benchmark
+from .layers.lsh import lsh_benchmark
+from .models.reformer import (longcontext_experiment, memory_benchmark, million_benchmark,
+                                                 profile_benchmark, reformer_pytorch_benchmark)
+from .train.trainer import train_benchmark
+from .decoding import generate_benchmark
+from .experiments.scratchpad import scratchpad_experiment
+from .experiments.common import run_experiment
+from .experiments.duplication import duplication_experiment
+from .experiments.translation import translation_experiment
+from .experiments.pretraining import pretraining_experiment
+from .experiments.scaling import scaling_experiment
+from .experiments.heads import heads_experiment
+from .experiments.lsh_quality import lsh_quality_experiment
+from .experiments.influence import influence_experiment
 
 # %% auto #0
-__all__ = ['build_parser', 'main', 'run_demo']
+__all__ = ['BENCHMARKS', 'EXPERIMENTS', 'COMMANDS', 'add_data_arguments', 'run_data_command', 'add_train_arguments',
+           'run_train_command', 'add_generate_arguments', 'generate_command', 'run_benchmark', 'run_bench_command',
+           'run_experiment_command', 'run_demo', 'add_demo_arguments', 'build_parser', 'main']
 
-# %% ../nbs/99_cli.ipynb #2206aa16
-def build_parser() -> argparse.ArgumentParser:
-    "The `howfar` argument parser, with one sub-parser per registered command."
-    import_all_modules()
-    parser = argparse.ArgumentParser(prog='howfar', description=transformers_howfar.__doc__ or 'transformers_howfar')
-    parser.add_argument('--version', action='version', version=f'transformers_howfar {transformers_howfar.__version__}')
-    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
-    for name, cmd in sorted(COMMANDS.items()):
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        cmd.add_arguments(p)
-    return parser
+# %% ../nbs/99_cli.ipynb #87f95c5b
+def add_data_arguments(p: argparse.ArgumentParser):
+    p.add_argument('action', choices=['fetch', 'list'], help='fetch corpora into the cache, or list them')
+    p.add_argument('names', nargs='*', help=f"sources to fetch: {', '.join(SOURCES)}")
+    p.add_argument('--all', action='store_true', help='fetch every source')
+    p.add_argument('--force', action='store_true', help='fetch again even if already in the cache')
+    p.add_argument('--data-dir', default=None, help='cache folder (default: $HOWFAR_DATA_DIR or ~/.cache/transformers_howfar/data)')
 
-def main(argv: list[str] | None = None) -> int:
-    "Run `howfar` with `argv` (default: the process's arguments); returns the exit status."
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help(); return 0
-    try:
-        return COMMANDS[args.command].run(args) or 0
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-        print(f'howfar {args.command}: error: {e}', file=sys.stderr)
-        return 2
+def run_data_command(args) -> int:
+    "Run `howfar data` with parsed `args`."
+    if args.action == 'list':
+        print(f'cache folder: {cache_dir(args.data_dir)}')
+        for r in list_sources(args.data_dir):
+            counts = ', '.join(f'{k} {v}' for k, v in r['counts'].items()) if r['fetched'] else 'not fetched'
+            print(f"{r['name']:18s} {r['kind']:9s} {counts}")
+        return 0
+    if not args.names and not args.all: raise ValueError('names: expected source names or --all')
+    try: metas = fetch(None if args.all else args.names, args.data_dir, force=args.force, progress=sys.stderr.isatty())
+    except FetchError as e:
+        print(f'howfar data: error: {e}', file=sys.stderr); return 1
+    for m in metas.values(): print(f"{m['name']:18s} {m['counts']}")
+    return 0
+
+
+# %% ../nbs/99_cli.ipynb #d736b989
+def add_train_arguments(p: argparse.ArgumentParser):
+    p.add_argument('task', nargs='?', help='task to train; omit to list the tasks and their presets')
+    p.add_argument('overrides', nargs='*', help='key=value (or --key value) changes to the model or training config (model.KEY=/train.KEY= where both have KEY)')
+    p.add_argument('--preset', default='tiny', help='named configuration of the task (default: tiny)')
+    p.add_argument('--run-dir', default=None, help='run directory (default: runs/TASK-PRESET); an existing run is resumed')
+    p.add_argument('--fresh', action='store_true', help="discard the run directory's checkpoints and log first")
+    plain = p.parse_known_args
+    def intermixed(args=None, namespace=None):  # argparse stops collecting positionals at the first option: gather the rest
+        namespace, extras = plain(args, namespace)  # and read unknown `--key value` / `--key=value` as the override key=value
+        overrides, unknown, i = list(namespace.overrides or []), [], 0
+        while i < len(extras):
+            e = extras[i]
+            if not e.startswith('-'): overrides.append(e)
+            elif e.startswith('--') and '=' in e:
+                key, value = e[2:].split('=', 1); overrides.append(f"{key.replace('-', '_')}={value}")
+            elif e.startswith('--') and i + 1 < len(extras) and not extras[i + 1].startswith('-'):
+                overrides.append(f"{e[2:].replace('-', '_')}={extras[i + 1]}"); i += 1
+            else: unknown.append(e)
+            i += 1
+        namespace.overrides = overrides
+        return namespace, unknown
+    p.parse_known_args = intermixed
+
+def run_train_command(args) -> int:
+    "Run `howfar train` with parsed `args`."
+    if not args.task:
+        for name, spec in sorted(TASKS.items()): print(f"{name:12s} presets: {', '.join(spec.presets)}  {spec.help}")
+        return 0
+    overrides = args.overrides
+    try: trainer, summary = train_task(args.task, args.preset, overrides, args.run_dir, fresh=args.fresh)
+    except NonFiniteLoss as e: raise ValueError(str(e)) from None
+    for split in ('train', 'eval'):
+        if summary[split]: print(f"{split:5s} step {summary[split]['step']}: " + ', '.join(
+            f'{k} {summary[split][k]:.4g}' for k in ('loss', 'accuracy', 'perplexity', 'tokens_per_s') if k in summary[split]))
+    print(f'run directory: {trainer.run_dir}')
+    return 0
+
+
+# %% ../nbs/99_cli.ipynb #d9fed62d
+def add_generate_arguments(p: argparse.ArgumentParser):
+    p.add_argument('model_dir', help='a directory written by save_model')
+    p.add_argument('prompts', nargs='+', help='prompts (LM) or source sentences (encoder-decoder)')
+    p.add_argument('--ids', action='store_true', help='prompts are space-separated token ids, not text')
+    p.add_argument('--max-new-tokens', type=int, default=64)
+    p.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
+    p.add_argument('--top-k', type=int, default=0)
+    p.add_argument('--top-p', type=float, default=1.0)
+    p.add_argument('--beam-size', type=int, default=0, help='> 0: beam search with this many beams')
+    p.add_argument('--alpha', type=float, default=0.6, help='length penalty exponent for beam search')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--no-cache', action='store_true', help='recompute the full pass at every step (decoder-only models)')
+
+def generate_command(args) -> list[str]:
+    "Run `howfar generate` with parsed `args`; prints and returns one line per prompt."
+    model, tokenizer = load(args.model_dir), load_tokenizer(args.model_dir)
+    seq2seq = getattr(model, 'is_encoder_decoder', False)
+    if args.ids:
+        try: rows = [[int(t) for t in p.split()] for p in args.prompts]
+        except ValueError: raise ValueError(f'prompts: expected space-separated integer token ids with --ids, got {args.prompts}') from None
+    elif tokenizer is None: raise ValueError(f'prompts: {args.model_dir} has no tokenizer; pass token ids with --ids')
+    else:
+        rows = [[int(t) for t in tokenizer.encode(p)] for p in args.prompts]  # encode gives numpy arrays: make lists before joining
+        rows = [r + [EOS_ID] if seq2seq else [EOS_ID] + r for r in rows]
+    inputs = rows
+    if seq2seq: inputs, _ = left_pad([r[::-1] for r in rows]); inputs = inputs[:, ::-1]  # right-padded sources
+    if args.beam_size: out = beam_search(model, inputs, args.max_new_tokens, beam_size=args.beam_size, alpha=args.alpha)[0][:, 0]
+    else: out = generate(model, inputs, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, key=args.seed, use_cache=not args.no_cache)
+    lines = []
+    for row in out.tolist():
+        row = row[:row.index(EOS_ID)] if EOS_ID in row else row
+        lines.append(' '.join(map(str, row)) if tokenizer is None or args.ids else tokenizer.decode(row))
+    for line in lines: print(line)
+    return lines
+
+
+# %% ../nbs/99_cli.ipynb #67c62009
+BENCHMARKS = {  # howfar bench NAME -> a function (quick: bool) -> records
+    'matmul': matmul_benchmark, 'attention': attention_benchmark, 'lsh': lsh_benchmark, 'memory': memory_benchmark,
+    'reformer_1m': million_benchmark, 'reformer_pytorch': reformer_pytorch_benchmark, 'reformer_profile': profile_benchmark,
+    'train': train_benchmark, 'generate': generate_benchmark}
+
+EXPERIMENTS = {  # howfar experiment NAME -> a function (quick: bool[, out_dir, resume]) -> records
+    'scratchpad': scratchpad_experiment, 'duplication': duplication_experiment, 'translation': translation_experiment,
+    'pretraining': pretraining_experiment, 'scaling': scaling_experiment, 'heads': heads_experiment,
+    'lsh_quality': lsh_quality_experiment, 'influence': influence_experiment, 'reformer_longcontext': longcontext_experiment}
+
+def run_benchmark(name: str, out_dir='benchmarks/results', quick: bool = False) -> Path:
+    "Run the benchmark `name` of `BENCHMARKS` and write its records to `out_dir/name.json`."
+    if name not in BENCHMARKS: raise ValueError(f'name: expected one of {sorted(BENCHMARKS)}, got {name!r}')
+    return write_records(Path(out_dir) / f'{name}.json', BENCHMARKS[name](quick=quick))
+
+def _add_run_arguments(what: str, default_out: str, resume: bool = False):
+    def add(p: argparse.ArgumentParser):
+        p.add_argument('name', nargs='?', help=f'{what} to run; omit to list them')
+        p.add_argument('--quick', action='store_true', help='a small version (seconds), as the tests run it')
+        p.add_argument('--out', default=default_out, help='folder for NAME.json')
+        if resume: p.add_argument('--resume', action='store_true', help='keep what an interrupted run finished (for experiments that take `resume`)')
+    return add
+
+def _print_records(path: Path):
+    for r in read_records(path):
+        value = 'failed' if r['value'] is None else f"{r['value']:.4g}"
+        print(f"{r['metric']:>12s} {value:>12s} {r['unit']:8s} {r['config']}")
+    print(f'wrote {path}')
+
+def _list(table: dict):
+    for n, fn in sorted(table.items()): print(f'{n:20s} {(fn.__doc__ or "").strip().splitlines()[0]}')
+
+def run_bench_command(args) -> int:
+    "Run `howfar bench` with parsed `args`."
+    if not args.name: _list(BENCHMARKS); return 0
+    _print_records(run_benchmark(args.name, args.out, quick=args.quick)); return 0
+
+def run_experiment_command(args) -> int:
+    "Run `howfar experiment` with parsed `args`."
+    if not args.name: _list(EXPERIMENTS); return 0
+    if args.name not in EXPERIMENTS: raise ValueError(f'name: expected one of {sorted(EXPERIMENTS)}, got {args.name!r}')
+    _print_records(run_experiment(EXPERIMENTS[args.name], args.name, args.out, quick=args.quick, resume=args.resume)); return 0
 
 # %% ../nbs/99_cli.ipynb #e654a069
 def _time_attention(T: int, kind: str, key) -> float:
@@ -58,9 +202,7 @@ def run_demo(out_dir='demo_output', quick: bool = False) -> dict:
     "The README's demonstration: train a Transformer on `0w0w`, then time LSH against exact attention; plots into `out_dir`."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from transformers_howfar.bench.measure import make_record, write_records
     from transformers_howfar.core import make_key
-    from transformers_howfar.train.trainer import train_task
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     print(f"machine: {info['cpu']} ({info['cpu_cores']} cores, {info['memory_gb']} GB), jax {info['jax']} on {info['platform']}")
@@ -89,9 +231,41 @@ def run_demo(out_dir='demo_output', quick: bool = False) -> dict:
     print(f'wrote {out}/attention.json, {out}/attention.png and the training run in {out}/duplicate/')
     return {'accuracy': accuracy, 'records': records, 'out_dir': str(out)}
 
-def _add_demo_arguments(p):
+def add_demo_arguments(p: argparse.ArgumentParser):
     p.add_argument('--out', default='demo_output', help='folder for the plots and results')
     p.add_argument('--quick', action='store_true', help='a seconds-long version, as the tests run it')
 
-register_command('demo', "Run the README's demonstration and write its plots.", _add_demo_arguments,
-                 lambda a: run_demo(a.out, a.quick) and 0)
+
+# %% ../nbs/99_cli.ipynb #16e0e216
+COMMANDS = {  # name -> (one-line help, argument adder, runner returning the exit status)
+    'data': ('Fetch the real corpora into the cache folder, or list them.', add_data_arguments, run_data_command),
+    'train': ('Train a task: howfar train TASK --preset NAME [key=value ...].', add_train_arguments, run_train_command),
+    'generate': ('Generate from a saved model directory (sampling, greedy or beam search).', add_generate_arguments,
+                 lambda a: generate_command(a) and 0),
+    'bench': ('Run a benchmark and write benchmarks/results/NAME.json.', _add_run_arguments('benchmark', 'benchmarks/results'),
+              run_bench_command),
+    'experiment': ('Run an experiment and write experiments/results/NAME.json.',
+                   _add_run_arguments('experiment', 'experiments/results', resume=True), run_experiment_command),
+    'demo': ("Run the README's demonstration and write its plots.", add_demo_arguments, lambda a: run_demo(a.out, a.quick) and 0),
+}
+
+def build_parser() -> argparse.ArgumentParser:
+    "The `howfar` argument parser, with one sub-parser per command of `COMMANDS`."
+    parser = argparse.ArgumentParser(prog='howfar', description=transformers_howfar.__doc__ or 'transformers_howfar')
+    parser.add_argument('--version', action='version', version=f'transformers_howfar {transformers_howfar.__version__}')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (help, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help, description=help))
+    return parser
+
+def main(argv: list[str] | None = None) -> int:
+    "Run `howfar` with `argv` (default: the process's arguments); returns the exit status."
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(); return 0
+    try:
+        return COMMANDS[args.command][2](args) or 0
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f'howfar {args.command}: error: {e}', file=sys.stderr)
+        return 2

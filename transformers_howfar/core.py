@@ -20,8 +20,8 @@ import jax
 import numpy as np
 
 # %% auto #0
-__all__ = ['AXES', 'COMMANDS', 'check_shape', 'check_positive', 'check_range', 'check_choice', 'check_divisible', 'Config',
-           'make_key', 'derive_key', 'split_keys', 'Command', 'register_command', 'use_init_signatures', 'machine_info']
+__all__ = ['AXES', 'check_shape', 'check_positive', 'check_range', 'check_choice', 'check_divisible', 'Config', 'make_key',
+           'derive_key', 'split_keys', 'use_init_signatures', 'machine_info']
 
 # %% ../nbs/00_core.ipynb #e92e3b43
 AXES: dict[str, str] = {
@@ -166,24 +166,6 @@ def derive_key(key: jax.Array, *names: str | int) -> jax.Array:
 def split_keys(key: jax.Array, *names: str) -> dict[str, jax.Array]:
     "Independent keys for each of `names`, e.g. `split_keys(key, 'params', 'dropout')`."
     return {n: derive_key(key, n) for n in names}
-
-# %% ../nbs/00_core.ipynb #28cf5b29
-@dataclasses.dataclass(frozen=True)
-class Command:
-    "A `howfar` subcommand: its name, one-line help, an argument adder and a runner."
-    name: str
-    help: str
-    add_arguments: Any  # callable(argparse.ArgumentParser) -> None
-    run: Any  # callable(argparse.Namespace) -> int | None (the exit status)
-
-COMMANDS: dict[str, Command] = {}
-
-def register_command(name: str, help: str, add_arguments, run) -> Command:
-    "Register (or replace) the `howfar NAME` subcommand."
-    if not re.fullmatch(r'[a-z][a-z0-9-]*', name):
-        raise ValueError(f'name: expected a lower-case command name such as "bench", got {name!r}')
-    COMMANDS[name] = Command(name, help, add_arguments, run)
-    return COMMANDS[name]
 
 # %% ../nbs/00_core.ipynb #8f1488fd
 def _init_signature(cls) -> inspect.Signature:

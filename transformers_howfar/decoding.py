@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .bench.measure import benchmark, make_record, run_isolated, time_call
-from .core import check_positive, check_range, check_shape, machine_info, make_key, register_command
+from .bench.measure import make_record, run_isolated, time_call
+from .core import check_positive, check_range, check_shape, machine_info, make_key
 from .models.saving import load, load_tokenizer
 from .data.tokenizer import EOS_ID, PAD_ID
 
 # %% auto #0
-__all__ = ['NEG_INF', 'filter_logits', 'sample_logits', 'left_pad', 'SampleSettings', 'generate', 'beam_search',
-           'generate_command', 'bench_config', 'measure_generation', 'measure_step', 'measure_hf', 'generate_benchmark']
+__all__ = ['NEG_INF', 'filter_logits', 'sample_logits', 'left_pad', 'SampleSettings', 'generate', 'beam_search', 'bench_config',
+           'measure_generation', 'measure_step', 'measure_hf', 'generate_benchmark']
 
 # %% ../nbs/45_decoding.ipynb #97974029
 def filter_logits(
@@ -205,46 +205,6 @@ def beam_search(
     seqs, scores = _beam(graphdef, params, jnp.asarray(tokens), jnp.asarray(m), int(beam_size), int(max_new_tokens), float(alpha), int(eos_id))
     return np.asarray(seqs), np.asarray(scores)
 
-# %% ../nbs/45_decoding.ipynb #d9fed62d
-def _add_generate_arguments(p):
-    p.add_argument('model_dir', help='a directory written by save_model')
-    p.add_argument('prompts', nargs='+', help='prompts (LM) or source sentences (encoder-decoder)')
-    p.add_argument('--ids', action='store_true', help='prompts are space-separated token ids, not text')
-    p.add_argument('--max-new-tokens', type=int, default=64)
-    p.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
-    p.add_argument('--top-k', type=int, default=0)
-    p.add_argument('--top-p', type=float, default=1.0)
-    p.add_argument('--beam-size', type=int, default=0, help='> 0: beam search with this many beams')
-    p.add_argument('--alpha', type=float, default=0.6, help='length penalty exponent for beam search')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--no-cache', action='store_true', help='recompute the full pass at every step (decoder-only models)')
-
-def generate_command(args) -> list[str]:
-    "Run `howfar generate` with parsed `args`; prints and returns one line per prompt."
-    model, tokenizer = load(args.model_dir), load_tokenizer(args.model_dir)
-    seq2seq = getattr(model, 'is_encoder_decoder', False)
-    if args.ids:
-        try: rows = [[int(t) for t in p.split()] for p in args.prompts]
-        except ValueError: raise ValueError(f'prompts: expected space-separated integer token ids with --ids, got {args.prompts}') from None
-    elif tokenizer is None: raise ValueError(f'prompts: {args.model_dir} has no tokenizer; pass token ids with --ids')
-    else:
-        rows = [[int(t) for t in tokenizer.encode(p)] for p in args.prompts]  # encode gives numpy arrays: make lists before joining
-        rows = [r + [EOS_ID] if seq2seq else [EOS_ID] + r for r in rows]
-    inputs = rows
-    if seq2seq: inputs, _ = left_pad([r[::-1] for r in rows]); inputs = inputs[:, ::-1]  # right-padded sources
-    if args.beam_size: out = beam_search(model, inputs, args.max_new_tokens, beam_size=args.beam_size, alpha=args.alpha)[0][:, 0]
-    else: out = generate(model, inputs, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, key=args.seed, use_cache=not args.no_cache)
-    lines = []
-    for row in out.tolist():
-        row = row[:row.index(EOS_ID)] if EOS_ID in row else row
-        lines.append(' '.join(map(str, row)) if tokenizer is None or args.ids else tokenizer.decode(row))
-    for line in lines: print(line)
-    return lines
-
-_generate = register_command('generate', 'Generate from a saved model directory (sampling, greedy or beam search).',
-                              _add_generate_arguments, lambda a: generate_command(a) and 0)
-
 # %% ../nbs/45_decoding.ipynb #c957458a
 def bench_config(quick: bool = False):
     "The benchmarked LM: 6 layers, width 256, 4 heads, vocabulary 256 (a tiny one when `quick`)."
@@ -325,7 +285,6 @@ def measure_hf(config, runs, prompt_len: int = 16, timeout: float = 900, threads
     return out
 
 # %% ../nbs/45_decoding.ipynb #9964b691
-@benchmark('generate')
 def generate_benchmark(quick: bool = False) -> list[dict]:
     "Tokens/s generating with and without the KV cache, time per token against position, and HF GPT-2 generate side by side."
     machine, records, cfg = machine_info(), [], bench_config(quick)

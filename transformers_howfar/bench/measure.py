@@ -5,12 +5,9 @@
 # %% ../../nbs/50_bench.measure.ipynb #909a25db
 from __future__ import annotations
 
-import argparse
 import importlib
-import inspect
 import json
 import os
-import pkgutil
 import statistics
 import subprocess
 import sys
@@ -20,12 +17,14 @@ from typing import Callable
 
 import jax
 
-from ..core import check_positive, machine_info, register_command
+import transformers_howfar
+
+from ..core import check_positive, machine_info
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'EXPERIMENTS', 'make_record', 'write_records', 'read_records', 'time_call', 'peak_rss_gb', 'check_cpus',
-           'run_isolated', 'memory_first_options', 'benchmark', 'import_all_modules', 'run_benchmark',
-           'matmul_benchmark', 'experiment', 'run_experiment', 'experiment_dir', 'plot_records']
+__all__ = ['RESULT_MARK', 'REFERENCES', 'make_record', 'write_records', 'read_records', 'time_call', 'print_result', 'run_child',
+           'peak_rss_gb', 'check_cpus', 'run_isolated', 'run_reference', 'memory_first_options', 'matmul_benchmark',
+           'records_table', 'plot_records']
 
 # %% ../../nbs/50_bench.measure.ipynb #bd28d0a3
 def make_record(benchmark: str, config: dict, metric: str, value, unit: str, machine: dict | None = None) -> dict:
@@ -56,6 +55,29 @@ def time_call(fn: Callable, *args, repeats: int = 3, warmup: int = 1, **kwargs) 
     return {'median_s': statistics.median(times), 'min_s': min(times)}
 
 # %% ../../nbs/50_bench.measure.ipynb #b024715c
+RESULT_MARK = '@@RESULT@@'  # a child process prints its result as this mark followed by one line of JSON
+
+def print_result(result: dict):
+    "Print `result` the way `run_child` reads it: the mark and one line of JSON (the last such line wins)."
+    print('\n' + RESULT_MARK + json.dumps(result), flush=True)
+
+def run_child(args: list[str], timeout: float = 600, env: dict | None = None, cpus=None) -> dict:
+    "Run the command `args`; the dict it printed with `print_result`, or an `error` naming what went wrong."
+    cpus = check_cpus(cpus)
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                              preexec_fn=pin)
+    except subprocess.TimeoutExpired:
+        return {'error': f'timed out after {timeout} s'}
+    except OSError as e:
+        return {'error': f'{args[0]}: {e}'}
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith(RESULT_MARK): return json.loads(line[len(RESULT_MARK):])
+    killed = proc.returncode < 0 or proc.returncode == 137
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['']
+    return {'error': ('killed (out of memory?) ' if killed else f'exit {proc.returncode}: ') + tail[0][-300:]}
+
 def peak_rss_gb() -> float | None:
     "This process's peak resident memory in GB (Linux `VmHWM`), or None where unavailable."
     try:
@@ -70,7 +92,7 @@ def _child(target: str, kwargs_json: str):
     baseline = peak_rss_gb()
     result = fn(**json.loads(kwargs_json))
     result = dict(result or {}, peak_rss_gb=peak_rss_gb(), baseline_rss_gb=baseline)
-    print('\n@@RESULT@@' + json.dumps(result))
+    print_result(result)
 
 def check_cpus(cpus) -> list[int] | None:
     "`cpus` as a sorted list of CPU cores this process may use (None stays None), or a ValueError."
@@ -87,16 +109,19 @@ def run_isolated(target: str, kwargs: dict, timeout: float = 600, env: dict | No
     cpus = check_cpus(cpus)  # pinned first thing in the child, before any library starts its threads
     pin = '' if cpus is None else f'import os; os.sched_setaffinity(0, {cpus}); '
     code = pin + f'from transformers_howfar.bench.measure import _child; _child({target!r}, {json.dumps(json.dumps(kwargs))})'
-    try:
-        proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
-    except subprocess.TimeoutExpired:
-        return {'error': f'timed out after {timeout} s'}
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith('@@RESULT@@'): return json.loads(line[len('@@RESULT@@'):])
-    killed = proc.returncode < 0 or proc.returncode == 137
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['']
-    return {'error': ('killed (out of memory?) ' if killed else f'exit {proc.returncode}: ') + tail[0][-300:]}
+    return run_child([sys.executable, '-c', code], timeout=timeout, env=env)
+
+# %% ../../nbs/50_bench.measure.ipynb #d2d824e7
+REFERENCES = Path(transformers_howfar.__file__).resolve().parents[1] / 'benchmarks' / 'references'  # in a clone, beside the package
+
+def run_reference(script: str, args: dict, python: str | None = None, timeout: float = 900, cpus=None,
+                  folder=None) -> dict:  # default `REFERENCES`
+    "Run `folder/script` under `python` (default `$HOWFAR_TORCH_PYTHON`) with `args` as JSON; its result or an `error`."
+    path = Path(folder or REFERENCES) / script
+    if not path.is_file(): raise ValueError(f'script: expected a file in {path.parent}, got {script!r}')
+    python = python or os.environ.get('HOWFAR_TORCH_PYTHON')
+    if not python: return {'error': 'python: no interpreter given and HOWFAR_TORCH_PYTHON is not set'}
+    return run_child([python, str(path), json.dumps(args)], timeout=timeout, cpus=cpus)
 
 # %% ../../nbs/50_bench.measure.ipynb #54a2f2dd
 def memory_first_options(backend: str | None = None) -> dict:
@@ -105,32 +130,7 @@ def memory_first_options(backend: str | None = None) -> dict:
     return {'xla_cpu_enable_concurrency_optimized_scheduler': False,  # no operations moved early for concurrency
             'xla_cpu_experimental_ynn_fusion_type': ''}  # no library fusions that allocate memory XLA does not plan
 
-# %% ../../nbs/50_bench.measure.ipynb #11867287
-BENCHMARKS: dict[str, Callable[..., list[dict]]] = {}
-
-def benchmark(name: str):
-    "Decorator registering a benchmark function `(quick: bool) -> list[dict]` under `name`."
-    def register(fn):
-        BENCHMARKS[name] = fn; return fn
-    return register
-
-def import_all_modules():
-    "Import every module of the package, so that each registers its benchmarks and commands."
-    import transformers_howfar
-    for m in pkgutil.walk_packages(transformers_howfar.__path__, 'transformers_howfar.'):
-        if not m.name.rsplit('.', 1)[-1].startswith('_'): importlib.import_module(m.name)
-
-def _registered(registry: dict, name: str) -> Callable:
-    import_all_modules()
-    if name not in registry: raise ValueError(f'name: expected one of {sorted(registry)}, got {name!r}')
-    return registry[name]
-
-def run_benchmark(name: str, out_dir='benchmarks/results', quick: bool = False) -> Path:
-    "Run the benchmark `name` and write its records to `out_dir/name.json`."
-    return write_records(Path(out_dir) / f'{name}.json', _registered(BENCHMARKS, name)(quick=quick))
-
 # %% ../../nbs/50_bench.measure.ipynb #b2f22d74
-@benchmark('matmul')
 def matmul_benchmark(quick: bool = False) -> list[dict]:
     "Achieved FLOP/s of square fp32 matrix multiplies: the machine's practical peak, the reference for model FLOP utilisation."
     import jax.numpy as jnp
@@ -141,64 +141,29 @@ def matmul_benchmark(quick: bool = False) -> list[dict]:
         records.append(make_record('matmul', {'n': n, 'dtype': 'float32'}, 'throughput', 2 * n**3 / t['min_s'] / 1e9, 'GFLOP/s', machine))
     return records
 
-def _add_run_arguments(what: str, default_out: str):
-    def add(p: argparse.ArgumentParser):
-        p.add_argument('name', nargs='?', help=f'{what} to run; omit to list them')
-        p.add_argument('--quick', action='store_true', help='a small version (seconds), as the tests run it')
-        p.add_argument('--out', default=default_out, help='folder for NAME.json')
-    return add
 
-def _runner(registry: dict, run: Callable[[argparse.Namespace], Path]):
-    def go(args) -> int:
-        import_all_modules()
-        if not args.name:
-            for n, fn in sorted(registry.items()): print(f'{n:12s} {(fn.__doc__ or "").strip().splitlines()[0]}')
-            return 0
-        path = run(args)
-        for r in read_records(path):
-            value = 'failed' if r['value'] is None else f"{r['value']:.4g}"
-            print(f"{r['metric']:>12s} {value:>12s} {r['unit']:8s} {r['config']}")
-        print(f'wrote {path}')
-        return 0
-    return go
+# %% ../../nbs/50_bench.measure.ipynb #2b0890ff
+def _cell(value, digits: int) -> str:
+    if value is None: return 'failed'
+    if isinstance(value, float): return f'{value:.{digits}g}' if abs(value) < 10**digits else f'{value:,.0f}'
+    return str(value)
 
-register_command('bench', 'Run a benchmark and write benchmarks/results/NAME.json.',
-                 _add_run_arguments('benchmark', 'benchmarks/results'), _runner(BENCHMARKS, lambda a: run_benchmark(a.name, a.out, quick=a.quick)))
-
-
-# %% ../../nbs/50_bench.measure.ipynb #a5bc7525
-EXPERIMENTS: dict[str, Callable[..., list[dict]]] = {}
-
-def experiment(name: str):
-    "Decorator registering an experiment `(quick: bool) -> list[dict]` under `name`; `howfar experiment NAME` runs it."
-    def register(fn):
-        EXPERIMENTS[name] = fn; return fn
-    return register
-
-def run_experiment(name: str, out_dir='experiments/results', quick: bool = False, resume: bool = False) -> Path:
-    "Run the experiment `name`, write its records to `out_dir/name.json`; `out_dir` and `resume` go to an experiment that takes them."
-    fn = _registered(EXPERIMENTS, name)
-    takes, kwargs = inspect.signature(fn).parameters, {'quick': quick}
-    if 'out_dir' in takes: kwargs['out_dir'] = out_dir
-    if 'resume' in takes: kwargs['resume'] = resume
-    elif resume: raise ValueError(f'resume: experiment {name!r} cannot resume (its function takes no `resume` argument); run it without --resume')
-    return write_records(Path(out_dir) / f'{name}.json', fn(**kwargs))
-
-def _add_experiment_arguments(p: argparse.ArgumentParser):
-    _add_run_arguments('experiment', 'experiments/results')(p)
-    p.add_argument('--resume', action='store_true', help="keep what an interrupted run finished (for experiments that take `resume`)")
-
-register_command('experiment', 'Run an experiment and write experiments/results/NAME.json.', _add_experiment_arguments,
-                 _runner(EXPERIMENTS, lambda a: run_experiment(a.name, a.out, quick=a.quick, resume=a.resume)))
-
-# %% ../../nbs/50_bench.measure.ipynb #b23dc44a
-def experiment_dir(name: str) -> Path:
-    "The folder outside git for experiment `name`'s models and runs: `$HOWFAR_EXPERIMENT_CACHE/NAME`, else `$XDG_CACHE_HOME/transformers_howfar/experiments/NAME` (`XDG_CACHE_HOME` defaults to `~/.cache`); not created."
-    if not isinstance(name, str) or not name or name in ('.', '..') or '/' in name or os.sep in name:
-        raise ValueError(f'name: expected a non-empty folder name without path separators, got {name!r}')
-    if os.environ.get('HOWFAR_EXPERIMENT_CACHE'): return Path(os.environ['HOWFAR_EXPERIMENT_CACHE']).expanduser() / name
-    cache = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
-    return Path(cache).expanduser() / 'transformers_howfar' / 'experiments' / name
+def records_table(records: list[dict], metric: str, rows: list[str], columns: str | None = None,
+                  digits: int = 3,  # significant digits of each value
+                  where: dict | None = None) -> str:  # keep only records whose config has these values
+    "A Markdown table of `metric`: one row per value of the `rows` config fields, one column per value of `columns`."
+    picked = [r for r in records if r['metric'] == metric and all(r['config'].get(k) == v for k, v in (where or {}).items())]
+    if not picked: raise ValueError(f'metric: no records with metric {metric!r}; have {sorted({r["metric"] for r in records})}')
+    keys = list(dict.fromkeys(tuple(r['config'].get(f) for f in rows) for r in picked))
+    cols = list(dict.fromkeys(r['config'].get(columns) for r in picked)) if columns else [None]
+    cells = {(tuple(r['config'].get(f) for f in rows), r['config'].get(columns) if columns else None): r['value'] for r in picked}
+    unit = picked[0]['unit']
+    head = [*rows, *(f'{columns}={c}' for c in cols)] if columns else [*rows, f'{metric} ({unit})']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for k in keys:
+        values = [_cell(cells[(k, c)], digits) if (k, c) in cells else '–' for c in cols]
+        lines.append('| ' + ' | '.join([*map(str, k), *values]) + ' |')
+    return '\n'.join(lines) + (f'\n\n{metric} in {unit}' if columns else '')
 
 # %% ../../nbs/50_bench.measure.ipynb #b50295d4
 def plot_records(records: list[dict], x: str, metric: str, by: str | None = None, ax=None, logx=True, logy=True, title=None):

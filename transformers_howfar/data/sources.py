@@ -24,12 +24,12 @@ import zipfile
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import grain
 import numpy as np
 
-from ..core import check_choice, check_positive, check_range, register_command
+from ..core import check_choice, check_positive, check_range
 from .tokenizer import BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, Tokenizer
 
 # %% auto #0
@@ -37,7 +37,8 @@ __all__ = ['SOURCES', 'EXTRACT_VERSION', 'FILES', 'cache_dir', 'FetchError', 'pi
            'deb_data', 'clean_wikitext', 'detokenize_brown', 'id_paragraphs', 'Source', 'fetch', 'list_sources',
            'load_documents', 'load_pairs', 'load_labelled', 'split', 'load_split', 'batch_iterator', 'encode_documents',
            'lm_batches', 'encode_pairs', 'seq2seq_batch', 'seq2seq_batches', 'mask_tokens', 'mlm_batches',
-           'classification_batch', 'classification_batches', 'duplication_batches', 'copy_batches', 'reverse_batches']
+           'classification_batch', 'classification_batches', 'duplication_batches', 'copy_batches', 'reverse_batches',
+           'SyntheticBatches']
 
 # %% ../../nbs/11_data.sources.ipynb #d5d86145
 def cache_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -280,30 +281,6 @@ def list_sources(data_dir: str | os.PathLike | None = None) -> list[dict]:
         rows.append(dict(name=name, kind=src.kind, fetched=counts is not None, counts=counts, description=src.description))
     return rows
 
-# %% ../../nbs/11_data.sources.ipynb #87f95c5b
-def _add_data_arguments(p):
-    p.add_argument('action', choices=['fetch', 'list'], help='fetch corpora into the cache, or list them')
-    p.add_argument('names', nargs='*', help=f"sources to fetch: {', '.join(SOURCES)}")
-    p.add_argument('--all', action='store_true', help='fetch every source')
-    p.add_argument('--force', action='store_true', help='fetch again even if already in the cache')
-    p.add_argument('--data-dir', default=None, help='cache folder (default: $HOWFAR_DATA_DIR or ~/.cache/transformers_howfar/data)')
-
-def _run_data(args) -> int:
-    if args.action == 'list':
-        print(f'cache folder: {cache_dir(args.data_dir)}')
-        for r in list_sources(args.data_dir):
-            counts = ', '.join(f'{k} {v}' for k, v in r['counts'].items()) if r['fetched'] else 'not fetched'
-            print(f"{r['name']:18s} {r['kind']:9s} {counts}")
-        return 0
-    if not args.names and not args.all: raise ValueError('names: expected source names or --all')
-    try: metas = fetch(None if args.all else args.names, args.data_dir, force=args.force, progress=sys.stderr.isatty())
-    except FetchError as e:
-        print(f'howfar data: error: {e}', file=sys.stderr); return 1
-    for m in metas.values(): print(f"{m['name']:18s} {m['counts']}")
-    return 0
-
-_ = register_command('data', 'Fetch the real corpora into the cache folder, or list them.', _add_data_arguments, _run_data)
-
 # %% ../../nbs/11_data.sources.ipynb #b72745aa
 def _source_file(name_or_path, kind: str, data_dir=None) -> Path:
     if str(name_or_path) in SOURCES:
@@ -541,3 +518,20 @@ def copy_batches(batch_size: int, max_length: int, n_symbols: int = 32, seed: in
 def reverse_batches(batch_size: int, max_length: int, n_symbols: int = 32, seed: int = 0, min_length: int = 1):
     "`<s> w <sep> reversed(w) </s>`; T = 2·max_length + 2, loss on the reversal and `</s>`."
     return _copy_like(batch_size, max_length, n_symbols, seed, True, min_length)
+
+# %% ../../nbs/11_data.sources.ipynb #2ae203eb
+class SyntheticBatches:
+    "An endless iterator of `make_batch(rng, batch_size)` batches whose state is `{'seed', 'index'}`."
+    def __init__(self, make_batch: Callable, batch_size: int, seed: int = 0):
+        check_positive('batch_size', batch_size)
+        self.make_batch, self.batch_size, self.seed, self.index = make_batch, batch_size, int(seed), 0
+    def __iter__(self): return self
+    def __next__(self) -> dict:
+        rng = np.random.default_rng([self.seed, self.index])
+        self.index += 1
+        return self.make_batch(rng, self.batch_size)
+    def get_state(self) -> dict: return {'seed': self.seed, 'index': self.index}
+    def set_state(self, state: Mapping):
+        if set(state) != {'seed', 'index'} or state['seed'] != self.seed:
+            raise ValueError(f"state: expected {{'seed': {self.seed}, 'index': ...}}, got {dict(state)!r}")
+        self.index = int(state['index'])

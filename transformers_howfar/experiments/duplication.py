@@ -17,11 +17,13 @@ import numpy as np
 from flax import nnx
 
 from ..core import check_positive, machine_info
-from ..bench.measure import experiment, experiment_dir, make_record
+from ..bench.measure import make_record
+from .common import experiment_dir
 from ..layers.attention import format_attention_options
 from ..layers.blocks import with_config
 from ..data.tokenizer import NUM_SPECIAL
-from ..train.trainer import TASKS, DuplicateConfig, TrainConfig, Trainer
+from ..train.tasks import TASKS, DuplicateConfig
+from ..train.trainer import TrainConfig, Trainer
 
 # %% auto #0
 __all__ = ['MODES', 'TRAIN_MODES', 'DUPLICATION_STEPS', 'PAPER_TABLE2', 'mode_name', 'attention_options', 'with_mode',
@@ -126,7 +128,6 @@ def model_records(done: dict, machine=None) -> list[dict]:
         out.append(make_record('duplication', {**base, 'eval_mode': name}, 'nll', m['nll'], 'nats', machine))
     return out
 
-@experiment('duplication')
 def duplication_experiment(quick: bool = False, resume: bool = False, out_dir='experiments/results',
                            cache_dir=None,
                            train_modes=TRAIN_MODES,  # the models to train: a subset lets separate processes train different ones

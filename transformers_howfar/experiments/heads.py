@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..bench.measure import experiment, experiment_dir, make_record
+from ..bench.measure import make_record
+from .common import experiment_dir
 from ..models.bert import Bert, BertConfig
 from ..core import check_choice, check_positive, machine_info
 from ..data.sources import encode_documents, lm_batches, load_split
@@ -266,7 +267,6 @@ def heads_records(results: dict) -> list[dict]:
     return out
 
 # %% ../../nbs/65_experiments.heads.ipynb #d320d40b
-@experiment('heads')
 def heads_experiment(quick: bool = False, out_dir='experiments/results') -> list[dict]:
     "Score every head of the pre-trained BERT and of a trained decoder LM for previous-token, separator and pronoun attention."
     start = time.perf_counter()

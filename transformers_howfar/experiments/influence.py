@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..bench.measure import experiment, make_record
+from ..bench.measure import make_record
 from ..core import Config, check_choice, check_positive, machine_info
 from ..data.sources import classification_batch, classification_batches, load_split
 from ..layers.losses import cross_entropy
@@ -205,7 +205,6 @@ def run_influence(setup: InfluenceSetup, out_dir) -> list[dict]:
     (Path(out_dir) / 'influence_examples.json').write_text(json.dumps(side, indent=1))
     return records
 
-@experiment('influence')
 def influence_experiment(quick: bool = False, out_dir='experiments/results') -> list[dict]:
     "TracIn over 5 checkpoints of a bag-of-embeddings classifier on Rotten Tomatoes (SGD, 2000 steps): finding 100 injected mislabelled copies; proponents and opponents."
     if quick:

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from ..layers.attention import format_attention_options
-from ..bench.measure import experiment, make_record, run_isolated
+from ..bench.measure import make_record, run_isolated
 from ..core import Config, check_choice, check_positive, machine_info, make_key
 from ..data.sources import encode_documents, lm_batches, load_split
 from ..models.reformer import ReformerConfig, ReformerLM, reformer_loss
@@ -209,7 +209,6 @@ def run_lsh_quality(setup: LSHQualitySetup, out_dir, *, resume: bool = False, ti
                 tpath.write_text(json.dumps({'setup': setup.to_dict(), 'timings': timings}, indent=1))
     return _records(setup, {m: runs[m] for m in setup.models}, timings, machine)
 
-@experiment('lsh_quality')
 def lsh_quality_experiment(quick: bool = False, resume: bool = False, out_dir='experiments/results') -> list[dict]:
     "A Reformer LM at 1024 tokens with full, local and LSH (1/2/4/8 rounds) attention: validation bits per token, and step time against length."
     if quick:

@@ -22,7 +22,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ..bench.measure import experiment, experiment_dir, make_record
+from ..bench.measure import make_record
+from .common import experiment_dir
 from ..models.bert import Bert, BertConfig
 from ..core import Config, check_positive, check_range, derive_key, machine_info, make_key
 from ..data.sources import classification_batch, classification_batches, encode_documents, load_split, mlm_batches
@@ -299,7 +300,6 @@ def pretraining_records(state: dict, data: dict | None = None) -> list[dict]:
 # %% ../../nbs/63_experiments.pretraining.ipynb #791aeede
 PRETRAINING_SETTINGS = {'full': PretrainingConfig(), 'quick': PretrainingConfig.tiny()}
 
-@experiment('pretraining')
 def pretraining_experiment(quick: bool = False, out_dir='experiments/results', resume: bool = False) -> list[dict]:
     "MLM pre-training on Wikipedia + Brown, fine-tuning on Rotten Tomatoes: pre-trained vs random init (3 seeds) vs bag-of-words."
     if quick:  # the whole pipeline on the toy corpora, nothing kept

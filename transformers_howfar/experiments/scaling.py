@@ -17,7 +17,8 @@ from typing import Sequence
 import numpy as np
 from flax import nnx
 
-from ..bench.measure import experiment, experiment_dir, make_record
+from ..bench.measure import make_record
+from .common import experiment_dir
 from ..core import Config, check_choice, check_positive, machine_info
 from ..data.sources import encode_documents, lm_batches, load_split
 from ..decoding import generate
@@ -153,7 +154,6 @@ def fit_power_law(n: Sequence[float], loss: Sequence[float]) -> dict[str, float]
     return {'a': float(np.exp(intercept)), 'alpha': float(-slope), 'r2': float(1 - ((np.log(loss) - pred) ** 2).sum() / ss) if ss else 1.0}
 
 # %% ../../nbs/64_experiments.scaling.ipynb #95df115e
-@experiment('scaling')
 def scaling_experiment(quick: bool = False, out_dir=None, resume: bool = False, folder=None, resample: bool = False) -> list[dict]:
     "Four LM sizes (0.1M to 3.7M parameters) on the same Wikipedia+Brown tokens: validation loss, power-law fit, samples; models kept in `folder` (default `experiment_dir('scaling')`)."
     setup, sizes = (ScalingSetup.tiny(), QUICK_SIZES) if quick else (ScalingSetup(), SIZES)

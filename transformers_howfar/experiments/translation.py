@@ -18,7 +18,8 @@ import numpy as np
 import sacrebleu
 from flax import nnx
 
-from ..bench.measure import experiment, experiment_dir, make_record
+from ..bench.measure import make_record
+from .common import experiment_dir
 from ..core import Config, check_choice, check_positive, machine_info
 from ..data.sources import encode_pairs, load_split, seq2seq_batch, seq2seq_batches
 from ..decoding import beam_search, generate
@@ -200,7 +201,6 @@ def _records(results: dict, throughput: dict, configs: dict, machine: dict) -> l
     return out
 
 # %% ../../nbs/62_experiments.translation.ipynb #79f8c921
-@experiment('translation')
 def translation_experiment(quick: bool = False, out_dir=None, resume: bool = False) -> list[dict]:
     "Transformer against LSTM with attention on EN→FR: same tokenizer, data and wall-clock budget; BLEU, chrF, throughput, curves."
     configs, machine = translation_configs(quick), machine_info()

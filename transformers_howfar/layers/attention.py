@@ -374,8 +374,8 @@ class AttentionKind:
     weights: Callable | None = None  # (q, k, *, padding_mask, causal, bias, q_positions, kv_positions, **options) -> (B, N, T, S); dense kinds only
 
 ATTENTION: dict[str, AttentionKind] = {}
-_BUILTIN = {'local': 'attention_variants', 'memory_compressed': 'attention_variants', 'sparse': 'attention_variants', 'ssmax': 'attention_variants',
-            'lsh': 'lsh'}
+_BUILTIN = {'local': 'layers.variants', 'memory_compressed': 'layers.variants', 'sparse': 'layers.variants', 'ssmax': 'layers.variants',
+            'lsh': 'layers.lsh'}
 
 def register_attention(name: str, fn: Callable, doc: str, make_params: Callable | None = None,
                        weights: Callable | None = None) -> AttentionKind:

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from ..core import check_divisible, check_positive, check_shape, derive_key, machine_info
-from ..bench.measure import benchmark, make_record, run_isolated, time_call
+from ..bench.measure import make_record, run_isolated, time_call
 from .attention import dot_product_attention, register_attention
 
 # %% auto #0
@@ -527,7 +527,6 @@ def lsh_reference_comparison(length: int = 65536, repeats: int = 3, python: str 
             records.append(make_record('lsh', cfg, 'memory_ratio', median(k, 'peak_rss_gb') / median(best, 'peak_rss_gb'), 'x', machine))
     return records
 
-@benchmark('lsh')
 def lsh_benchmark(quick: bool = False) -> list[dict]:
     "LSH attention layer forward+backward from 1K to 1M tokens, next to dense attention and PyTorch references."
     machine, records = machine_info(), []

@@ -20,7 +20,7 @@ from flax import nnx
 from ..core import check_choice, check_positive, check_shape, machine_info
 from .attention import (BIG, AttentionPattern, blockwise_attention, causal_mask, default_positions,
                                            dot_product_attention, get_attention, register_attention)
-from ..bench.measure import benchmark, make_record, run_isolated, time_call
+from ..bench.measure import make_record, run_isolated, time_call
 
 # %% auto #0
 __all__ = ['ATTENTION_BENCH', 'LocalPattern', 'local_attention', 'compress_kv', 'memory_compressed_attention', 'KVCompression',
@@ -267,7 +267,6 @@ ATTENTION_BENCH = {  # label: (kind, lengths, options); the quadratic ones stop 
     'torch_sdpa': ('torch_sdpa', [1024, 4096, 16384, 65536], {}),
 }
 
-@benchmark('attention')
 def attention_benchmark(quick: bool = False, timeout: float = 600) -> list[dict]:
     "Forward+backward time and peak memory against length for each attention kind, beside jax.nn and PyTorch."
     machine, records = machine_info(), []

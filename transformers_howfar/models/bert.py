@@ -13,7 +13,6 @@ from flax import nnx
 
 from ..layers.attention import get_attention, parse_attention_options
 from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
-from .saving import register_model
 from ..layers.blocks import ACTIVATIONS, POSITIONS, Embedder, Stack
 
 # %% auto #0
@@ -91,4 +90,3 @@ class Bert(nnx.Module):
         pooled = jnp.tanh(self.pooler(self(inputs, segments, attention_mask, rngs=rngs)[:, 0]))  # (B, D)
         return self.classifier(self.dropout(pooled, deterministic=rngs is None, rngs=rngs))
 
-register_model(Bert, BertConfig)  # save_model/load know it by name

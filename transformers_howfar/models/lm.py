@@ -13,7 +13,6 @@ from flax import nnx
 
 from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
 from ..layers.attention import KVCache, get_attention, parse_attention_options
-from .saving import register_model
 from ..layers.blocks import ACTIVATIONS, POSITIONS, Embedder, Stack
 
 # %% auto #0
@@ -97,7 +96,6 @@ def _step(self, tokens, cache: dict, token_mask=None):
     return self.embed.attend(x), new
 
 LM.init_cache, LM.step = _init_cache, _step
-register_model(LM, LMConfig)  # save_model/load know it by name
 
 # %% ../../nbs/31_models.lm.ipynb #eff52d47
 def _start(self, prompts, prompt_mask, max_new_tokens: int, dtype=jnp.float32):

@@ -26,10 +26,12 @@ from ..layers.attention import MultiHeadAttention, get_attention, parse_attentio
 from ..layers.lsh import LSHSelfAttention, heads_devices
 from ..layers.reversible import MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy
 from ..layers.blocks import FeedForward, ACTIVATIONS
-from ..bench.measure import benchmark, check_cpus, experiment, experiment_dir, make_record, memory_first_options, run_isolated, write_records, time_call
+from ..bench.measure import check_cpus, make_record, memory_first_options, run_isolated, write_records, time_call
+from ..experiments.common import experiment_dir
 from ..data.sources import load_split
 from .lm import LM, LMConfig
-from ..train.trainer import SyntheticBatches, TrainConfig, Trainer, lm_loss, read_metrics
+from ..data.sources import SyntheticBatches
+from ..train.trainer import TrainConfig, Trainer, lm_loss, read_metrics
 
 # %% auto #0
 __all__ = ['EVAL_HASH_KEY', 'MEMORY_GRID', 'SINGLE_THREAD_XLA', 'TORCH_GRID', 'LONGCONTEXT_RUNS', 'LONGCONTEXT_COSTS',
@@ -281,7 +283,6 @@ def memory_point(length: int, mode: str, n_layers: int, machine: dict | None = N
     return [make_record('memory', config, metric, r.get(key), unit, machine)
             for metric, key, unit in (('peak_memory', 'peak_rss_gb', 'GB'), ('step_time', 'seconds', 's'), ('compile_time', 'compile_s', 's'))]
 
-@benchmark('memory')
 def memory_benchmark(quick: bool = False) -> list[dict]:
     "Peak memory and seconds of a ReformerLM training step against depth (2-12 layers, 16K and 64K tokens): reversible vs ordinary vs remat."
     machine = machine_info()
@@ -289,7 +290,6 @@ def memory_benchmark(quick: bool = False) -> list[dict]:
     return [r for point in grid for r in memory_point(*point, machine=machine)]
 
 # %% ../../nbs/33_models.reformer.ipynb #8b1d93fc
-@benchmark('reformer_1m')
 def million_benchmark(quick: bool = False) -> list[dict]:
     "Seconds and peak memory of one ReformerLM training step on a single 1,048,576-token sequence (2 LSH layers, reversible)."
     machine, length, n_layers = machine_info(), 4096 if quick else 2 ** 20, 2
@@ -360,7 +360,6 @@ def torch_point(length: int, n_layers: int, python: str, machine: dict | None = 
                     make_record('reformer_pytorch', config, 'peak_memory', r.get('peak_rss_gb'), 'GB', machine)]
     return records
 
-@benchmark('reformer_pytorch')
 def reformer_pytorch_benchmark(quick: bool = False) -> list[dict]:
     "ReformerLM training step here and in reformer-pytorch (`HOWFAR_TORCH_PYTHON`), interleaved: seconds and peak memory."
     python = os.environ.get('HOWFAR_TORCH_PYTHON')
@@ -391,7 +390,6 @@ def profile_step(length: int = 16384, n_layers: int = 2, repeats: int = 2) -> di
              'model_forward': (loss_of, params), 'model_forward_backward': (jax.grad(loss_of), params)}
     return {name: time_call(jax.jit(f), *args, repeats=repeats)['min_s'] for name, (f, *args) in parts.items()} | {'load_average': os.getloadavg()[0]}
 
-@benchmark('reformer_profile')
 def profile_benchmark(quick: bool = False) -> list[dict]:
     "Seconds of the parts of a reversible ReformerLM training step (2 layers, 4K tokens; 512 when quick), in one process."
     machine, length = machine_info(), 512 if quick else 4096
@@ -530,7 +528,6 @@ def longcontext_cost(kind: str, length: int, attention=('lsh',), tokens_per_step
 LONGCONTEXT_COSTS = ([('transformer', L, ('full',)) for L in (1024, 2048, 4096, 8192, 16384)] +  # (model, context, attention)
                      [('reformer', L, ('local', 'lsh')) for L in (1024, 4096, 16384)] + [('reformer', 16384, ('lsh',))])
 
-@experiment('reformer_longcontext')
 def longcontext_experiment(quick: bool = False, steps: int = 500, out_dir='experiments/results', resume: bool = False,
                            runs=tuple(LONGCONTEXT_RUNS),  # a subset lets separate processes train different runs
                            costs: bool = True,  # also measure each model's step at `LONGCONTEXT_COSTS` lengths

@@ -14,7 +14,6 @@ from flax import nnx
 from ..layers.attention import dot_product_attention
 from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
 from ..layers.blocks import Embedder
-from .saving import register_model
 from ..data.tokenizer import BOS_ID, PAD_ID
 
 # %% auto #0
@@ -135,4 +134,3 @@ def _step(self, tokens, cache: dict, token_mask=None):
     return logits, dict(cache, carries=carries)
 
 RNNEncoderDecoder.start, RNNEncoderDecoder.step = _start, _step
-register_model(RNNEncoderDecoder, RNNConfig)  # save_model/load know it by name

@@ -13,7 +13,6 @@ from flax import nnx
 
 from ..layers.attention import KVCache, get_attention
 from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
-from .saving import register_model
 from ..layers.blocks import ACTIVATIONS, POSITIONS, Embedder, Stack
 from ..data.tokenizer import BOS_ID, PAD_ID
 
@@ -124,4 +123,3 @@ def _step(self, tokens, cache: dict, token_mask=None):
     return self.output_embed.attend(x), dict(cache, layers=layers, valid=valid, position=cache['position'] + token_mask.sum(1))
 
 EncoderDecoder.init_cache, EncoderDecoder.start, EncoderDecoder.step = _init_cache, _start, _step
-register_model(EncoderDecoder, TransformerConfig)  # save_model/load know it by name

@@ -6,27 +6,75 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from flax import nnx
 
 from ..models.bert import Bert, BertConfig
-from ..core import check_positive, check_range, derive_key, make_key
+from ..core import Config, check_choice, check_positive, check_range, derive_key, make_key
 from ..data.sources import (SOURCES, classification_batches, encode_documents, encode_pairs, load_split,
-                                      lm_batches, mlm_batches, seq2seq_batches)
+                                      lm_batches, mlm_batches, seq2seq_batches, duplication_batches)
 from ..models.lm import LM, LMConfig
 from ..models.rnn import RNNConfig, RNNEncoderDecoder
-from ..data.tokenizer import CharTokenizer, SentencePieceTokenizer
+from ..data.tokenizer import NUM_SPECIAL, CharTokenizer, SentencePieceTokenizer
 from ..layers.losses import cross_entropy
-from .trainer import Task, TrainConfig, lm_loss, register_task
+from ..scratchpad import AdditionConfig, AdditionLM, addition_batches, addition_loss
+from .trainer import Trainer, TrainConfig, lm_loss, read_metrics
 from ..models.transformer import EncoderDecoder, TransformerConfig
 
 # %% auto #0
-__all__ = ['TOY_ALPHABET', 'TranslateTask', 'TranslateRNNTask', 'build_translate', 'build_translate_rnn', 'mlm_loss',
-           'classify_loss', 'seq2seq_loss', 'toy_corpus', 'make_tokenizer', 'LMTask', 'build_lm', 'MLMTask',
-           'build_mlm', 'ClassifyTask', 'build_classify']
+__all__ = ['TOY_ALPHABET', 'TranslateTask', 'TranslateRNNTask', 'build_translate', 'build_translate_rnn', 'LM_TASK', 'MLM',
+           'CLASSIFY', 'TRANSLATE', 'TRANSLATE_RNN', 'DUPLICATE', 'SMALL', 'SMALL_TRAIN', 'ADDITION', 'TASKS', 'Task',
+           'TaskSpec', 'resolve_config', 'mlm_loss', 'classify_loss', 'seq2seq_loss', 'toy_corpus', 'make_tokenizer',
+           'LMTask', 'build_lm', 'MLMTask', 'build_mlm', 'ClassifyTask', 'build_classify', 'DuplicateConfig',
+           'build_addition', 'train_task', 'Run', 'load_run']
+
+# %% ../../nbs/43_train.tasks.ipynb #59830a5e
+@dataclasses.dataclass
+class Task:
+    "What a task builder returns: the model, its loss, the data and the expected shape of every batch array."
+    model: nnx.Module
+    loss_fn: Callable  # loss_fn(model, batch, rngs) -> (loss, metrics); rngs is None for evaluation
+    train_data: Iterator  # batches; resumable if it has get_state/set_state
+    eval_data: Callable[[], Iterable] | None = None  # returns a fresh iterable of held-out batches
+    batch_shapes: Mapping[str, tuple] | None = None
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    build: Callable  # build(model_config, train_config) -> Task
+    presets: Mapping[str, tuple]  # preset name -> (model config, TrainConfig)
+    help: str = ''
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.replace('_', '').replace('-', '').isalnum():
+            raise ValueError(f'name: expected a short name such as "lm", got {self.name!r}')
+        if not self.presets: raise ValueError('presets: expected at least one preset, e.g. {"tiny": (ModelConfig.tiny(), TrainConfig.tiny())}')
+        for p, pair in self.presets.items():
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], Config) and isinstance(pair[1], TrainConfig)):
+                raise ValueError(f'presets[{p!r}]: expected (model Config, TrainConfig), got {pair!r}')
+
+def resolve_config(task: str, preset: str, overrides=()) -> tuple[Config, TrainConfig]:
+    "The preset's (model config, train config) with `key=value` overrides applied to the config that has the key."
+    check_choice('task', task, sorted(TASKS))
+    spec = TASKS[task]
+    check_choice('preset', preset, sorted(spec.presets))
+    model, train = spec.presets[preset]
+    to_model, to_train = [], []
+    for a in overrides:
+        key = a.split('=', 1)[0]
+        if key.startswith(('model.', 'train.')): (to_model if key.startswith('model.') else to_train).append(a.split('.', 1)[1])
+        elif key in model.field_names() and key in train.field_names():
+            raise ValueError(f'override {a!r}: both configs have {key!r}; write model.{key}=... or train.{key}=...')
+        elif key in model.field_names(): to_model.append(a)
+        elif key in train.field_names(): to_train.append(a)
+        else: raise ValueError(f"override {a!r}: expected 'key=value' with a key of {type(model).__name__} "
+                               f'{model.field_names()} or TrainConfig {train.field_names()}')
+    return model.override(to_model), train.override(to_train)
 
 # %% ../../nbs/43_train.tasks.ipynb #83ab811b
 def mlm_loss(label_smoothing: float = 0.0) -> Callable:
@@ -182,23 +230,126 @@ _small_train = TrainConfig(steps=2000, batch_size=32, learning_rate=1e-3, warmup
 def _tiny(task_cls, base, **extra):
     "The family's tiny config on the toy corpus (36 character ids)."
     return task_cls.from_dict({**base.tiny().to_dict(), 'vocab_size': 36, 'corpus': 'toy', 'seq_len': 32, **extra})
-register_task('lm', build_lm, {
+LM_TASK = TaskSpec('lm', build_lm, {
     'tiny': (_tiny(LMTask, LMConfig), _tiny_train),
     'small': (LMTask(vocab_size=8000, d_model=256, d_ff=1024, n_heads=4, n_layers=4, max_len=256, seq_len=256), _small_train),
 }, help='decoder-only language model (GPT style)')
-register_task('mlm', build_mlm, {
+MLM = TaskSpec('mlm', build_mlm, {
     'tiny': (_tiny(MLMTask, BertConfig), _tiny_train),
     'small': (MLMTask(vocab_size=8000, n_layers=4, seq_len=128), _small_train),
 }, help='BERT masked language modelling')
-register_task('classify', build_classify, {
+CLASSIFY = TaskSpec('classify', build_classify, {
     'tiny': (_tiny(ClassifyTask, BertConfig), _tiny_train),
     'small': (ClassifyTask(vocab_size=8000, n_layers=4, seq_len=64), _small_train.replace(steps=1000)),
 }, help='sequence classification from [CLS] (BERT)')
-register_task('translate', build_translate, {
+TRANSLATE = TaskSpec('translate', build_translate, {
     'tiny': (_tiny(TranslateTask, TransformerConfig), _tiny_train),
     'small': (TranslateTask(vocab_size=8000, d_model=256, d_ff=1024, n_heads=4, n_layers=3, max_len=128, seq_len=64, norm='pre'), _small_train),
 }, help='encoder-decoder Transformer translation')
-register_task('translate_rnn', build_translate_rnn, {
+TRANSLATE_RNN = TaskSpec('translate_rnn', build_translate_rnn, {
     'tiny': (_tiny(TranslateRNNTask, RNNConfig), _tiny_train),
     'small': (TranslateRNNTask(vocab_size=8000, d_model=256, n_layers=2, max_len=128, seq_len=64), _small_train),
 }, help='LSTM encoder-decoder with attention, the baseline for translate')
+
+# %% ../../nbs/43_train.tasks.ipynb #61da1439
+@dataclasses.dataclass(frozen=True)
+class DuplicateConfig(LMConfig):
+    "`lm.LM` on the duplication task `<sep> w <sep> w` of `data.duplication_batches`."
+    word_length: int = 8  # |w|; sequences have 2·word_length + 1 positions
+    n_symbols: int = 8  # w is drawn from ids NUM_SPECIAL .. NUM_SPECIAL + n_symbols - 1
+    def validate(self):
+        super().validate(); check_positive('word_length', self.word_length); check_positive('n_symbols', self.n_symbols)
+        if self.max_len < self.seq_len: raise ValueError(f'max_len: expected at least 2 * word_length + 1 = {self.seq_len}, got {self.max_len}')
+        if self.vocab_size < NUM_SPECIAL + self.n_symbols:
+            raise ValueError(f'vocab_size: expected at least NUM_SPECIAL + n_symbols = {NUM_SPECIAL + self.n_symbols}, got {self.vocab_size}')
+    @property
+    def seq_len(self) -> int: return 2 * self.word_length + 1
+
+
+# %% ../../nbs/43_train.tasks.ipynb #0ab711cb
+def _build_synthetic(batches: Callable):
+    "A task builder: `lm.LM` trained on the resumable iterator `batches(model_config, batch_size, seed)`."
+    def build(model_config, train_config) -> Task:
+        B, seed = train_config.batch_size, train_config.seed
+        model = LM(model_config, rngs=nnx.Rngs(params=derive_key(make_key(seed), 'params')))
+        return Task(model, lm_loss(train_config.label_smoothing), batches(model_config, B, seed),
+                    lambda: batches(model_config, B, seed + 10**6),
+                    {k: (B, model_config.seq_len) for k in ('inputs', 'targets', 'loss_mask')})
+    return build
+
+_small = dict(d_model=128, d_ff=512, n_heads=4, n_layers=2, dropout_rate=0.0)
+_fast = dict(log_every=25, eval_every=250, checkpoint_every=250, eval_batches=8)
+DUPLICATE = TaskSpec('duplicate', _build_synthetic(lambda c, B, seed: duplication_batches(B, c.word_length, c.n_symbols, seed)), {
+    'tiny': (DuplicateConfig(vocab_size=12, d_model=32, d_ff=64, n_heads=2, n_layers=1, max_len=9, dropout_rate=0.0,
+                             word_length=4, n_symbols=5), TrainConfig.tiny()),
+    'small': (DuplicateConfig(vocab_size=24, max_len=17, word_length=8, n_symbols=16, **_small),
+              TrainConfig(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=100, **_fast)),
+}, help="Reformer's duplication task <sep> w <sep> w with lm.LM")
+
+
+# %% ../../nbs/43_train.tasks.ipynb #06d3f718
+def build_addition(model_config: AdditionConfig, train_config: TrainConfig) -> Task:
+    "The `addition` task: `AdditionLM`, its loss, training batches and held-out (teacher-forced) batches."
+    B, seed, T = train_config.batch_size, train_config.seed, model_config.seq_len
+    model = AdditionLM(model_config, rngs=nnx.Rngs(params=derive_key(make_key(seed), 'params')))
+    return Task(model, addition_loss, addition_batches(model_config, B, seed), lambda: addition_batches(model_config, B, seed + 10**6),
+                {'inputs': (B, T), 'targets': (B, T), 'loss_mask': (B, T), 'slots': (B, T, 4)})
+
+SMALL = dict(d_model=64, d_ff=256, n_heads=4, n_layers=2)
+SMALL_TRAIN = TrainConfig(steps=2000, batch_size=32, learning_rate=3e-3, warmup_steps=100, log_every=50, eval_every=0,
+                          checkpoint_every=250, eval_batches=4, progress=False)
+ADDITION = TaskSpec('addition', build_addition, {
+    'tiny': (AdditionConfig.tiny(), TrainConfig.tiny()),
+    'small': (AdditionConfig(**SMALL), SMALL_TRAIN),
+}, help='a+b in direct, reversed or scratchpad format (format=...), with LM or digit-slot positions (position=..., digit_codes=...)')
+
+# %% ../../nbs/43_train.tasks.ipynb #9d5e498f
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (LM_TASK, MLM, CLASSIFY, TRANSLATE, TRANSLATE_RNN, DUPLICATE, ADDITION)}
+
+# %% ../../nbs/43_train.tasks.ipynb #cc820cc4
+def train_task(task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, fresh: bool = False) -> tuple[Trainer, dict]:
+    "Build `task` with `preset` and `overrides`, train it in `run_dir` (resuming what is there) and return the trainer and summary."
+    model_config, train_config = resolve_config(task, preset, overrides)
+    run_dir = Path(run_dir or Path('runs') / f'{task}-{preset}')
+    if fresh:
+        for name in ('checkpoints', 'plots'): shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ('metrics.jsonl', 'config.json'): (run_dir / name).unlink(missing_ok=True)
+    if (run_dir / 'config.json').exists():
+        old = json.loads((run_dir / 'config.json').read_text())
+        if old['task'] != task or old['model']['config'] != model_config.to_dict():
+            raise ValueError(f"run_dir: {run_dir} holds a run of {old['task']!r} with another model config; "
+                             'pass --fresh to start it over, or choose another --run-dir')
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / 'config.json').write_text(json.dumps({
+        'task': task, 'preset': preset, 'overrides': list(overrides),
+        'model': {'class': type(model_config).__name__, 'config': model_config.to_dict()}, 'train': train_config.to_dict()}, indent=1))
+    built = TASKS[task].build(model_config, train_config)
+    trainer = Trainer(built.model, built.loss_fn, train_config, run_dir=run_dir, batch_shapes=built.batch_shapes)
+    return trainer, trainer.fit(built.train_data, built.eval_data)
+
+@dataclasses.dataclass
+class Run:
+    "A run directory loaded back: its configs, the model at a checkpoint, and its metrics."
+    path: Path
+    task: str
+    model_config: Config
+    train_config: TrainConfig
+    model: nnx.Module
+    step: int
+    metrics: list
+
+def load_run(run_dir, step: int | None = None) -> Run:
+    "Rebuild the model of a run directory from its `config.json` and load checkpoint `step` (default the newest)."
+    run_dir = Path(run_dir)
+    if not (run_dir / 'config.json').exists(): raise FileNotFoundError(f'run_dir: no config.json in {run_dir}')
+    d = json.loads((run_dir / 'config.json').read_text())
+    check_choice('task', d['task'], sorted(TASKS))
+    spec = TASKS[d['task']]
+    model_cls = next((type(m) for m, _ in spec.presets.values() if type(m).__name__ == d['model']['class']), None)
+    if model_cls is None: raise ValueError(f"config.json: task {d['task']!r} has no preset with a {d['model']['class']} config")
+    model_config, train_config = model_cls.from_dict(d['model']['config']), TrainConfig.from_dict(d['train']).replace(progress=False)
+    built = spec.build(model_config, train_config)
+    trainer = Trainer(built.model, built.loss_fn, train_config, run_dir=run_dir)
+    step = trainer.restore(step=step)
+    metrics = read_metrics(run_dir) if (run_dir / 'metrics.jsonl').exists() else []
+    return Run(run_dir, d['task'], model_config, train_config, trainer.model, step, metrics)

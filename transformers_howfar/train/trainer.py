@@ -5,7 +5,6 @@
 # %% ../../nbs/41_train.trainer.ipynb #8c4fea30
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
@@ -26,21 +25,19 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..core import (Config, check_choice, check_divisible, check_positive, check_range,
-                                      derive_key, machine_info, make_key, register_command)
+                                      derive_key, machine_info, make_key)
 from ..data.tokenizer import NUM_SPECIAL
 from ..layers.losses import cross_entropy
 from ..data.sources import duplication_batches
 from ..models.lm import LM, LMConfig
 from ..layers.attention import get_attention
-from ..bench.measure import benchmark, make_record, matmul_benchmark, run_isolated, time_call
+from ..bench.measure import make_record, matmul_benchmark, run_isolated, time_call
 
 # %% auto #0
-__all__ = ['TASKS', 'BENCH_SIZES', 'TrainConfig', 'make_schedule', 'make_optimizer', 'sam_gradient', 'make_mesh', 'param_spec',
-           'state_shardings', 'batch_sharding', 'make_train_step', 'SyntheticBatches', 'summarize_metrics',
-           'read_metrics', 'MetricsLog', 'plot_metrics', 'NonFiniteLoss', 'fingerprint', 'checkpoint_manager',
-           'save_checkpoint', 'restore_checkpoint', 'Trainer', 'lm_loss', 'Task', 'TaskSpec', 'register_task',
-           'resolve_config', 'train_task', 'Run', 'load_run', 'DuplicateConfig', 'import_tasks', 'decoder_train_flops',
-           'profile_train_step', 'train_benchmark']
+__all__ = ['BENCH_SIZES', 'TrainConfig', 'make_schedule', 'make_optimizer', 'sam_gradient', 'make_mesh', 'param_spec',
+           'state_shardings', 'batch_sharding', 'make_train_step', 'summarize_metrics', 'read_metrics', 'MetricsLog',
+           'plot_metrics', 'NonFiniteLoss', 'fingerprint', 'checkpoint_manager', 'save_checkpoint',
+           'restore_checkpoint', 'Trainer', 'lm_loss', 'decoder_train_flops', 'profile_train_step', 'train_benchmark']
 
 # %% ../../nbs/41_train.trainer.ipynb #c57f3912
 @dataclasses.dataclass(frozen=True)
@@ -198,23 +195,6 @@ def make_train_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransf
         new = dict(params=optax.apply_updates(state['params'], updates), rest=rest, opt=opt, step=state['step'] + 1, key=state['key'])
         return new, metrics
     return step
-
-# %% ../../nbs/41_train.trainer.ipynb #2ae203eb
-class SyntheticBatches:
-    "An endless iterator of `make_batch(rng, batch_size)` batches whose state is `{'seed', 'index'}`."
-    def __init__(self, make_batch: Callable, batch_size: int, seed: int = 0):
-        check_positive('batch_size', batch_size)
-        self.make_batch, self.batch_size, self.seed, self.index = make_batch, batch_size, int(seed), 0
-    def __iter__(self): return self
-    def __next__(self) -> dict:
-        rng = np.random.default_rng([self.seed, self.index])
-        self.index += 1
-        return self.make_batch(rng, self.batch_size)
-    def get_state(self) -> dict: return {'seed': self.seed, 'index': self.index}
-    def set_state(self, state: Mapping):
-        if set(state) != {'seed', 'index'} or state['seed'] != self.seed:
-            raise ValueError(f"state: expected {{'seed': {self.seed}, 'index': ...}}, got {dict(state)!r}")
-        self.index = int(state['index'])
 
 # %% ../../nbs/41_train.trainer.ipynb #840c4a5d
 def summarize_metrics(rows: list[Mapping]) -> dict:
@@ -470,185 +450,6 @@ def lm_loss(label_smoothing: float = 0.0) -> Callable:
         return cross_entropy(model(batch['inputs'], rngs=rngs), batch['targets'], batch['loss_mask'], label_smoothing)
     return loss_fn
 
-# %% ../../nbs/41_train.trainer.ipynb #59830a5e
-@dataclasses.dataclass
-class Task:
-    "What a task builder returns: the model, its loss, the data and the expected shape of every batch array."
-    model: nnx.Module
-    loss_fn: Callable  # loss_fn(model, batch, rngs) -> (loss, metrics); rngs is None for evaluation
-    train_data: Iterator  # batches; resumable if it has get_state/set_state
-    eval_data: Callable[[], Iterable] | None = None  # returns a fresh iterable of held-out batches
-    batch_shapes: Mapping[str, tuple] | None = None
-
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    build: Callable  # build(model_config, train_config) -> Task
-    presets: Mapping[str, tuple]  # preset name -> (model config, TrainConfig)
-    help: str = ''
-    module: str = ''
-
-TASKS: dict[str, TaskSpec] = {}
-
-def register_task(name: str, build: Callable, presets: Mapping[str, tuple], help: str = '') -> TaskSpec:
-    "Register (or replace) the task `name`: `build(model_config, train_config) -> Task` and its presets."
-    if not isinstance(name, str) or not name.replace('_', '').replace('-', '').isalnum():
-        raise ValueError(f'name: expected a short name such as "lm", got {name!r}')
-    if not presets: raise ValueError('presets: expected at least one preset, e.g. {"tiny": (ModelConfig.tiny(), TrainConfig.tiny())}')
-    for p, pair in presets.items():
-        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], Config) and isinstance(pair[1], TrainConfig)):
-            raise ValueError(f'presets[{p!r}]: expected (model Config, TrainConfig), got {pair!r}')
-    TASKS[name] = TaskSpec(name, build, dict(presets), help, getattr(build, '__module__', '') or '')
-    return TASKS[name]
-
-def resolve_config(task: str, preset: str, overrides=()) -> tuple[Config, TrainConfig]:
-    "The preset's (model config, train config) with `key=value` overrides applied to the config that has the key."
-    check_choice('task', task, sorted(TASKS))
-    spec = TASKS[task]
-    check_choice('preset', preset, sorted(spec.presets))
-    model, train = spec.presets[preset]
-    to_model, to_train = [], []
-    for a in overrides:
-        key = a.split('=', 1)[0]
-        if key.startswith(('model.', 'train.')): (to_model if key.startswith('model.') else to_train).append(a.split('.', 1)[1])
-        elif key in model.field_names() and key in train.field_names():
-            raise ValueError(f'override {a!r}: both configs have {key!r}; write model.{key}=... or train.{key}=...')
-        elif key in model.field_names(): to_model.append(a)
-        elif key in train.field_names(): to_train.append(a)
-        else: raise ValueError(f"override {a!r}: expected 'key=value' with a key of {type(model).__name__} "
-                               f'{model.field_names()} or TrainConfig {train.field_names()}')
-    return model.override(to_model), train.override(to_train)
-
-# %% ../../nbs/41_train.trainer.ipynb #cc820cc4
-def train_task(task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, fresh: bool = False) -> tuple[Trainer, dict]:
-    "Build `task` with `preset` and `overrides`, train it in `run_dir` (resuming what is there) and return the trainer and summary."
-    model_config, train_config = resolve_config(task, preset, overrides)
-    run_dir = Path(run_dir or Path('runs') / f'{task}-{preset}')
-    if fresh:
-        for name in ('checkpoints', 'plots'): shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ('metrics.jsonl', 'config.json'): (run_dir / name).unlink(missing_ok=True)
-    if (run_dir / 'config.json').exists():
-        old = json.loads((run_dir / 'config.json').read_text())
-        if old['task'] != task or old['model']['config'] != model_config.to_dict():
-            raise ValueError(f"run_dir: {run_dir} holds a run of {old['task']!r} with another model config; "
-                             'pass --fresh to start it over, or choose another --run-dir')
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / 'config.json').write_text(json.dumps({
-        'task': task, 'preset': preset, 'overrides': list(overrides), 'module': TASKS[task].module,
-        'model': {'class': type(model_config).__name__, 'config': model_config.to_dict()}, 'train': train_config.to_dict()}, indent=1))
-    built = TASKS[task].build(model_config, train_config)
-    trainer = Trainer(built.model, built.loss_fn, train_config, run_dir=run_dir, batch_shapes=built.batch_shapes)
-    return trainer, trainer.fit(built.train_data, built.eval_data)
-
-@dataclasses.dataclass
-class Run:
-    "A run directory loaded back: its configs, the model at a checkpoint, and its metrics."
-    path: Path
-    task: str
-    model_config: Config
-    train_config: TrainConfig
-    model: nnx.Module
-    step: int
-    metrics: list
-
-def load_run(run_dir, step: int | None = None) -> Run:
-    "Rebuild the model of a run directory from its `config.json` and load checkpoint `step` (default the newest)."
-    run_dir = Path(run_dir)
-    if not (run_dir / 'config.json').exists(): raise FileNotFoundError(f'run_dir: no config.json in {run_dir}')
-    d = json.loads((run_dir / 'config.json').read_text())
-    if d.get('module') and d['task'] not in TASKS: importlib.import_module(d['module'])
-    check_choice('task', d['task'], sorted(TASKS))
-    spec = TASKS[d['task']]
-    model_cls = next((type(m) for m, _ in spec.presets.values() if type(m).__name__ == d['model']['class']), None)
-    if model_cls is None: raise ValueError(f"config.json: task {d['task']!r} has no preset with a {d['model']['class']} config")
-    model_config, train_config = model_cls.from_dict(d['model']['config']), TrainConfig.from_dict(d['train']).replace(progress=False)
-    built = spec.build(model_config, train_config)
-    trainer = Trainer(built.model, built.loss_fn, train_config, run_dir=run_dir)
-    step = trainer.restore(step=step)
-    metrics = read_metrics(run_dir) if (run_dir / 'metrics.jsonl').exists() else []
-    return Run(run_dir, d['task'], model_config, train_config, trainer.model, step, metrics)
-
-# %% ../../nbs/41_train.trainer.ipynb #61da1439
-@dataclasses.dataclass(frozen=True)
-class DuplicateConfig(LMConfig):
-    "`lm.LM` on the duplication task `<sep> w <sep> w` of `data.duplication_batches`."
-    word_length: int = 8  # |w|; sequences have 2·word_length + 1 positions
-    n_symbols: int = 8  # w is drawn from ids NUM_SPECIAL .. NUM_SPECIAL + n_symbols - 1
-    def validate(self):
-        super().validate(); check_positive('word_length', self.word_length); check_positive('n_symbols', self.n_symbols)
-        if self.max_len < self.seq_len: raise ValueError(f'max_len: expected at least 2 * word_length + 1 = {self.seq_len}, got {self.max_len}')
-        if self.vocab_size < NUM_SPECIAL + self.n_symbols:
-            raise ValueError(f'vocab_size: expected at least NUM_SPECIAL + n_symbols = {NUM_SPECIAL + self.n_symbols}, got {self.vocab_size}')
-    @property
-    def seq_len(self) -> int: return 2 * self.word_length + 1
-
-
-# %% ../../nbs/41_train.trainer.ipynb #0ab711cb
-def _build_synthetic(batches: Callable):
-    "A task builder: `lm.LM` trained on the resumable iterator `batches(model_config, batch_size, seed)`."
-    def build(model_config, train_config) -> Task:
-        B, seed = train_config.batch_size, train_config.seed
-        model = LM(model_config, rngs=nnx.Rngs(params=derive_key(make_key(seed), 'params')))
-        return Task(model, lm_loss(train_config.label_smoothing), batches(model_config, B, seed),
-                    lambda: batches(model_config, B, seed + 10**6),
-                    {k: (B, model_config.seq_len) for k in ('inputs', 'targets', 'loss_mask')})
-    return build
-
-_small = dict(d_model=128, d_ff=512, n_heads=4, n_layers=2, dropout_rate=0.0)
-_fast = dict(log_every=25, eval_every=250, checkpoint_every=250, eval_batches=8)
-register_task('duplicate', _build_synthetic(lambda c, B, seed: duplication_batches(B, c.word_length, c.n_symbols, seed)), {
-    'tiny': (DuplicateConfig(vocab_size=12, d_model=32, d_ff=64, n_heads=2, n_layers=1, max_len=9, dropout_rate=0.0,
-                             word_length=4, n_symbols=5), TrainConfig.tiny()),
-    'small': (DuplicateConfig(vocab_size=24, max_len=17, word_length=8, n_symbols=16, **_small),
-              TrainConfig(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=100, **_fast)),
-}, help="Reformer's duplication task <sep> w <sep> w with lm.LM")
-
-
-# %% ../../nbs/41_train.trainer.ipynb #d736b989
-def _add_train_arguments(p: argparse.ArgumentParser):
-    p.add_argument('task', nargs='?', help='task to train; omit to list the tasks and their presets')
-    p.add_argument('overrides', nargs='*', help='key=value (or --key value) changes to the model or training config (model.KEY=/train.KEY= where both have KEY)')
-    p.add_argument('--preset', default='tiny', help='named configuration of the task (default: tiny)')
-    p.add_argument('--run-dir', default=None, help='run directory (default: runs/TASK-PRESET); an existing run is resumed')
-    p.add_argument('--fresh', action='store_true', help="discard the run directory's checkpoints and log first")
-    plain = p.parse_known_args
-    def intermixed(args=None, namespace=None):  # argparse stops collecting positionals at the first option: gather the rest
-        namespace, extras = plain(args, namespace)  # and read unknown `--key value` / `--key=value` as the override key=value
-        overrides, unknown, i = list(namespace.overrides or []), [], 0
-        while i < len(extras):
-            e = extras[i]
-            if not e.startswith('-'): overrides.append(e)
-            elif e.startswith('--') and '=' in e:
-                key, value = e[2:].split('=', 1); overrides.append(f"{key.replace('-', '_')}={value}")
-            elif e.startswith('--') and i + 1 < len(extras) and not extras[i + 1].startswith('-'):
-                overrides.append(f"{e[2:].replace('-', '_')}={extras[i + 1]}"); i += 1
-            else: unknown.append(e)
-            i += 1
-        namespace.overrides = overrides
-        return namespace, unknown
-    p.parse_known_args = intermixed
-
-def _run_train(args) -> int:
-    import_tasks()
-    if not args.task:
-        for name, spec in sorted(TASKS.items()): print(f"{name:12s} presets: {', '.join(spec.presets)}  {spec.help}")
-        return 0
-    overrides = args.overrides
-    try: trainer, summary = train_task(args.task, args.preset, overrides, args.run_dir, fresh=args.fresh)
-    except NonFiniteLoss as e: raise ValueError(str(e)) from None
-    for split in ('train', 'eval'):
-        if summary[split]: print(f"{split:5s} step {summary[split]['step']}: " + ', '.join(
-            f'{k} {summary[split][k]:.4g}' for k in ('loss', 'accuracy', 'perplexity', 'tokens_per_s') if k in summary[split]))
-    print(f'run directory: {trainer.run_dir}')
-    return 0
-
-def import_tasks():
-    "Import every module of the package so that each registers its tasks."
-    from transformers_howfar.bench.measure import import_all_modules
-    import_all_modules()
-
-register_command('train', 'Train a registered task: howfar train TASK --preset NAME [key=value ...].', _add_train_arguments, _run_train)
-
 # %% ../../nbs/41_train.trainer.ipynb #25d299a0
 def decoder_train_flops(n_layers: int, d_model: int, d_ff: int, max_len: int, vocab_size: int, **_) -> float:
     "Training FLOPs per token of a dense decoder: $6N + 12LTD$ with $N$ the matmul weights (PaLM's MFU convention)."
@@ -747,7 +548,6 @@ def _bench_torch(python: str, size: dict, repeats: int, timeout: float = 900) ->
 BENCH_SIZES = {'quick': dict(n_layers=2, d_model=64, n_heads=4, d_ff=256, max_len=64, vocab_size=256, batch_size=4),
                'full': dict(n_layers=6, d_model=512, n_heads=8, d_ff=2048, max_len=512, vocab_size=8192, batch_size=8)}
 
-@benchmark('train')
 def train_benchmark(quick: bool = False, attention: tuple = ('full', 'chunked')) -> list[dict]:
     "Training tokens/s and model FLOP utilisation of `lm.LM` for each `attention` kind, against the matmul peak and PyTorch (HOWFAR_TORCH_PYTHON)."
     machine, size, repeats = machine_info(), BENCH_SIZES['quick' if quick else 'full'], 3 if quick else 5

@@ -53,3 +53,20 @@ def test_demo_runs_and_writes_plots(tmp_path):
     records = json.loads((tmp_path / 'out' / 'attention.json').read_text())
     assert {r['config']['attention'] for r in records} == {'exact', 'lsh'} and all(r['value'] > 0 for r in records)
     assert (tmp_path / 'out' / 'duplicate' / 'metrics.jsonl').exists()
+
+
+def test_train_reformer_then_generate_from_the_run_directory(tmp_path):
+    run = tmp_path / 'reformer'
+    r = howfar('train', 'reformer_lm', '--preset', 'tiny', 'steps=4', 'checkpoint_every=2', 'progress=false', '--run-dir', str(run))
+    assert r.returncode == 0, r.stderr
+    assert (run / 'model' / 'model.json').exists() and 'models.reformer:ReformerLM' in (run / 'model' / 'model.json').read_text()
+    finished = howfar('generate', str(run), 'the cat', '--max-new-tokens', '6')
+    assert finished.returncode == 0, finished.stderr
+    at_step = howfar('generate', str(run), 'the cat', '--max-new-tokens', '6', '--step', '4')
+    assert at_step.returncode == 0 and at_step.stdout == finished.stdout  # the last checkpoint is the finished model
+    early = howfar('generate', str(run), 'the cat', '--max-new-tokens', '6', '--step', '2')
+    assert early.returncode == 0, early.stderr
+    again = howfar('train', 'reformer_lm', '--preset', 'tiny', 'steps=6', 'checkpoint_every=2', 'progress=false', '--run-dir', str(run))
+    assert again.returncode == 0 and 'step 6' in again.stdout, again.stdout + again.stderr  # resumed from step 4
+    bad = howfar('generate', str(run / 'model'), 'x', '--step', '2')
+    assert bad.returncode == 2 and 'step: ' in bad.stderr and 'not a run directory' in bad.stderr

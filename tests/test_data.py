@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transformers_howfar.data import sources as D
+from transformers_howfar.data import batches as B, sources as D
 from transformers_howfar.data.tokenizer import BOS_ID, CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, CharTokenizer, SentencePieceTokenizer
 
 FIXTURES = Path(__file__).parent / 'fixtures'
@@ -146,13 +146,13 @@ def _pairs(n=100):
 
 
 ITERATORS = {
-    'lm': lambda seed: D.lm_batches(_docs(), seq_len=16, batch_size=4, seed=seed),
-    'seq2seq': lambda seed: D.seq2seq_batches(_pairs(), batch_size=8, seed=seed, bucket_batches=3),
-    'mlm': lambda seed: D.mlm_batches(_docs(), seq_len=16, batch_size=4, vocab_size=300, seed=seed),
-    'classification': lambda seed: D.classification_batches(_docs(), list(range(40)), batch_size=6, max_len=20, seed=seed),
-    'duplication': lambda seed: D.duplication_batches(4, 8, seed=seed),
-    'copy': lambda seed: D.copy_batches(4, 8, seed=seed),
-    'reverse': lambda seed: D.reverse_batches(4, 8, seed=seed),
+    'lm': lambda seed: B.lm_batches(_docs(), seq_len=16, batch_size=4, seed=seed),
+    'seq2seq': lambda seed: B.seq2seq_batches(_pairs(), batch_size=8, seed=seed, bucket_batches=3),
+    'mlm': lambda seed: B.mlm_batches(_docs(), seq_len=16, batch_size=4, vocab_size=300, seed=seed),
+    'classification': lambda seed: B.classification_batches(_docs(), list(range(40)), batch_size=6, max_len=20, seed=seed),
+    'duplication': lambda seed: B.duplication_batches(4, 8, seed=seed),
+    'copy': lambda seed: B.copy_batches(4, 8, seed=seed),
+    'reverse': lambda seed: B.reverse_batches(4, 8, seed=seed),
 }
 
 
@@ -193,17 +193,17 @@ def test_lm_epoch_covers_every_window_once():
     docs = _docs()
     stream = np.concatenate([np.append(d, EOS_ID) for d in docs])
     n_windows = (len(stream) - 1) // 16
-    it = D.lm_batches(docs, seq_len=16, batch_size=4, seed=0, epochs=1)
+    it = B.lm_batches(docs, seq_len=16, batch_size=4, seed=0, epochs=1)
     rows = [tuple(r) for b in it for r in b['inputs']]
     expected = {tuple(stream[i * 16:(i + 1) * 16]) for i in range(n_windows)}
     assert len(rows) == n_windows // 4 * 4 and set(rows) <= expected and len(set(rows)) == len(rows)
-    b = next(D.lm_batches(docs, 16, 4, seed=0))
+    b = next(B.lm_batches(docs, 16, 4, seed=0))
     assert np.array_equal(b['inputs'][:, 1:], b['targets'][:, :-1])
 
 
 def test_seq2seq_epoch_covers_every_pair_and_teacher_forcing():
     pairs = _pairs()
-    it = D.seq2seq_batches(pairs, batch_size=8, seed=0, epochs=1, bucket_batches=4)
+    it = B.seq2seq_batches(pairs, batch_size=8, seed=0, epochs=1, bucket_batches=4)
     seen = []
     for b in it:
         assert b['src'].shape[1] % 8 == 0 and b['tgt_in'].shape == b['tgt_out'].shape == b['tgt_mask'].shape
@@ -218,7 +218,7 @@ def test_seq2seq_epoch_covers_every_pair_and_teacher_forcing():
 
 
 def test_mlm_rates_on_many_tokens():
-    it = D.mlm_batches(_docs(400), seq_len=64, batch_size=32, vocab_size=300, seed=0)
+    it = B.mlm_batches(_docs(400), seq_len=64, batch_size=32, vocab_size=300, seed=0)
     b = next(it)
     chosen = b['loss_mask'] == 1
     maskable = (b['targets'] != CLS_ID) & (b['targets'] != SEP_ID)
@@ -229,7 +229,7 @@ def test_mlm_rates_on_many_tokens():
 
 
 def test_duplication_matches_reformer_layout():
-    b = next(D.duplication_batches(2, 511, n_symbols=128, seed=0))  # the paper: length 1024 = 2 * (511 + 1)
+    b = next(B.duplication_batches(2, 511, n_symbols=128, seed=0))  # the paper: length 1024 = 2 * (511 + 1)
     assert b['inputs'].shape == (2, 1023)
     full = np.concatenate([b['inputs'], b['targets'][:, -1:]], 1)
     assert (full[:, 0] == SEP_ID).all() and (full[:, 512] == SEP_ID).all()
@@ -239,7 +239,7 @@ def test_duplication_matches_reformer_layout():
 
 @pytest.mark.parametrize('reverse', [False, True])
 def test_copy_and_reverse(reverse):
-    it = (D.reverse_batches if reverse else D.copy_batches)(16, 10, n_symbols=5, seed=2)
+    it = (B.reverse_batches if reverse else B.copy_batches)(16, 10, n_symbols=5, seed=2)
     b = next(it)
     assert b['inputs'].shape == (16, 22)
     for r in range(16):
@@ -254,18 +254,18 @@ def test_copy_and_reverse(reverse):
 
 def test_classification_real_tokenizer():
     texts, labels, names = D.load_labelled(FIXTURES / 'labelled.csv', header=True)
-    rows = D.encode_documents(texts, CharTokenizer(''.join(sorted(set(''.join(texts))))))
-    b = next(D.classification_batches(rows, labels, batch_size=3, max_len=12, seed=0, shuffle=False))
+    rows = B.encode_documents(texts, CharTokenizer(''.join(sorted(set(''.join(texts))))))
+    b = next(B.classification_batches(rows, labels, batch_size=3, max_len=12, seed=0, shuffle=False))
     assert b['inputs'].shape == (3, 12) and (b['inputs'][:, 0] == CLS_ID).all()
     assert b['labels'].tolist() == labels.tolist() and b['attention_mask'].sum() == 36
 
 
 @pytest.mark.parametrize('call, message', [
-    (lambda: D.lm_batches([np.arange(7, 10)], 8, 2), 'fewer than batch_size'),
-    (lambda: D.seq2seq_batches([], 4), 'pairs: expected at least one pair'),
-    (lambda: D.mlm_batches(_docs(), 4, 2, 300), 'seq_len: expected at least 5'),
-    (lambda: D.mlm_batches(_docs(), 16, 2, 300, mask_rate=1.5), 'mask_rate: expected a number in [0, 1]'),
-    (lambda: D.duplication_batches(0, 3), 'batch_size: expected a number > 0'),
+    (lambda: B.lm_batches([np.arange(7, 10)], 8, 2), 'fewer than batch_size'),
+    (lambda: B.seq2seq_batches([], 4), 'pairs: expected at least one pair'),
+    (lambda: B.mlm_batches(_docs(), 4, 2, 300), 'seq_len: expected at least 5'),
+    (lambda: B.mlm_batches(_docs(), 16, 2, 300, mask_rate=1.5), 'mask_rate: expected a number in [0, 1]'),
+    (lambda: B.duplication_batches(0, 3), 'batch_size: expected a number > 0'),
     (lambda: D.load_split('imdb'), "name: expected one of"),
 ])
 def test_errors(call, message):

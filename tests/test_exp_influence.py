@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from transformers_howfar.data.sources import classification_batch
+from transformers_howfar.data.batches import classification_batch
 from transformers_howfar.experiments.influence import (BagOfEmbeddings, InfluenceSetup, bag_loss, example_gradients, load_influence_data,
                                               precision_recall_at_k, tracin)
 

@@ -13,7 +13,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from transformers_howfar.bench.measure import read_records
-from transformers_howfar.data.sources import seq2seq_batches
+from transformers_howfar.data.batches import seq2seq_batches
 from transformers_howfar.experiments.translation import (
     TranslationSetup, load_translation_data, make_trainer, measure_throughput, score_translations,
     translate, translation_configs, translation_experiment, translation_table)

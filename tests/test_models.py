@@ -1,4 +1,5 @@
 "Model families: cached decoding equals the full pass, options, save/load round trips, gradients."
+import json
 import dataclasses
 
 import jax
@@ -128,7 +129,9 @@ def test_save_load_round_trip(make, tmp_path):
     save_model(model, tmp_path / 'm', tokenizer=CharTokenizer('abcdefghijklmnopqrstuvwxy'))
     back = load(tmp_path / 'm')
     assert type(back) is type(model) and back.config == model.config
-    assert read_model_config(tmp_path / 'm') == (type(model).__name__, model.config)
+    assert read_model_config(tmp_path / 'm') == (type(model), model.config)
+    meta = json.loads((tmp_path / 'm' / 'model.json').read_text())
+    assert meta['class'] == f'{type(model).__module__}:{type(model).__qualname__}'
     args = (TOKENS,) if isinstance(model, (LM, Bert)) else (SRC, TOKENS)
     np.testing.assert_array_equal(back(*args), model(*args))
     assert load_tokenizer(tmp_path / 'm').decode([7, 8, 9]) == 'abc'

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from transformers_howfar.layers.losses import cross_entropy
-from transformers_howfar.data.sources import SyntheticBatches
+from transformers_howfar.data.batches import SyntheticBatches
 from transformers_howfar.train.tasks import TASKS, TaskSpec, load_run, resolve_config, train_task
 from transformers_howfar.train.trainer import (
     NonFiniteLoss, TrainConfig, Trainer, checkpoint_manager, make_schedule, read_metrics, save_checkpoint, restore_checkpoint,
@@ -114,7 +114,7 @@ import jax, numpy as np
 from flax import nnx
 from transformers_howfar.train.trainer import Trainer, TrainConfig, lm_loss
 from transformers_howfar.models.lm import LM, LMConfig
-from transformers_howfar.data.sources import duplication_batches
+from transformers_howfar.data.batches import duplication_batches
 assert len(jax.devices()) == 8, jax.devices()
 mc = LMConfig(vocab_size=16, d_model=64, n_heads=4, d_ff=128, n_layers=1, max_len=17, dropout_rate=0.0)
 batch = next(duplication_batches(16, 8, n_symbols=8, seed=0))

@@ -13,7 +13,7 @@ import transformers_howfar
 from .core import machine_info
 from .data.sources import SOURCES, FetchError, cache_dir, fetch, list_sources
 from .train.trainer import NonFiniteLoss
-from .train.tasks import TASKS, train_task
+from .train.tasks import TASKS, load_run, train_task
 from .decoding import beam_search, generate, left_pad
 from .data.tokenizer import EOS_ID
 from .models.saving import load, load_tokenizer
@@ -36,8 +36,8 @@ from .experiments.influence import influence_experiment
 
 # %% auto #0
 __all__ = ['BENCHMARKS', 'EXPERIMENTS', 'COMMANDS', 'add_data_arguments', 'run_data_command', 'add_train_arguments',
-           'run_train_command', 'add_generate_arguments', 'generate_command', 'run_benchmark', 'run_bench_command',
-           'run_experiment_command', 'run_demo', 'add_demo_arguments', 'build_parser', 'main']
+           'run_train_command', 'add_generate_arguments', 'load_for_generation', 'generate_command', 'run_benchmark',
+           'run_bench_command', 'run_experiment_command', 'run_demo', 'add_demo_arguments', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #87f95c5b
 def add_data_arguments(p: argparse.ArgumentParser):
@@ -104,7 +104,7 @@ def run_train_command(args) -> int:
 
 # %% ../nbs/99_cli.ipynb #d9fed62d
 def add_generate_arguments(p: argparse.ArgumentParser):
-    p.add_argument('model_dir', help='a directory written by save_model')
+    p.add_argument('model_dir', help='a model directory (save_model), or a run directory (howfar train)')
     p.add_argument('prompts', nargs='+', help='prompts (LM) or source sentences (encoder-decoder)')
     p.add_argument('--ids', action='store_true', help='prompts are space-separated token ids, not text')
     p.add_argument('--max-new-tokens', type=int, default=64)
@@ -115,10 +115,21 @@ def add_generate_arguments(p: argparse.ArgumentParser):
     p.add_argument('--alpha', type=float, default=0.6, help='length penalty exponent for beam search')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--no-cache', action='store_true', help='recompute the full pass at every step (decoder-only models)')
+    p.add_argument('--step', type=int, default=None, help='in a run directory: the checkpoint to load (default: the finished model, else the newest)')
+
+def load_for_generation(path, step: int | None = None) -> tuple:
+    "The model and tokenizer of a model directory, or of a run directory at checkpoint `step` (default: its finished model)."
+    path = Path(path)
+    is_run = (path / 'config.json').exists() and (path / 'checkpoints').exists()
+    if is_run and (step is not None or not (path / 'model' / 'model.json').exists()):
+        run = load_run(path, step)
+        return run.model, run.tokenizer
+    if step is not None: raise ValueError(f'step: {path} is a model directory, not a run directory; leave --step out')
+    return load(path), load_tokenizer(path)
 
 def generate_command(args) -> list[str]:
     "Run `howfar generate` with parsed `args`; prints and returns one line per prompt."
-    model, tokenizer = load(args.model_dir), load_tokenizer(args.model_dir)
+    model, tokenizer = load_for_generation(args.model_dir, args.step)
     seq2seq = getattr(model, 'is_encoder_decoder', False)
     if args.ids:
         try: rows = [[int(t) for t in p.split()] for p in args.prompts]
@@ -131,7 +142,8 @@ def generate_command(args) -> list[str]:
     if seq2seq: inputs, _ = left_pad([r[::-1] for r in rows]); inputs = inputs[:, ::-1]  # right-padded sources
     if args.beam_size: out = beam_search(model, inputs, args.max_new_tokens, beam_size=args.beam_size, alpha=args.alpha)[0][:, 0]
     else: out = generate(model, inputs, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, key=args.seed, use_cache=not args.no_cache)
+                         top_p=args.top_p, key=args.seed,
+                         use_cache=not args.no_cache and hasattr(model, 'step'))  # a model without a KV cache recomputes
     lines = []
     for row in out.tolist():
         row = row[:row.index(EOS_ID)] if EOS_ID in row else row

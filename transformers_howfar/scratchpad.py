@@ -22,7 +22,7 @@ from .core import check_choice, check_positive, derive_key, make_key, machine_in
 from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID, CharTokenizer
 from .layers.blocks import POSITIONS, sinusoidal_positions, count_parameters
 from .models.lm import LM, LMConfig
-from .data.sources import SyntheticBatches
+from .data.batches import SyntheticBatches
 from .layers.losses import cross_entropy
 
 

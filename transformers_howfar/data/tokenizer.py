@@ -9,7 +9,7 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import sentencepiece as spm

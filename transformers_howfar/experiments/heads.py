@@ -21,7 +21,8 @@ from ..bench.measure import make_record
 from .common import experiment_dir
 from ..models.bert import Bert, BertConfig
 from ..core import check_choice, check_positive, machine_info
-from ..data.sources import encode_documents, lm_batches, load_split
+from ..data.sources import load_split
+from ..data.batches import encode_documents, lm_batches
 from ..models.lm import LM, LMConfig
 from ..models.saving import load, load_tokenizer, save_model
 from ..train.trainer import Trainer, TrainConfig, lm_loss

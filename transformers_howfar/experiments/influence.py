@@ -20,7 +20,8 @@ from flax import nnx
 
 from ..bench.measure import make_record
 from ..core import Config, check_choice, check_positive, machine_info
-from ..data.sources import classification_batch, classification_batches, load_split
+from ..data.sources import load_split
+from ..data.batches import classification_batch, classification_batches
 from ..layers.losses import cross_entropy
 from ..train.tasks import make_tokenizer, toy_corpus
 from ..train.trainer import Trainer, TrainConfig, make_schedule

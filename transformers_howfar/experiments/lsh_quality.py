@@ -21,7 +21,8 @@ from flax import nnx
 from ..layers.attention import format_attention_options
 from ..bench.measure import make_record, run_isolated
 from ..core import Config, check_choice, check_positive, machine_info, make_key
-from ..data.sources import encode_documents, lm_batches, load_split
+from ..data.sources import load_split
+from ..data.batches import encode_documents, lm_batches
 from ..models.reformer import ReformerConfig, ReformerLM, reformer_loss
 from ..train.tasks import make_tokenizer, toy_corpus
 from ..train.trainer import Trainer, TrainConfig, read_metrics, summarize_metrics

@@ -26,7 +26,8 @@ from ..bench.measure import make_record
 from .common import experiment_dir
 from ..models.bert import Bert, BertConfig
 from ..core import Config, check_positive, check_range, derive_key, machine_info, make_key
-from ..data.sources import classification_batch, classification_batches, encode_documents, load_split, mlm_batches
+from ..data.sources import load_split
+from ..data.batches import classification_batch, classification_batches, encode_documents, mlm_batches
 from ..models.saving import load, load_tokenizer, save_model
 from ..train.tasks import classify_loss, make_tokenizer, mlm_loss, toy_corpus
 from ..train.trainer import Trainer, TrainConfig

@@ -20,7 +20,8 @@ from flax import nnx
 from ..bench.measure import make_record
 from .common import experiment_dir
 from ..core import Config, check_choice, check_positive, machine_info
-from ..data.sources import encode_documents, lm_batches, load_split
+from ..data.sources import load_split
+from ..data.batches import encode_documents, lm_batches
 from ..decoding import generate
 from ..layers.blocks import count_parameters
 from ..models.lm import LM, LMConfig

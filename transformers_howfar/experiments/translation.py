@@ -21,7 +21,8 @@ from flax import nnx
 from ..bench.measure import make_record
 from .common import experiment_dir
 from ..core import Config, check_choice, check_positive, machine_info
-from ..data.sources import encode_pairs, load_split, seq2seq_batch, seq2seq_batches
+from ..data.sources import load_split
+from ..data.batches import encode_pairs, seq2seq_batch, seq2seq_batches
 from ..decoding import beam_search, generate
 from ..models.rnn import RNNConfig, RNNEncoderDecoder
 from ..models.saving import save_model

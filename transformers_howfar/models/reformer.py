@@ -30,7 +30,7 @@ from ..bench.measure import check_cpus, make_record, memory_first_options, run_i
 from ..experiments.common import experiment_dir
 from ..data.sources import load_split
 from .lm import LM, LMConfig
-from ..data.sources import SyntheticBatches
+from ..data.batches import SyntheticBatches
 from ..train.trainer import TrainConfig, Trainer, lm_loss, read_metrics
 
 # %% auto #0

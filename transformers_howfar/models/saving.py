@@ -12,6 +12,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -99,6 +100,8 @@ def load(path, classes: tuple[type, type] | None = None  # (model class, config 
     model_cls, config = read_model_config(path, classes)
     abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):  # state that is not a parameter (an RNG stream's key and count) is made as the constructor makes it
+        rest = nnx.split(model_cls(config, rngs=nnx.Rngs(0)), nnx.Param, ...)[2]
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(path / 'params', params.to_pure_dict())
     params.replace_by_pure_dict(restored)

@@ -9,16 +9,18 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from flax import nnx
 
 from ..models.bert import Bert, BertConfig
 from ..core import Config, check_choice, check_positive, check_range, derive_key, make_key
-from ..data.sources import (SOURCES, classification_batches, encode_documents, encode_pairs, load_split,
-                                      lm_batches, mlm_batches, seq2seq_batches, duplication_batches)
+from ..data.sources import SOURCES, load_split
+from ..data.batches import classification_batches, encode_documents, encode_pairs, lm_batches, mlm_batches, seq2seq_batches, duplication_batches
 from ..models.lm import LM, LMConfig
+from ..models.reformer import ReformerConfig, ReformerLM, reformer_loss
+from ..models.saving import save_model
 from ..models.rnn import RNNConfig, RNNEncoderDecoder
 from ..data.tokenizer import NUM_SPECIAL, CharTokenizer, SentencePieceTokenizer
 from ..layers.losses import cross_entropy
@@ -27,11 +29,12 @@ from .trainer import Trainer, TrainConfig, lm_loss, read_metrics
 from ..models.transformer import EncoderDecoder, TransformerConfig
 
 # %% auto #0
-__all__ = ['TOY_ALPHABET', 'TranslateTask', 'TranslateRNNTask', 'build_translate', 'build_translate_rnn', 'LM_TASK', 'MLM',
-           'CLASSIFY', 'TRANSLATE', 'TRANSLATE_RNN', 'DUPLICATE', 'SMALL', 'SMALL_TRAIN', 'ADDITION', 'TASKS', 'Task',
-           'TaskSpec', 'resolve_config', 'mlm_loss', 'classify_loss', 'seq2seq_loss', 'toy_corpus', 'make_tokenizer',
-           'LMTask', 'build_lm', 'MLMTask', 'build_mlm', 'ClassifyTask', 'build_classify', 'DuplicateConfig',
-           'build_addition', 'train_task', 'Run', 'load_run']
+__all__ = ['TOY_ALPHABET', 'TranslateTask', 'TranslateRNNTask', 'build_translate', 'build_translate_rnn', 'LM_TASK',
+           'REFORMER_LM', 'MLM', 'CLASSIFY', 'TRANSLATE', 'TRANSLATE_RNN', 'DUPLICATE', 'SMALL', 'SMALL_TRAIN',
+           'ADDITION', 'TASKS', 'Task', 'TaskSpec', 'resolve_config', 'mlm_loss', 'classify_loss', 'seq2seq_loss',
+           'toy_corpus', 'make_tokenizer', 'LMTask', 'build_lm', 'ReformerLMTask', 'build_reformer_lm', 'MLMTask',
+           'build_mlm', 'ClassifyTask', 'build_classify', 'DuplicateConfig', 'build_addition', 'train_task', 'Run',
+           'load_run']
 
 # %% ../../nbs/43_train.tasks.ipynb #59830a5e
 @dataclasses.dataclass
@@ -42,6 +45,7 @@ class Task:
     train_data: Iterator  # batches; resumable if it has get_state/set_state
     eval_data: Callable[[], Iterable] | None = None  # returns a fresh iterable of held-out batches
     batch_shapes: Mapping[str, tuple] | None = None
+    tokenizer: Any = None  # what turns text into the model's ids; saved with the model when the run finishes
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
@@ -142,15 +146,33 @@ class LMTask(LMConfig):
         super().validate(); check_positive('seq_len', self.seq_len)
         if self.position == 'learned' and self.seq_len > self.max_len: raise ValueError(f'seq_len: expected at most max_len = {self.max_len}, got {self.seq_len}')
 
-def build_lm(config: LMTask, train: TrainConfig) -> Task:
+def _language_model_task(config, train: TrainConfig, model: nnx.Module, loss_fn: Callable) -> Task:
+    "A decoder-only `model` trained with `loss_fn` on `config.corpus` in windows of `config.seq_len` tokens."
     docs, valid = _text(config.corpus, 'text', 'train'), _text(config.corpus, 'text', 'valid')
     tok = make_tokenizer(config.corpus, ['\n'.join(d) if not isinstance(d, str) else d for d in docs], config.vocab_size)
-    model = LM(_family_config(config, LMConfig), rngs=_model_key(train))
     data = lambda d, seed: lm_batches(encode_documents(d, tok), config.seq_len, train.batch_size, seed=seed)
-    task = Task(model, lm_loss(train.label_smoothing), data(docs, train.seed), lambda: data(valid, 0),
-                {k: (train.batch_size, config.seq_len) for k in ('inputs', 'targets', 'loss_mask')})
-    task.tokenizer = tok
-    return task
+    return Task(model, loss_fn, data(docs, train.seed), lambda: data(valid, 0),
+                {k: (train.batch_size, config.seq_len) for k in ('inputs', 'targets', 'loss_mask')}, tokenizer=tok)
+
+def build_lm(config: LMTask, train: TrainConfig) -> Task:
+    "The `lm` task: `LM` on `config.corpus`."
+    model = LM(_family_config(config, LMConfig), rngs=_model_key(train))
+    return _language_model_task(config, train, model, lm_loss(train.label_smoothing))
+
+@dataclasses.dataclass(frozen=True)
+class ReformerLMTask(ReformerConfig):
+    "A ReformerLM trained on `corpus` in windows of `seq_len` tokens."
+    corpus: str = 'wikipedia'
+    seq_len: int = 1024
+    def validate(self):
+        super().validate()
+        check_positive('seq_len', self.seq_len)
+        if self.seq_len > self.max_len: raise ValueError(f'seq_len: expected at most max_len = {self.max_len}, got {self.seq_len}')
+
+def build_reformer_lm(config: ReformerLMTask, train: TrainConfig) -> Task:
+    "The `reformer_lm` task: `ReformerLM` (LSH attention, reversible layers) on `config.corpus`."
+    model = ReformerLM(_family_config(config, ReformerConfig), rngs=_model_key(train))
+    return _language_model_task(config, train, model, reformer_loss(train.label_smoothing))
 
 # %% ../../nbs/43_train.tasks.ipynb #b27d386d
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +256,12 @@ LM_TASK = TaskSpec('lm', build_lm, {
     'tiny': (_tiny(LMTask, LMConfig), _tiny_train),
     'small': (LMTask(vocab_size=8000, d_model=256, d_ff=1024, n_heads=4, n_layers=4, max_len=256, seq_len=256), _small_train),
 }, help='decoder-only language model (GPT style)')
+REFORMER_LM = TaskSpec('reformer_lm', build_reformer_lm, {
+    'tiny': (_tiny(ReformerLMTask, ReformerConfig, max_len=64, axial_shape=(8, 8)), _tiny_train),
+    'small': (ReformerLMTask(vocab_size=8000, d_model=256, d_ff=1024, n_heads=4, n_layers=4, max_len=1024, seq_len=1024,
+                             axial_shape=(32, 32), axial_dims=(128, 128), attention=('lsh',), lsh_chunk=64),
+              _small_train.replace(batch_size=8)),
+}, help='Reformer language model: LSH attention, reversible layers, chunked feed-forward')
 MLM = TaskSpec('mlm', build_mlm, {
     'tiny': (_tiny(MLMTask, BertConfig), _tiny_train),
     'small': (MLMTask(vocab_size=8000, n_layers=4, seq_len=128), _small_train),
@@ -304,7 +332,7 @@ ADDITION = TaskSpec('addition', build_addition, {
 }, help='a+b in direct, reversed or scratchpad format (format=...), with LM or digit-slot positions (position=..., digit_codes=...)')
 
 # %% ../../nbs/43_train.tasks.ipynb #9d5e498f
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (LM_TASK, MLM, CLASSIFY, TRANSLATE, TRANSLATE_RNN, DUPLICATE, ADDITION)}
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (LM_TASK, REFORMER_LM, MLM, CLASSIFY, TRANSLATE, TRANSLATE_RNN, DUPLICATE, ADDITION)}
 
 # %% ../../nbs/43_train.tasks.ipynb #cc820cc4
 def train_task(task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, fresh: bool = False) -> tuple[Trainer, dict]:
@@ -312,7 +340,7 @@ def train_task(task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, f
     model_config, train_config = resolve_config(task, preset, overrides)
     run_dir = Path(run_dir or Path('runs') / f'{task}-{preset}')
     if fresh:
-        for name in ('checkpoints', 'plots'): shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ('checkpoints', 'plots', 'model'): shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in ('metrics.jsonl', 'config.json'): (run_dir / name).unlink(missing_ok=True)
     if (run_dir / 'config.json').exists():
         old = json.loads((run_dir / 'config.json').read_text())
@@ -325,7 +353,10 @@ def train_task(task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, f
         'model': {'class': type(model_config).__name__, 'config': model_config.to_dict()}, 'train': train_config.to_dict()}, indent=1))
     built = TASKS[task].build(model_config, train_config)
     trainer = Trainer(built.model, built.loss_fn, train_config, run_dir=run_dir, batch_shapes=built.batch_shapes)
-    return trainer, trainer.fit(built.train_data, built.eval_data)
+    summary = trainer.fit(built.train_data, built.eval_data)
+    if trainer.step >= train_config.steps:  # finished: leave a model directory that `load` and `howfar generate` read
+        save_model(trainer.model, run_dir / 'model', tokenizer=built.tokenizer, overwrite=True)
+    return trainer, summary
 
 @dataclasses.dataclass
 class Run:
@@ -337,6 +368,7 @@ class Run:
     model: nnx.Module
     step: int
     metrics: list
+    tokenizer: Any = None
 
 def load_run(run_dir, step: int | None = None) -> Run:
     "Rebuild the model of a run directory from its `config.json` and load checkpoint `step` (default the newest)."
@@ -352,4 +384,4 @@ def load_run(run_dir, step: int | None = None) -> Run:
     trainer = Trainer(built.model, built.loss_fn, train_config, run_dir=run_dir)
     step = trainer.restore(step=step)
     metrics = read_metrics(run_dir) if (run_dir / 'metrics.jsonl').exists() else []
-    return Run(run_dir, d['task'], model_config, train_config, trainer.model, step, metrics)
+    return Run(run_dir, d['task'], model_config, train_config, trainer.model, step, metrics, built.tokenizer)

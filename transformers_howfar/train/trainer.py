@@ -28,7 +28,7 @@ from ..core import (Config, check_choice, check_divisible, check_positive, check
                                       derive_key, machine_info, make_key)
 from ..data.tokenizer import NUM_SPECIAL
 from ..layers.losses import cross_entropy
-from ..data.sources import duplication_batches
+from ..data.batches import duplication_batches
 from ..models.lm import LM, LMConfig
 from ..layers.attention import get_attention
 from ..bench.measure import make_record, matmul_benchmark, run_isolated, time_call

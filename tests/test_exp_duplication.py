@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformers_howfar.experiments.duplication import (PAPER_TABLE2, TRAIN_MODES, _same_setup, accuracy_table, attention_options,
+from transformers_howfar.experiments.duplication import (PAPER_TABLE2, TRAIN_MODES, same_setup, accuracy_table, attention_options,
                                                  duplication_setup, evaluate_modes, mode_name, with_mode)
 from transformers_howfar.layers.lsh import shared_qk_attention
 from transformers_howfar.data.tokenizer import NUM_SPECIAL
@@ -65,9 +65,9 @@ def test_saved_setups_still_match_so_resume_keeps_the_trained_models():
     setup = json.loads(json.dumps({'model': model.to_dict(), 'train': train.to_dict(), 'chunk_length': chunk, 'n_buckets': buckets}))
     for mode in TRAIN_MODES:  # written before LMConfig had attention_options
         saved = json.loads((Path(__file__).parents[1] / 'experiments' / 'results' / f'duplication_{mode_name(mode)}.json').read_text())['setup']
-        assert _same_setup(saved, setup)
-    assert not _same_setup(dict(setup, chunk_length=8), setup) and not _same_setup(None, setup)
-    assert not _same_setup(dict(setup, model=dict(setup['model'], d_model=128)), setup)
+        assert same_setup(saved, setup)
+    assert not same_setup(dict(setup, chunk_length=8), setup) and not same_setup(None, setup)
+    assert not same_setup(dict(setup, model=dict(setup['model'], d_model=128)), setup)
 
 
 def test_evaluate_modes_uses_fresh_hashes_and_every_mode():

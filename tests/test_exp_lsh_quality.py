@@ -10,7 +10,7 @@ from flax import nnx
 
 from transformers_howfar.layers.attention import dot_product_attention
 from transformers_howfar.bench.measure import run_isolated
-from transformers_howfar.experiments.lsh_quality import (LSHQualitySetup, _eval_fn, evaluate, load_lsh_data, model_config,
+from transformers_howfar.experiments.lsh_quality import (LSHQualitySetup, make_eval_fn, evaluate, load_lsh_data, model_config,
                                                  run_lsh_quality)
 from transformers_howfar.models.reformer import ReformerLM
 
@@ -46,9 +46,9 @@ def test_models_differ_only_in_attention():
 def test_evaluation_is_deterministic_and_depends_on_rounds():
     data = load_lsh_data(TINY)
     params = nnx.state(ReformerLM(model_config(TINY, 'lsh1'), rngs=nnx.Rngs(0)), nnx.Param)
-    one = evaluate(_eval_fn(model_config(TINY, 'lsh1')), params, data, TINY)
-    assert one == evaluate(_eval_fn(model_config(TINY, 'lsh1')), params, data, TINY)  # fixed evaluation hash key
-    two = evaluate(_eval_fn(model_config(TINY, 'lsh1', n_rounds=2)), params, data, TINY)
+    one = evaluate(make_eval_fn(model_config(TINY, 'lsh1')), params, data, TINY)
+    assert one == evaluate(make_eval_fn(model_config(TINY, 'lsh1')), params, data, TINY)  # fixed evaluation hash key
+    two = evaluate(make_eval_fn(model_config(TINY, 'lsh1', n_rounds=2)), params, data, TINY)
     assert one['nll'] != two['nll'] and abs(one['nll'] - two['nll']) < 0.5
     assert one['tokens'] == TINY.eval_batches * TINY.batch_size * TINY.seq_len
 

@@ -48,7 +48,7 @@ def main(root: Path = ROOT) -> int:
         for name in ('settings.ini', 'setup.py'): shutil.copy2(root / name, tmp / name)
         shutil.copytree(root / 'nbs', tmp / 'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints', '_proc'))
         shutil.copytree(root / 'transformers_howfar', tmp / 'transformers_howfar', ignore=shutil.ignore_patterns('__pycache__'))
-        for f in (tmp / 'transformers_howfar').glob('*.py'):
+        for f in (tmp / 'transformers_howfar').rglob('*.py'):
             if f.name != '__init__.py': f.unlink()  # exported modules must all come from notebooks
         for cmd in ('nbdev_export', 'nbdev_clean'):
             subprocess.run([str(BIN / cmd)], cwd=tmp, check=True, capture_output=True)

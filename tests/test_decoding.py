@@ -12,7 +12,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from transformers_howfar import decoding
-from transformers_howfar.decoding import beam_search, filter_logits, generate, left_pad, measure_generation, measure_step
+from transformers_howfar.decoding import beam_search, filter_logits, generate, left_pad
 from transformers_howfar.models.lm import LM, LMConfig
 from transformers_howfar.models.rnn import RNNConfig, RNNEncoderDecoder
 from transformers_howfar.models.saving import save_model
@@ -111,12 +111,6 @@ def test_bad_arguments():
         left_pad([])
     with pytest.raises(ValueError, match='beam_size: expected a number > 0'):
         beam_search(LM_MODEL, PROMPTS, 4, beam_size=0)
-
-
-def test_benchmark_measurements_quick():
-    assert measure_generation(4, quick=True, repeats=1)['tokens_per_s'] > 0
-    assert measure_step(4, use_cache=True, window=8, quick=True)['ms'] > 0
-    assert measure_step(4, use_cache=False, quick=True)['ms'] > 0
 
 
 def test_howfar_generate_end_to_end(tmp_path):

@@ -18,9 +18,9 @@ from flax import nnx
 from transformers_howfar.layers.losses import cross_entropy
 from transformers_howfar.data.batches import SyntheticBatches
 from transformers_howfar.train.tasks import TASKS, TaskSpec, load_run, resolve_config, train_task
-from transformers_howfar.train.trainer import (
-    NonFiniteLoss, TrainConfig, Trainer, checkpoint_manager, make_schedule, read_metrics, save_checkpoint, restore_checkpoint,
-    sam_gradient)
+from transformers_howfar.train.checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
+from transformers_howfar.train.metrics import read_metrics
+from transformers_howfar.train.trainer import NonFiniteLoss, TrainConfig, Trainer, make_schedule, sam_gradient
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONWARNINGS': 'ignore'}
@@ -124,7 +124,7 @@ for name, devices, fsdp in [('one', jax.devices()[:1], 1), ('data8', None, 1), (
     cfg = TrainConfig(steps=2, batch_size=16, warmup_steps=0, learning_rate=0.5, optimizer='sgd', fsdp=fsdp, fsdp_min_size=1024,
                       progress=False, accumulate=2, label_smoothing=0.1)
     t = Trainer(LM(mc, rngs=nnx.Rngs(0)), lm_loss(0.1), cfg, devices=devices)
-    for _ in range(2): t.state, m = t._train_step(t.state, t._put(batch))
+    for _ in range(2): m = t.train_step(t.put(batch))
     leaves = jax.tree.leaves(t.state['params'])
     big = max(leaves, key=lambda x: x.size)
     results[name] = {'params': [np.asarray(x).tolist() for x in leaves], 'loss': float(m['loss']),
@@ -294,7 +294,6 @@ def test_registered_tasks_and_presets():
 @pytest.mark.parametrize('task', ['duplicate'])
 def test_synthetic_task_is_library_lm_and_checkpoint_holds_iterator_position(task, tmp_path):
     from transformers_howfar.models.lm import LM
-    from transformers_howfar.train.trainer import checkpoint_manager, restore_checkpoint
     trainer, _ = train_task(task, 'tiny', ['steps=6', 'checkpoint_every=3', 'batch_size=4', 'progress=false'], tmp_path / 'run')
     assert isinstance(trainer.model, LM)
     fresh = TASKS[task].build(*resolve_config(task, 'tiny', ['batch_size=4']))
@@ -305,24 +304,3 @@ def test_synthetic_task_is_library_lm_and_checkpoint_holds_iterator_position(tas
     nxt = next(resumed)  # a run resumed at step 3 sees batch 3 next, as the uninterrupted run did
     assert all(np.array_equal(nxt[k], batches[3][k]) for k in nxt) and not np.array_equal(nxt['inputs'], batches[2]['inputs'])
 
-
-def test_train_benchmark_quick_records(monkeypatch):
-    from transformers_howfar.train.trainer import train_benchmark, decoder_train_flops
-    monkeypatch.delenv('HOWFAR_TORCH_PYTHON', raising=False)
-    name = lambda c: c.get('framework', c.get('reference')) + (f"/{c['attention']}" if 'attention' in c else '')
-    all_records = train_benchmark(quick=True)
-    records = {(name(r['config']), r['metric']): r for r in all_records if r['metric'] != 'seconds'}
-    peak = records[('matmul', 'matmul_peak')]['value']
-    assert peak > 0
-    for kind in ('full', 'chunked'):  # the library's LM with each attention kind
-        jax_tps, mfu = records[(f'jax/{kind}', 'tokens_per_s')]['value'], records[(f'jax/{kind}', 'mfu')]
-        assert jax_tps > 0 and len(mfu['config']['load_average']) == 2
-        assert abs(mfu['value'] - jax_tps * mfu['config']['flops_per_token'] / (peak * 1e9)) < 1e-9
-        # the analytic count and XLA's count of the compiled step agree within a factor of two
-        assert 0.5 < mfu['config']['xla_flops_per_token'] / mfu['config']['flops_per_token'] < 2.0
-        assert records[(f'jax/torch/{kind}', 'speedup')]['value'] is None  # no PyTorch, no ratio
-        parts = {r['config']['part']: r['value'] for r in all_records if r['metric'] == 'seconds' and r['config'].get('attention') == kind}
-        assert set(parts) == {'forward_loss', 'forward_backward', 'optimizer', 'attention', 'output_layer_loss'}
-        assert all(v > 0 for v in parts.values())
-    assert records[('torch', 'tokens_per_s')]['value'] is None and 'HOWFAR_TORCH_PYTHON' in records[('torch', 'mfu')]['config']['error']
-    assert decoder_train_flops(6, 512, 2048, 512, 8192) == 6 * (6 * (4 * 512**2 + 2 * 512 * 2048) + 512 * 8192) + 12 * 6 * 512 * 512

@@ -22,8 +22,8 @@ from .layers.variants import attention_benchmark
 from .layers.lsh import lsh_benchmark
 from .models.reformer import (longcontext_experiment, memory_benchmark, million_benchmark,
                                                  profile_benchmark, reformer_pytorch_benchmark)
-from .train.trainer import train_benchmark
-from .decoding import generate_benchmark
+from .bench.train import train_benchmark
+from .bench.generate import generate_benchmark
 from .experiments.scratchpad import scratchpad_experiment
 from .experiments.common import run_experiment
 from .experiments.duplication import duplication_experiment

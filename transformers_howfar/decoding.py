@@ -6,9 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
 from functools import partial
 from typing import Sequence
 
@@ -17,14 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .bench.measure import make_record, run_isolated, time_call
-from .core import check_positive, check_range, check_shape, machine_info, make_key
-from .models.saving import load, load_tokenizer
+from .core import check_positive, check_range, check_shape, make_key
 from .data.tokenizer import EOS_ID, PAD_ID
 
 # %% auto #0
-__all__ = ['NEG_INF', 'filter_logits', 'sample_logits', 'left_pad', 'SampleSettings', 'generate', 'beam_search', 'bench_config',
-           'measure_generation', 'measure_step', 'measure_hf', 'generate_benchmark']
+__all__ = ['NEG_INF', 'filter_logits', 'sample_logits', 'left_pad', 'SampleSettings', 'generate', 'beam_search']
 
 # %% ../nbs/45_decoding.ipynb #97974029
 def filter_logits(
@@ -114,15 +108,18 @@ def _as_batch(prompts, prompt_mask):
     tokens = np.asarray(prompts, np.int32)
     check_shape(tokens, 'B P', 'prompts')
     if prompt_mask is None: return tokens, np.ones(tokens.shape, bool)
-    mask = np.asarray(check_shape(prompt_mask, 'B P', 'prompt_mask', B=tokens.shape[0], P=tokens.shape[1]) and prompt_mask, bool)
+    check_shape(prompt_mask, 'B P', 'prompt_mask', B=tokens.shape[0], P=tokens.shape[1])
+    mask = np.asarray(prompt_mask, bool)
     if not mask.any(1).all(): raise ValueError('prompt_mask: expected at least one token in every row')
     return left_pad([t[m] for t, m in zip(tokens, mask)])
 
 def _inputs(model, inputs, mask):
-    "Left-padded prompts for a decoder-only model; source tokens and mask (default: not padding) for an encoder-decoder."
+    "Left-padded prompts for a decoder-only model; source tokens and mask (default: not padding) for encoder-decoders."
     if not getattr(model, 'is_encoder_decoder', False): return _as_batch(inputs, mask)
     src = np.asarray(inputs, np.int32); check_shape(src, 'B S', 'src')
-    return src, (src != PAD_ID) if mask is None else np.asarray(check_shape(mask, 'B S', 'mask', B=src.shape[0], S=src.shape[1]) and mask, bool)
+    if mask is None: return src, src != PAD_ID
+    check_shape(mask, 'B S', 'mask', B=src.shape[0], S=src.shape[1])
+    return src, np.asarray(mask, bool)
 
 def generate(
     model: nnx.Module,  # a model with `start` and `step` (`LM`, `EncoderDecoder`)
@@ -139,12 +136,15 @@ def generate(
     check_positive('max_new_tokens', max_new_tokens); check_positive('temperature', temperature, allow_zero=True)
     check_positive('top_k', top_k, allow_zero=True); check_range('top_p', top_p, 0, 1, inclusive_high=True)
     if top_p == 0: raise ValueError('top_p: expected a number in (0, 1], got 0')
-    if top_k > getattr(model.config, 'vocab_size', top_k): raise ValueError(f'top_k: expected at most vocab_size = {model.config.vocab_size}, got {top_k}')
+    if top_k > getattr(model.config, 'vocab_size', top_k):
+        raise ValueError(f'top_k: expected at most vocab_size = {model.config.vocab_size}, got {top_k}')
     tokens, mask = _inputs(model, prompts, prompt_mask)
     if not use_cache and getattr(model, 'is_encoder_decoder', False):
-        raise ValueError('use_cache: the uncached loop is for decoder-only models; an encoder-decoder decodes with its cache')
+        raise ValueError('use_cache: the uncached loop is for decoder-only models; '
+                         'an encoder-decoder decodes with its cache')
     key = make_key(key) if not isinstance(key, jax.Array) else key
-    s = SampleSettings(int(max_new_tokens), float(temperature), int(top_k), float(top_p), tuple(int(t) for t in stop_tokens), use_cache=bool(use_cache))
+    s = SampleSettings(int(max_new_tokens), float(temperature), int(top_k), float(top_p),
+                       tuple(int(t) for t in stop_tokens), use_cache=bool(use_cache))
     graphdef, params = nnx.split(model)
     return np.asarray(_sample(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key, s))
 
@@ -202,120 +202,6 @@ def beam_search(
     if 2 * beam_size > V: raise ValueError(f'beam_size: expected at most vocab_size / 2 = {V // 2}, got {beam_size}')
     tokens, m = _inputs(model, inputs, mask)
     graphdef, params = nnx.split(model)
-    seqs, scores = _beam(graphdef, params, jnp.asarray(tokens), jnp.asarray(m), int(beam_size), int(max_new_tokens), float(alpha), int(eos_id))
+    seqs, scores = _beam(graphdef, params, jnp.asarray(tokens), jnp.asarray(m), int(beam_size), int(max_new_tokens),
+                         float(alpha), int(eos_id))
     return np.asarray(seqs), np.asarray(scores)
-
-# %% ../nbs/45_decoding.ipynb #c957458a
-def bench_config(quick: bool = False):
-    "The benchmarked LM: 6 layers, width 256, 4 heads, vocabulary 256 (a tiny one when `quick`)."
-    from transformers_howfar.models.lm import LMConfig
-    if quick: return LMConfig.tiny().replace(vocab_size=64, max_len=128)
-    return LMConfig(vocab_size=256, d_model=256, d_ff=1024, n_heads=4, n_layers=6, max_len=1024, dropout_rate=0.0)
-
-def _bench_lm(quick):
-    from transformers_howfar.models.lm import LM
-    return LM(bench_config(quick), rngs=nnx.Rngs(0))
-
-def measure_generation(new_tokens: int, use_cache: bool = True, prompt_len: int = 16, quick: bool = False, repeats: int = 3) -> dict:
-    "Seconds and tokens/s of `generate` for `new_tokens` after a warm-up run (median of `repeats`)."
-    model = _bench_lm(quick)
-    prompt = np.random.default_rng(0).integers(7, model.config.vocab_size, (1, prompt_len))
-    t = time_call(lambda: generate(model, prompt, new_tokens, stop_tokens=(), use_cache=use_cache), repeats=repeats)
-    return {'seconds': t['median_s'], 'tokens_per_s': new_tokens / t['median_s']}
-
-def measure_step(position: int, use_cache: bool = True, window: int = 528, quick: bool = False) -> dict:
-    "Milliseconds for the token at `position`: one cached step in a `window`-slot cache, or a full pass over `position + 1` tokens."
-    model = _bench_lm(quick)
-    graphdef, params = nnx.split(model)
-    token = jnp.full((1, 1), 9, jnp.int32)
-    if use_cache:
-        cache = model.init_cache(1, window)
-        cache = dict(cache, layers=[dataclasses.replace(c, index=jnp.int32(position)) for c in cache['layers']],
-                     valid=cache['valid'].at[:, :position].set(True), position=jnp.full((1,), position, jnp.int32))
-        fn = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).step(t, c)[0])
-        t = time_call(fn, params, cache, token, repeats=7)
-    else:
-        tokens = jnp.full((1, position + 1), 9, jnp.int32)
-        fn = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[:, -1])
-        t = time_call(fn, params, tokens, repeats=7)
-    return {'ms': 1000 * t['median_s']}
-
-# %% ../nbs/45_decoding.ipynb #a8946e4b
-_HF_SCRIPT = """
-import json, statistics, sys, time, torch
-from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
-a = json.loads(sys.argv[1]); torch.manual_seed(0)
-if a.get('threads'): torch.set_num_threads(a['threads'])
-model = GPT2LMHeadModel(GPT2Config(vocab_size=a['vocab_size'], n_positions=1024, n_embd=a['d_model'], n_layer=a['n_layers'],
-                                   n_head=a['n_heads'], n_inner=a['d_ff'])).eval()
-class Clock(LogitsProcessor):
-    def __init__(self): self.t = []
-    def __call__(self, ids, scores): self.t.append(time.perf_counter()); return scores
-prompt = torch.randint(7, a['vocab_size'], (1, a['prompt_len']))
-run = lambda n, cache, lp=None: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-    do_sample=False, use_cache=cache, pad_token_id=0, logits_processor=lp)
-out = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'runs': []}
-import transformers; out['transformers'] = transformers.__version__
-with torch.no_grad():
-    for n, cache, repeats in a['runs']:
-        run(8, cache)  # warm-up
-        times, steps = [], None
-        for _ in range(repeats):
-            clock = Clock(); t0 = time.perf_counter(); run(n, cache, LogitsProcessorList([clock])); times.append(time.perf_counter() - t0)
-            steps = [1000 * (b - a_) for a_, b in zip(clock.t, clock.t[1:])]
-        out['runs'].append({'new_tokens': n, 'cache': cache, 'seconds': statistics.median(times), 'step_ms': steps})
-print('@@HF@@' + json.dumps(out))
-"""
-
-def measure_hf(config, runs, prompt_len: int = 16, timeout: float = 900, threads: int = 1) -> dict:
-    "HF transformers' GPT-2 `generate` on the same sizes, one process per run, via the Python in `HOWFAR_TORCH_PYTHON`."
-    python = os.environ.get('HOWFAR_TORCH_PYTHON')
-    if not python: return {'error': 'HOWFAR_TORCH_PYTHON is not set'}
-    out = {'runs': [], 'errors': []}
-    for run in runs:
-        args = dict(vocab_size=config.vocab_size, d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
-                    d_ff=config.d_ff, prompt_len=prompt_len, runs=[run], threads=threads)
-        try: proc = subprocess.run([python, '-c', _HF_SCRIPT, json.dumps(args)], capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired: out['errors'].append(f'{run}: timed out after {timeout:.0f} s'); continue
-        except OSError as e: return {'error': f'HOWFAR_TORCH_PYTHON: {e}'}
-        line = next((l for l in proc.stdout.splitlines() if l.startswith('@@HF@@')), None)
-        if line is None: out['errors'].append(f"{run}: {(proc.stderr.strip().splitlines() or ['no output'])[-1][-200:]}"); continue
-        got = json.loads(line[6:]); out['runs'] += got.pop('runs'); out.update(got)
-    if not out['runs']: return {'error': '; '.join(out['errors'])}
-    return out
-
-# %% ../nbs/45_decoding.ipynb #9964b691
-def generate_benchmark(quick: bool = False) -> list[dict]:
-    "Tokens/s generating with and without the KV cache, time per token against position, and HF GPT-2 generate side by side."
-    machine, records, cfg = machine_info(), [], bench_config(quick)
-    lengths, positions = ([8], [4, 8, 16]) if quick else ([256, 512], [16, 64, 128, 256, 384, 512])
-    base = {'d_model': cfg.d_model, 'n_layers': cfg.n_layers, 'n_heads': cfg.n_heads, 'vocab_size': cfg.vocab_size, 'prompt': 16, 'batch': 1}
-    base['load_average'] = round(os.getloadavg()[0], 2)  # other work on the machine slows both sides
-    ours = {}
-    for n in lengths:
-        for cache in (True, False):
-            r = run_isolated('transformers_howfar.decoding:measure_generation', dict(new_tokens=n, use_cache=cache, quick=quick, repeats=3 if cache else 1))
-            ours[n, cache] = r.get('tokens_per_s')
-            records.append(make_record('generate', dict(base, impl='ours', cache=cache, new_tokens=n, error=r.get('error')), 'tokens_per_s', r.get('tokens_per_s'), 'tokens/s', machine))
-    window = 16 + max(lengths)
-    for p in positions:
-        for cache in (True, False):
-            r = run_isolated('transformers_howfar.decoding:measure_step', dict(position=p, use_cache=cache, window=window, quick=quick))
-            records.append(make_record('generate', dict(base, impl='ours', cache=cache, position=p, error=r.get('error')), 'step_ms', r.get('ms'), 'ms', machine))
-    hf = measure_hf(cfg, [[lengths[0], True, 3], [lengths[0], False, 1]] + [[n, True, 1] for n in lengths[1:]])  # HF uncached at 512 takes too long here
-    theirs = {}
-    for run in hf.get('runs', []):
-        theirs[run['new_tokens'], run['cache']] = run['new_tokens'] / run['seconds']
-        records.append(make_record('generate', dict(base, impl='hf', cache=run['cache'], new_tokens=run['new_tokens'], torch=hf['torch'],
-                                                    transformers=hf['transformers'], threads=hf['threads']), 'tokens_per_s', theirs[run['new_tokens'], run['cache']], 'tokens/s', machine))
-        if run['new_tokens'] == max(lengths):  # HF's time per token against position, from its step clock
-            for p in positions:
-                if p - 16 < len(run['step_ms']) and p >= 16:
-                    records.append(make_record('generate', dict(base, impl='hf', cache=run['cache'], position=p), 'step_ms', run['step_ms'][max(p - 17, 0)], 'ms', machine))
-    for e in ([hf['error']] if 'error' in hf else hf['errors']):
-        records.append(make_record('generate', dict(base, impl='hf', error=e), 'tokens_per_s', None, 'tokens/s', machine))
-    n0, n1 = lengths[0], lengths[-1]
-    ratio = lambda a, b: None if a is None or b is None else a / b
-    records.append(make_record('generate', dict(base, new_tokens=n0, target=2.0, reference='hf cached'), 'speedup_vs_hf_cached', ratio(ours[n0, True], theirs.get((n0, True))), 'x', machine))
-    records.append(make_record('generate', dict(base, new_tokens=n1, target=5.0, reference='ours uncached'), 'cache_speedup', ratio(ours[n1, True], ours[n1, False]), 'x', machine))
-    return records

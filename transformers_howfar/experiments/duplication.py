@@ -27,8 +27,8 @@ from ..train.trainer import TrainConfig, Trainer
 
 # %% auto #0
 __all__ = ['MODES', 'TRAIN_MODES', 'DUPLICATION_STEPS', 'PAPER_TABLE2', 'mode_name', 'attention_options', 'with_mode',
-           'evaluate_modes', 'train_duplication', 'duplication_setup', 'model_records', 'duplication_experiment',
-           'accuracy_table']
+           'evaluate_modes', 'train_duplication', 'duplication_setup', 'same_setup', 'model_records',
+           'duplication_experiment', 'accuracy_table']
 
 # %% ../../nbs/61_experiments.duplication.ipynb #9a70a46c
 MODES = ('full', 1, 2, 4, 8)  # attention at evaluation: exact shared-QK attention, or LSH with this many rounds
@@ -109,7 +109,7 @@ def duplication_setup(quick: bool = False) -> tuple[DuplicateConfig, TrainConfig
             TrainConfig(steps=DUPLICATION_STEPS, batch_size=8, learning_rate=6e-3, warmup_steps=50, log_every=50,
                         checkpoint_every=100, eval_batches=4, progress=False), 16, 32)
 
-def _same_setup(saved, setup) -> bool:
+def same_setup(saved, setup) -> bool:
     "Saved setups read through the configs, so a field added since (with its default) still matches."
     if not isinstance(saved, dict) or set(saved) != set(setup): return False
     configs = lambda s: (DuplicateConfig.from_dict(s['model']), TrainConfig.from_dict(s['train']))
@@ -145,7 +145,7 @@ def duplication_experiment(quick: bool = False, resume: bool = False, out_dir='e
         setup = json.loads(json.dumps({'model': model_config.to_dict(), 'train': train_config.to_dict(), 'chunk_length': chunk,
                                        'n_buckets': buckets}))  # as read back from JSON
         done = json.loads(path.read_text()) if resume and path.exists() else None
-        if done is None or not _same_setup(done.get('setup'), setup) or set(done['eval']) != {mode_name(m) for m in eval_modes}:
+        if done is None or not same_setup(done.get('setup'), setup) or set(done['eval']) != {mode_name(m) for m in eval_modes}:
             done = dict(train_duplication(model_config, train_config, mode, chunk_length=chunk, n_buckets=buckets, run_dir=cache / mode_name(mode),
                                           resume=resume, eval_modes=eval_modes, eval_batches=train_config.eval_batches), setup=setup)
             out.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(done, indent=1))

@@ -28,8 +28,8 @@ from ..train.tasks import make_tokenizer, toy_corpus
 from ..train.trainer import Trainer, TrainConfig, read_metrics, summarize_metrics
 
 # %% auto #0
-__all__ = ['LSHQualitySetup', 'model_config', 'load_lsh_data', 'lsh_batches', 'evaluate', 'train_model', 'step_seconds',
-           'run_lsh_quality', 'lsh_quality_experiment']
+__all__ = ['LSHQualitySetup', 'model_config', 'load_lsh_data', 'lsh_batches', 'make_eval_fn', 'evaluate', 'train_model',
+           'step_seconds', 'run_lsh_quality', 'lsh_quality_experiment']
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #9960e4af
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,7 @@ def lsh_batches(data: dict, setup: LSHQualitySetup, which: str = 'train'):
     return lm_batches(data['valid'], setup.seq_len, setup.batch_size, shuffle=False, epochs=1)
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #b13f5e26
-def _eval_fn(config: ReformerConfig):
+def make_eval_fn(config: ReformerConfig):
     "A jitted `(params, batch) -> metrics` for models of `config` (compiled once per config)."
     graphdef, _, rest = nnx.split(ReformerLM(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
     loss_fn = reformer_loss()
@@ -187,13 +187,13 @@ def run_lsh_quality(setup: LSHQualitySetup, out_dir, *, resume: bool = False, ti
         for m in setup.models:
             if m in runs: continue
             with tempfile.TemporaryDirectory() as d: r, params = train_model(setup, m, data, Path(d) / m)
-            evals.setdefault(m, _eval_fn(model_config(setup, m)))
+            evals.setdefault(m, make_eval_fn(model_config(setup, m)))
             r['valid'] = evaluate(evals[m], params, data, setup)
             if r['attention'] == 'lsh':
                 r['eval_rounds'] = {}
                 for R in setup.rounds:
                     key = f'lsh{R}'
-                    evals.setdefault(key, _eval_fn(model_config(setup, key)))
+                    evals.setdefault(key, make_eval_fn(model_config(setup, key)))
                     r['eval_rounds'][str(R)] = evaluate(evals[key], params, data, setup)
             runs[m] = dict(r, setup=setup.to_dict(), chars_per_token=data['chars_per_token'])
             path(m).write_text(json.dumps(runs[m], indent=1))

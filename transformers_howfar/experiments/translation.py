@@ -100,11 +100,11 @@ def measure_throughput(trainers: dict[str, Trainer], batch: dict, rounds: int = 
     saved = {k: jax.device_get(t.state) for k, t in trainers.items()}
     seconds = {k: [] for k in trainers}
     for t in trainers.values():  # compile outside the timing
-        t.state, m = t._train_step(t.state, t._put(batch)); jax.block_until_ready(m)
+        jax.block_until_ready(t.train_step(t.put(batch)))
     for _ in range(rounds):
         for k, t in trainers.items():
             start = time.perf_counter()
-            for _ in range(steps): t.state, m = t._train_step(t.state, t._put(batch))
+            for _ in range(steps): m = t.train_step(t.put(batch))
             jax.block_until_ready(m); seconds[k].append((time.perf_counter() - start) / steps)
     for k, t in trainers.items(): t.state = jax.device_put(saved[k], t.shardings)
     tokens = float(np.sum(batch['tgt_mask']))

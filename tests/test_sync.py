@@ -47,13 +47,13 @@ def test_package_edited_by_hand_fails(project):
 
 
 def test_unclean_notebook_fails(project):
-    nb_path = project / 'nbs' / '05_bench.ipynb'
+    nb_path = project / 'nbs' / '50_bench.measure.ipynb'
     nb = json.loads(nb_path.read_text())
     nb['cells'][1]['metadata']['collapsed'] = True
     nb['cells'][1]['execution_count'] = 7
     nb_path.write_text(json.dumps(nb, indent=1))
     r = check(project)
-    assert r.returncode == 1 and 'notebooks not clean' in r.stdout and '05_bench.ipynb' in r.stdout
+    assert r.returncode == 1 and 'notebooks not clean' in r.stdout and '50_bench.measure.ipynb' in r.stdout
 
 
 def test_stale_readme_fails(project):
@@ -63,11 +63,11 @@ def test_stale_readme_fails(project):
 
 
 def test_saved_output_with_a_machine_path_fails(project):
-    nb_path = project / 'nbs' / '05_bench.ipynb'
+    nb_path = project / 'nbs' / '50_bench.measure.ipynb'
     nb = json.loads(nb_path.read_text())
     cell = next(c for c in nb['cells'] if c['cell_type'] == 'code')
     kernel_file = '/' + '/'.join(['tmp', 'ipykernel_4242', '17.py'])  # what a warning prints
     cell['outputs'] = [{'name': 'stderr', 'output_type': 'stream', 'text': [f'{kernel_file}:3: DeprecationWarning: old\n']}]
     nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
     r = check(project)
-    assert r.returncode == 1 and 'machine paths' in r.stdout and '05_bench.ipynb' in r.stdout
+    assert r.returncode == 1 and 'machine paths' in r.stdout and '50_bench.measure.ipynb' in r.stdout

@@ -112,7 +112,8 @@ EIGHT = '''
 import json, sys
 import jax, numpy as np
 from flax import nnx
-from transformers_howfar.train.trainer import Trainer, TrainConfig, lm_loss
+from transformers_howfar.train.trainer import Trainer, TrainConfig
+from transformers_howfar.models.lm import lm_loss
 from transformers_howfar.models.lm import LM, LMConfig
 from transformers_howfar.data.batches import duplication_batches
 assert len(jax.devices()) == 8, jax.devices()

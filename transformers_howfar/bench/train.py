@@ -19,7 +19,8 @@ from ..core import machine_info
 from ..layers.attention import get_attention
 from ..layers.losses import cross_entropy
 from ..models.lm import LM, LMConfig
-from ..train.trainer import TrainConfig, Trainer, cast_floats, lm_loss
+from ..train.trainer import TrainConfig, Trainer, cast_floats
+from ..models.lm import lm_loss
 
 # %% auto #0
 __all__ = ['BENCH_SIZES', 'decoder_train_flops', 'profile_train_step', 'measure_train_step', 'train_benchmark']

@@ -13,13 +13,14 @@ from typing import Sequence
 
 import numpy as np
 import sentencepiece as spm
+from fastcore.basics import patch
 
 from ..core import check_choice, check_positive
 
 # %% auto #0
 __all__ = ['PAD_ID', 'UNK_ID', 'BOS_ID', 'EOS_ID', 'MASK_ID', 'SEP_ID', 'CLS_ID', 'SPECIAL_TOKENS', 'NUM_SPECIAL',
-           'DIGITS_ALPHABET', 'TOKENIZER_KINDS', 'Tokenizer', 'encode_batch', 'decode_batch', 'token_id', 'save',
-           'CharTokenizer', 'SentencePieceTokenizer', 'load_tokenizer']
+           'DIGITS_ALPHABET', 'TOKENIZER_KINDS', 'Tokenizer', 'CharTokenizer', 'SentencePieceTokenizer',
+           'load_tokenizer']
 
 # %% ../../nbs/10_data.tokenizer.ipynb #0d0f22ea
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID, CLS_ID = range(7)
@@ -73,7 +74,8 @@ class Tokenizer:
         return self._decode([int(i) for i in ids if int(i) >= NUM_SPECIAL or int(i) == UNK_ID])
 
 # %% ../../nbs/10_data.tokenizer.ipynb #5d61e12d
-def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False, max_len: int | None = None,
+@patch
+def encode_batch(self: Tokenizer, texts: Sequence[str], *, bos: bool = False, eos: bool = False, max_len: int | None = None,
                  pad_to: int | None = None, pad_multiple: int = 1, truncate: str = 'right', as_jax: bool = False) -> dict:
     "Encode `texts` into `ids` (B, T) int32, `mask` (B, T) float32 (1 = token) and `lengths` (B,) int32."
     texts = _check_texts(texts)
@@ -93,30 +95,34 @@ def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = F
         out = {k: jnp.asarray(v) for k, v in out.items()}
     return out
 
-def decode_batch(self, ids) -> list[str]:
+@patch
+def decode_batch(self: Tokenizer, ids) -> list[str]:
     "Decode each row of a (B, T) array of ids."
     ids = np.asarray(ids)
     if ids.ndim != 2: raise ValueError(f'ids: expected 2 axes (B, T), got shape {ids.shape}')
     return [self.decode(row) for row in ids]
 
-Tokenizer.encode_batch, Tokenizer.decode_batch = encode_batch, decode_batch
-
 # %% ../../nbs/10_data.tokenizer.ipynb #1fb981e6
-def token_id(self, token: str) -> int:
+@patch
+def token_id(self: Tokenizer, token: str) -> int:
     "The id of a special (or user-defined) token such as `'<mask>'`."
     known = {**SPECIAL_TOKENS, **self._extra_tokens()}
     if token not in known: raise ValueError(f'token: unknown special token {token!r}; expected one of {list(known)}')
     return known[token]
 
-def save(self, directory) -> Path:
+@patch
+def save(self: Tokenizer, directory) -> Path:
     "Write `tokenizer.json` (kind and settings) and any model file into `directory`."
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     self._save_files(d)
     (d / 'tokenizer.json').write_text(json.dumps({'kind': self.kind, 'settings': self._settings()}, indent=2))
     return d
 
-Tokenizer.token_id, Tokenizer.save = token_id, save
-Tokenizer._extra_tokens = lambda self: {}
+
+@patch
+def _extra_tokens(self: Tokenizer) -> dict:
+    "User-defined special tokens by name (none unless a subclass says so)."
+    return {}
 
 # %% ../../nbs/10_data.tokenizer.ipynb #79ce4198
 DIGITS_ALPHABET = '0123456789+-*/=., ()'
@@ -245,4 +251,7 @@ def load_tokenizer(directory) -> Tokenizer:
     try: return SentencePieceTokenizer(model.read_bytes(), meta.get('settings'))
     except RuntimeError: raise ValueError(f'directory: {model} is corrupt (not a SentencePiece model)') from None
 
-Tokenizer.load = staticmethod(load_tokenizer)
+@patch(cls_method=True)
+def load(cls: Tokenizer, directory) -> Tokenizer:
+    "The tokenizer saved in `directory` (the same as `load_tokenizer`)."
+    return load_tokenizer(directory)

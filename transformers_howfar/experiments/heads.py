@@ -25,7 +25,8 @@ from ..data.sources import load_split
 from ..data.batches import encode_documents, lm_batches
 from ..models.lm import LM, LMConfig
 from ..models.saving import load, load_tokenizer, save_model
-from ..train.trainer import Trainer, TrainConfig, lm_loss
+from ..train.trainer import Trainer, TrainConfig
+from ..models.lm import lm_loss
 from ..train.tasks import TOY_ALPHABET
 from ..data.tokenizer import CLS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, SEP_ID, CharTokenizer
 

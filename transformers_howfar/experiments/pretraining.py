@@ -29,7 +29,8 @@ from ..core import Config, check_positive, check_range, derive_key, machine_info
 from ..data.sources import load_split
 from ..data.batches import classification_batch, classification_batches, encode_documents, mlm_batches
 from ..models.saving import load, load_tokenizer, save_model
-from ..train.tasks import classify_loss, make_tokenizer, mlm_loss, toy_corpus
+from ..models.bert import classify_loss, mlm_loss
+from ..train.tasks import make_tokenizer, toy_corpus
 from ..train.trainer import Trainer, TrainConfig
 
 # %% auto #0

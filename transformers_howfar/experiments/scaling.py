@@ -26,7 +26,8 @@ from ..decoding import generate
 from ..layers.blocks import count_parameters
 from ..models.lm import LM, LMConfig
 from ..models.saving import load, load_tokenizer, save_model
-from ..train.tasks import lm_loss, make_tokenizer, toy_corpus
+from ..models.lm import lm_loss
+from ..train.tasks import make_tokenizer, toy_corpus
 from ..data.tokenizer import EOS_ID, SentencePieceTokenizer, load_tokenizer as load_tokenizer_dir
 from ..train.trainer import TrainConfig, Trainer, read_metrics
 

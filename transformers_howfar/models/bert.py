@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +15,10 @@ from flax import nnx
 from ..layers.attention import get_attention, parse_attention_options
 from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
 from ..layers.blocks import ACTIVATIONS, POSITIONS, Embedder, Stack
+from ..layers.losses import cross_entropy
 
 # %% auto #0
-__all__ = ['BertConfig', 'Bert']
+__all__ = ['BertConfig', 'Bert', 'mlm_loss', 'classify_loss']
 
 # %% ../../nbs/32_models.bert.ipynb #57a7e96b
 @dataclasses.dataclass(frozen=True)
@@ -90,3 +92,17 @@ class Bert(nnx.Module):
         pooled = jnp.tanh(self.pooler(self(inputs, segments, attention_mask, rngs=rngs)[:, 0]))  # (B, D)
         return self.classifier(self.dropout(pooled, deterministic=rngs is None, rngs=rngs))
 
+
+# %% ../../nbs/32_models.bert.ipynb #a64d4195
+def mlm_loss(label_smoothing: float = 0.0) -> Callable:
+    "Masked-token loss of `Bert.mlm_logits` on `inputs`, `targets`, `loss_mask`, `segments`, `attention_mask`."
+    def loss_fn(model, batch, rngs):
+        logits = model.mlm_logits(batch['inputs'], batch['segments'], batch['attention_mask'], rngs=rngs)
+        return cross_entropy(logits, batch['targets'], batch['loss_mask'], label_smoothing)
+    return loss_fn
+
+def classify_loss(label_smoothing: float = 0.0) -> Callable:
+    "Sequence-classification loss of `Bert.classify` on `inputs`, `attention_mask`, `labels`."
+    def loss_fn(model, batch, rngs):
+        return cross_entropy(model.classify(batch['inputs'], None, batch['attention_mask'], rngs=rngs), batch['labels'], None, label_smoothing)
+    return loss_fn

@@ -6,17 +6,20 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from fastcore.basics import patch
 
 from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
 from ..layers.attention import KVCache, get_attention, parse_attention_options
 from ..layers.blocks import ACTIVATIONS, POSITIONS, Embedder, Stack
+from ..layers.losses import cross_entropy
 
 # %% auto #0
-__all__ = ['LMConfig', 'LM']
+__all__ = ['LMConfig', 'LM', 'lm_loss']
 
 # %% ../../nbs/31_models.lm.ipynb #6082357f
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +79,8 @@ class LM(nnx.Module):
         return (self.embed.attend(x), weights) if return_weights else self.embed.attend(x)  # (B, T, V)
 
 # %% ../../nbs/31_models.lm.ipynb #84a6c5d8
-def _init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
+@patch
+def init_cache(self: LM, batch: int, length: int, dtype=jnp.float32) -> dict:
     "An empty decoding cache with room for `length` tokens per row."
     c = self.config
     if c.position == 'learned' and length > c.max_len:
@@ -84,7 +88,8 @@ def _init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
     return {'layers': [KVCache.zeros(batch, length, c.kv_heads, c.d_head, dtype) for _ in range(c.n_layers)],
             'position': jnp.zeros((batch,), jnp.int32), 'valid': jnp.zeros((batch, length), bool)}
 
-def _step(self, tokens, cache: dict, token_mask=None):
+@patch
+def step(self: LM, tokens, cache: dict, token_mask=None):
     "Feed `tokens` (B, T) through the cache; returns logits (B, T, V) and the updated cache."
     sizes = check_shape(tokens, 'B T', 'tokens', B=cache['position'].shape[0])
     token_mask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
@@ -95,14 +100,18 @@ def _step(self, tokens, cache: dict, token_mask=None):
     new = {'layers': layers, 'position': cache['position'] + token_mask.sum(1), 'valid': valid}
     return self.embed.attend(x), new
 
-LM.init_cache, LM.step = _init_cache, _step
-
 # %% ../../nbs/31_models.lm.ipynb #eff52d47
-def _start(self, prompts, prompt_mask, max_new_tokens: int, dtype=jnp.float32):
+@patch
+def start(self: LM, prompts, prompt_mask, max_new_tokens: int, dtype=jnp.float32):
     "Prefill a left-padded batch `prompts` (B, P) except its last column; returns (cache, last tokens (B,))."
     B, P = check_shape(prompts, 'B P', 'prompts').values()
     cache = self.init_cache(B, P + max_new_tokens, dtype)
     if P > 1: _, cache = self.step(prompts[:, :-1], cache, prompt_mask[:, :-1])
     return cache, prompts[:, -1]
 
-LM.start = _start
+# %% ../../nbs/31_models.lm.ipynb #606b3b51
+def lm_loss(label_smoothing: float = 0.0) -> Callable:
+    "A `loss_fn` for next-token batches `inputs`, `targets`, `loss_mask` (B, T) on a model mapping tokens to logits."
+    def loss_fn(model, batch, rngs):
+        return cross_entropy(model(batch['inputs'], rngs=rngs), batch['targets'], batch['loss_mask'], label_smoothing)
+    return loss_fn

@@ -31,7 +31,8 @@ from ..experiments.common import experiment_dir
 from ..data.sources import load_split
 from .lm import LM, LMConfig
 from ..data.batches import SyntheticBatches
-from ..train.trainer import TrainConfig, Trainer, lm_loss, read_metrics
+from ..train.trainer import TrainConfig, Trainer, read_metrics
+from .lm import lm_loss
 
 # %% auto #0
 __all__ = ['EVAL_HASH_KEY', 'MEMORY_GRID', 'SINGLE_THREAD_XLA', 'TORCH_GRID', 'LONGCONTEXT_RUNS', 'LONGCONTEXT_COSTS',

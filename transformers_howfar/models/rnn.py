@@ -10,6 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from fastcore.basics import patch
 
 from ..layers.attention import dot_product_attention
 from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
@@ -118,7 +119,8 @@ class RNNEncoderDecoder(nnx.Module):
         return self._decode(tgt_in, tgt_mask, carries, k, v, src_mask, rngs)[0]
 
 # %% ../../nbs/34_models.rnn.ipynb #e3712ceb
-def _start(self, src, src_mask, max_new_tokens: int, dtype=jnp.float32):
+@patch
+def start(self: RNNEncoderDecoder, src, src_mask, max_new_tokens: int, dtype=jnp.float32):
     "Encode `src` (B, S); returns (cache, first tokens (B,) = BOS)."
     check_shape(src, 'B S', 'src')
     src_mask = src != PAD_ID if src_mask is None else jnp.asarray(src_mask, bool)
@@ -126,11 +128,10 @@ def _start(self, src, src_mask, max_new_tokens: int, dtype=jnp.float32):
     carries = [_zero_carry(cell, src.shape[0]) for cell in self.decoder_cells]
     return {'carries': carries, 'memory_k': k, 'memory_v': v, 'memory_mask': src_mask}, jnp.full((src.shape[0],), BOS_ID, jnp.int32)
 
-def _step(self, tokens, cache: dict, token_mask=None):
+@patch
+def step(self: RNNEncoderDecoder, tokens, cache: dict, token_mask=None):
     "Feed target `tokens` (B, T); returns logits (B, T, V) and the updated cache."
     check_shape(tokens, 'B T', 'tokens', B=cache['memory_mask'].shape[0])
     token_mask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
     logits, carries = self._decode(tokens, token_mask, cache['carries'], cache['memory_k'], cache['memory_v'], cache['memory_mask'])
     return logits, dict(cache, carries=carries)
-
-RNNEncoderDecoder.start, RNNEncoderDecoder.step = _start, _step

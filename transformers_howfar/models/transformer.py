@@ -6,18 +6,21 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from fastcore.basics import patch
 
 from ..layers.attention import KVCache, get_attention
 from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
 from ..layers.blocks import ACTIVATIONS, POSITIONS, Embedder, Stack
 from ..data.tokenizer import BOS_ID, PAD_ID
+from ..layers.losses import cross_entropy
 
 # %% auto #0
-__all__ = ['TransformerConfig', 'EncoderDecoder']
+__all__ = ['TransformerConfig', 'EncoderDecoder', 'seq2seq_loss']
 
 # %% ../../nbs/30_models.transformer.ipynb #57021df1
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +99,16 @@ class EncoderDecoder(nnx.Module):
         return self.output_embed.attend(x)
 
 # %% ../../nbs/30_models.transformer.ipynb #5343da0d
-def _init_cache(self, batch: int, length: int, dtype=jnp.float32) -> dict:
+@patch
+def init_cache(self: EncoderDecoder, batch: int, length: int, dtype=jnp.float32) -> dict:
     c = self.config
     if c.position == 'learned' and length > c.max_len:
         raise ValueError(f'length: expected at most max_len = {c.max_len} with learned positions, got {length}')
     return {'layers': [KVCache.zeros(batch, length, c.kv_heads, c.d_head, dtype) for _ in range(c.decoder_layers)],
             'position': jnp.zeros((batch,), jnp.int32), 'valid': jnp.zeros((batch, length), bool)}
 
-def _start(self, src, src_mask, max_new_tokens: int, dtype=jnp.float32):
+@patch
+def start(self: EncoderDecoder, src, src_mask, max_new_tokens: int, dtype=jnp.float32):
     "Encode `src` (B, S) and prepare decoding `max_new_tokens`; returns (cache, first tokens (B,) = BOS)."
     check_shape(src, 'B S', 'src')
     src_mask = src != PAD_ID if src_mask is None else src_mask
@@ -111,7 +116,8 @@ def _start(self, src, src_mask, max_new_tokens: int, dtype=jnp.float32):
     cache.update(memories=self.decoder.memories(self.encode(src, src_mask)), memory_mask=src_mask)
     return cache, jnp.full((src.shape[0],), BOS_ID, jnp.int32)
 
-def _step(self, tokens, cache: dict, token_mask=None):
+@patch
+def step(self: EncoderDecoder, tokens, cache: dict, token_mask=None):
     "Feed target `tokens` (B, T) through the cache; returns logits (B, T, V) and the updated cache."
     check_shape(tokens, 'B T', 'tokens', B=cache['position'].shape[0])
     token_mask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
@@ -122,4 +128,10 @@ def _step(self, tokens, cache: dict, token_mask=None):
                              memory_mask=cache['memory_mask'], caches=cache['layers'])
     return self.output_embed.attend(x), dict(cache, layers=layers, valid=valid, position=cache['position'] + token_mask.sum(1))
 
-EncoderDecoder.init_cache, EncoderDecoder.start, EncoderDecoder.step = _init_cache, _start, _step
+# %% ../../nbs/30_models.transformer.ipynb #40309700
+def seq2seq_loss(label_smoothing: float = 0.1) -> Callable:
+    "Translation loss of an encoder-decoder on `src`, `src_mask`, `tgt_in`, `tgt_out`, `tgt_mask`."
+    def loss_fn(model, batch, rngs):
+        logits = model(batch['src'], batch['tgt_in'], src_mask=batch['src_mask'] > 0, tgt_mask=batch['tgt_mask'] > 0, rngs=rngs)
+        return cross_entropy(logits, batch['tgt_out'], batch['tgt_mask'], label_smoothing)
+    return loss_fn

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 from flax import nnx
 
-from ..models.bert import Bert, BertConfig
+from ..models.bert import Bert, BertConfig, classify_loss, mlm_loss
 from ..core import Config, check_choice, check_positive, check_range, derive_key, make_key
 from ..data.sources import SOURCES, load_split
 from ..data.batches import classification_batches, encode_documents, encode_pairs, lm_batches, mlm_batches, seq2seq_batches, duplication_batches
@@ -25,16 +25,16 @@ from ..models.rnn import RNNConfig, RNNEncoderDecoder
 from ..data.tokenizer import NUM_SPECIAL, CharTokenizer, SentencePieceTokenizer
 from ..layers.losses import cross_entropy
 from ..scratchpad import AdditionConfig, AdditionLM, addition_batches, addition_loss
-from .trainer import Trainer, TrainConfig, lm_loss, read_metrics
-from ..models.transformer import EncoderDecoder, TransformerConfig
+from .trainer import Trainer, TrainConfig, read_metrics
+from ..models.lm import lm_loss
+from ..models.transformer import EncoderDecoder, TransformerConfig, seq2seq_loss
 
 # %% auto #0
 __all__ = ['TOY_ALPHABET', 'TranslateTask', 'TranslateRNNTask', 'build_translate', 'build_translate_rnn', 'LM_TASK',
            'REFORMER_LM', 'MLM', 'CLASSIFY', 'TRANSLATE', 'TRANSLATE_RNN', 'DUPLICATE', 'SMALL', 'SMALL_TRAIN',
-           'ADDITION', 'TASKS', 'Task', 'TaskSpec', 'resolve_config', 'mlm_loss', 'classify_loss', 'seq2seq_loss',
-           'toy_corpus', 'make_tokenizer', 'LMTask', 'build_lm', 'ReformerLMTask', 'build_reformer_lm', 'MLMTask',
-           'build_mlm', 'ClassifyTask', 'build_classify', 'DuplicateConfig', 'build_addition', 'train_task', 'Run',
-           'load_run']
+           'ADDITION', 'TASKS', 'Task', 'TaskSpec', 'resolve_config', 'toy_corpus', 'make_tokenizer', 'LMTask',
+           'build_lm', 'ReformerLMTask', 'build_reformer_lm', 'MLMTask', 'build_mlm', 'ClassifyTask', 'build_classify',
+           'DuplicateConfig', 'build_addition', 'train_task', 'Run', 'load_run']
 
 # %% ../../nbs/43_train.tasks.ipynb #59830a5e
 @dataclasses.dataclass
@@ -79,27 +79,6 @@ def resolve_config(task: str, preset: str, overrides=()) -> tuple[Config, TrainC
         else: raise ValueError(f"override {a!r}: expected 'key=value' with a key of {type(model).__name__} "
                                f'{model.field_names()} or TrainConfig {train.field_names()}')
     return model.override(to_model), train.override(to_train)
-
-# %% ../../nbs/43_train.tasks.ipynb #83ab811b
-def mlm_loss(label_smoothing: float = 0.0) -> Callable:
-    "Masked-token loss of `Bert.mlm_logits` on `inputs`, `targets`, `loss_mask`, `segments`, `attention_mask`."
-    def loss_fn(model, batch, rngs):
-        logits = model.mlm_logits(batch['inputs'], batch['segments'], batch['attention_mask'], rngs=rngs)
-        return cross_entropy(logits, batch['targets'], batch['loss_mask'], label_smoothing)
-    return loss_fn
-
-def classify_loss(label_smoothing: float = 0.0) -> Callable:
-    "Sequence-classification loss of `Bert.classify` on `inputs`, `attention_mask`, `labels`."
-    def loss_fn(model, batch, rngs):
-        return cross_entropy(model.classify(batch['inputs'], None, batch['attention_mask'], rngs=rngs), batch['labels'], None, label_smoothing)
-    return loss_fn
-
-def seq2seq_loss(label_smoothing: float = 0.1) -> Callable:
-    "Translation loss of an encoder-decoder on `src`, `src_mask`, `tgt_in`, `tgt_out`, `tgt_mask`."
-    def loss_fn(model, batch, rngs):
-        logits = model(batch['src'], batch['tgt_in'], src_mask=batch['src_mask'] > 0, tgt_mask=batch['tgt_mask'] > 0, rngs=rngs)
-        return cross_entropy(logits, batch['tgt_out'], batch['tgt_mask'], label_smoothing)
-    return loss_fn
 
 # %% ../../nbs/43_train.tasks.ipynb #22189bcb
 _WORDS = 'the a cat dog bird sees likes chases small big red blue quickly home'.split()

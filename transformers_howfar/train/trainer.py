@@ -27,7 +27,7 @@ from .metrics import FitProgress, MetricsLog, plot_metrics, read_metrics, summar
 
 # %% auto #0
 __all__ = ['TrainConfig', 'make_schedule', 'make_optimizer', 'sam_gradient', 'make_mesh', 'param_spec', 'state_shardings',
-           'batch_sharding', 'cast_floats', 'make_train_step', 'make_eval_step', 'NonFiniteLoss', 'Trainer', 'lm_loss']
+           'batch_sharding', 'cast_floats', 'make_train_step', 'make_eval_step', 'NonFiniteLoss', 'Trainer']
 
 # %% ../../nbs/41_train.trainer.ipynb #c57f3912
 @dataclasses.dataclass(frozen=True)
@@ -386,10 +386,3 @@ class Trainer:
         plot_metrics(records, ('loss',), ax=ax, title=self.run_dir.name)
         (self.run_dir / 'plots').mkdir(parents=True, exist_ok=True)
         fig.savefig(self.run_dir / 'plots' / 'loss.png', dpi=90, bbox_inches='tight')
-
-# %% ../../nbs/41_train.trainer.ipynb #606b3b51
-def lm_loss(label_smoothing: float = 0.0) -> Callable:
-    "A `loss_fn` for next-token batches `inputs`, `targets`, `loss_mask` (B, T) on a model mapping tokens to logits."
-    def loss_fn(model, batch, rngs):
-        return cross_entropy(model(batch['inputs'], rngs=rngs), batch['targets'], batch['loss_mask'], label_smoothing)
-    return loss_fn

@@ -29,7 +29,7 @@ chromium:
 # The package is what nbdev_export makes from the notebooks, the notebooks are clean, README is current.
 check: $(STAMP)
 	$(BIN)/python tools/check_sync.py
-	$(BIN)/ruff check --quiet transformers_howfar && echo "ruff: exported code clean (120 columns, pyflakes)"
+	$(BIN)/ruff check --quiet transformers_howfar && echo "ruff: exported code clean (pyflakes)"
 
 # Tests compile many small programs and run each briefly: at LLVM's lowest optimisation level a Reformer gradient compiled
 # in 3.6 s instead of 16 s, and pytest took 8 min instead of 14-16.

@@ -75,3 +75,27 @@ def test_the_check_fails_on_an_upward_import(tmp_path):
 def test_modules_stay_small(name):
     lines = len(MODULES[name].read_text().splitlines())
     assert lines <= 400, f'{name}: {lines} lines; split it (at most 400 lines a module)'
+
+
+def written_lines(path: Path):
+    "The lines of an exported module that a notebook wrote: without nbdev's module docstring and `__all__` block."
+    lines, in_all = path.read_text().splitlines(), False
+    for number, line in enumerate(lines, 1):
+        if line.startswith('__all__ = '): in_all = True
+        if in_all:
+            in_all = not line.rstrip().endswith(']')
+            continue
+        if number == 1 and line.startswith('"""'): continue
+        yield number, line
+
+
+@pytest.mark.parametrize('name', sorted(MODULES))
+def test_exported_code_within_120_columns(name):
+    long = [f'{number}: {len(line)}' for number, line in written_lines(MODULES[name]) if len(line) > 120]
+    assert not long, f'{name}: lines over 120 columns (line: length) {long}'
+
+
+def test_the_width_check_skips_only_what_nbdev_writes(tmp_path):
+    module = tmp_path / 'm.py'
+    module.write_text('"""' + 'x' * 130 + '"""\n__all__ = [' + "'a', " * 30 + "\n           'b']\n" + 'y = 1' + ' ' * 120 + '\n')
+    assert [n for n, line in written_lines(module) if len(line) > 120] == [4]

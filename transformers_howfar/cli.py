@@ -45,7 +45,10 @@ def add_data_arguments(p: argparse.ArgumentParser):
     p.add_argument('names', nargs='*', help=f"sources to fetch: {', '.join(SOURCES)}")
     p.add_argument('--all', action='store_true', help='fetch every source')
     p.add_argument('--force', action='store_true', help='fetch again even if already in the cache')
-    p.add_argument('--data-dir', default=None, help='cache folder (default: $HOWFAR_DATA_DIR or ~/.cache/transformers_howfar/data)')
+    p.add_argument(
+        '--data-dir', default=None, help='cache folder (default: $HOWFAR_DATA_DIR or ~/.cache/transformers_howfar/data)'
+    )
+
 
 def run_data_command(args) -> int:
     "Run `howfar data` with parsed `args`."
@@ -55,52 +58,82 @@ def run_data_command(args) -> int:
             counts = ', '.join(f'{k} {v}' for k, v in r['counts'].items()) if r['fetched'] else 'not fetched'
             print(f"{r['name']:18s} {r['kind']:9s} {counts}")
         return 0
-    if not args.names and not args.all: raise ValueError('names: expected source names or --all')
-    try: metas = fetch(None if args.all else args.names, args.data_dir, force=args.force, progress=sys.stderr.isatty())
+    if not args.names and not args.all:
+        raise ValueError('names: expected source names or --all')
+    try:
+        metas = fetch(None if args.all else args.names, args.data_dir, force=args.force, progress=sys.stderr.isatty())
     except FetchError as e:
-        print(f'howfar data: error: {e}', file=sys.stderr); return 1
-    for m in metas.values(): print(f"{m['name']:18s} {m['counts']}")
+        print(f'howfar data: error: {e}', file=sys.stderr)
+        return 1
+    for m in metas.values():
+        print(f"{m['name']:18s} {m['counts']}")
     return 0
-
 
 # %% ../nbs/99_cli.ipynb #d736b989
 def add_train_arguments(p: argparse.ArgumentParser):
     p.add_argument('task', nargs='?', help='task to train; omit to list the tasks and their presets')
-    p.add_argument('overrides', nargs='*', help='key=value (or --key value) changes to the model or training config (model.KEY=/train.KEY= where both have KEY)')
+    p.add_argument(
+        'overrides',
+        nargs='*',
+        help='key=value (or --key value) changes to the model or training config (model.KEY=/train.KEY= where both '
+             'have KEY)',
+    )
     p.add_argument('--preset', default='tiny', help='named configuration of the task (default: tiny)')
-    p.add_argument('--run-dir', default=None, help='run directory (default: runs/TASK-PRESET); an existing run is resumed')
+    p.add_argument(
+        '--run-dir', default=None, help='run directory (default: runs/TASK-PRESET); an existing run is resumed'
+    )
     p.add_argument('--fresh', action='store_true', help="discard the run directory's checkpoints and log first")
     plain = p.parse_known_args
-    def intermixed(args=None, namespace=None):  # argparse stops collecting positionals at the first option: gather the rest
-        namespace, extras = plain(args, namespace)  # and read unknown `--key value` / `--key=value` as the override key=value
+
+    def intermixed(
+        args=None, namespace=None
+    ):  # argparse stops collecting positionals at the first option: gather the rest
+        namespace, extras = plain(
+            args, namespace
+        )  # and read unknown `--key value` / `--key=value` as the override key=value
         overrides, unknown, i = list(namespace.overrides or []), [], 0
         while i < len(extras):
             e = extras[i]
-            if not e.startswith('-'): overrides.append(e)
+            if not e.startswith('-'):
+                overrides.append(e)
             elif e.startswith('--') and '=' in e:
-                key, value = e[2:].split('=', 1); overrides.append(f"{key.replace('-', '_')}={value}")
+                key, value = e[2:].split('=', 1)
+                overrides.append(f"{key.replace('-', '_')}={value}")
             elif e.startswith('--') and i + 1 < len(extras) and not extras[i + 1].startswith('-'):
-                overrides.append(f"{e[2:].replace('-', '_')}={extras[i + 1]}"); i += 1
-            else: unknown.append(e)
+                overrides.append(f"{e[2:].replace('-', '_')}={extras[i + 1]}")
+                i += 1
+            else:
+                unknown.append(e)
             i += 1
         namespace.overrides = overrides
         return namespace, unknown
+
     p.parse_known_args = intermixed
+
 
 def run_train_command(args) -> int:
     "Run `howfar train` with parsed `args`."
     if not args.task:
-        for name, spec in sorted(TASKS.items()): print(f"{name:12s} presets: {', '.join(spec.presets)}  {spec.help}")
+        for name, spec in sorted(TASKS.items()):
+            print(f"{name:12s} presets: {', '.join(spec.presets)}  {spec.help}")
         return 0
     overrides = args.overrides
-    try: trainer, summary = train_task(args.task, args.preset, overrides, args.run_dir, fresh=args.fresh)
-    except NonFiniteLoss as e: raise ValueError(str(e)) from None
+    try:
+        trainer, summary = train_task(args.task, args.preset, overrides, args.run_dir, fresh=args.fresh)
+    except NonFiniteLoss as e:
+        raise ValueError(str(e)) from None
     for split in ('train', 'eval'):
-        if summary[split]: print(f"{split:5s} step {summary[split]['step']}: " + ', '.join(
-            f'{k} {summary[split][k]:.4g}' for k in ('loss', 'accuracy', 'perplexity', 'tokens_per_s') if k in summary[split]))
+        if summary[split]:
+            print(
+                f"{split:5s} step {summary[split]['step']}: "
+                + ', '.join(
+                    f'{k} {summary[split][k]:.4g}'
+                    for k in ('loss', 'accuracy', 'perplexity', 'tokens_per_s')
+                    if k in summary[split]
+                )
+            )
     print(f'run directory: {trainer.run_dir}')
     return 0
-
 
 # %% ../nbs/99_cli.ipynb #d9fed62d
 def add_generate_arguments(p: argparse.ArgumentParser):
@@ -114,67 +147,120 @@ def add_generate_arguments(p: argparse.ArgumentParser):
     p.add_argument('--beam-size', type=int, default=0, help='> 0: beam search with this many beams')
     p.add_argument('--alpha', type=float, default=0.6, help='length penalty exponent for beam search')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--no-cache', action='store_true', help='recompute the full pass at every step (decoder-only models)')
-    p.add_argument('--step', type=int, default=None, help='in a run directory: the checkpoint to load (default: the finished model, else the newest)')
+    p.add_argument(
+        '--no-cache', action='store_true', help='recompute the full pass at every step (decoder-only models)'
+    )
+    p.add_argument(
+        '--step',
+        type=int,
+        default=None,
+        help='in a run directory: the checkpoint to load (default: the finished model, else the newest)',
+    )
+
 
 def load_for_generation(path, step: int | None = None) -> tuple:
-    "The model and tokenizer of a model directory, or of a run directory at checkpoint `step` (default: its finished model)."
+    """The model and tokenizer of a model directory, or of a run directory at checkpoint `step` (default: its finished
+    model)."""
     path = Path(path)
     is_run = (path / 'config.json').exists() and (path / 'checkpoints').exists()
     if is_run and (step is not None or not (path / 'model' / 'model.json').exists()):
         run = load_run(path, step)
         return run.model, run.tokenizer
-    if step is not None: raise ValueError(f'step: {path} is a model directory, not a run directory; leave --step out')
+    if step is not None:
+        raise ValueError(f'step: {path} is a model directory, not a run directory; leave --step out')
     return load(path), load_tokenizer(path)
+
 
 def generate_command(args) -> list[str]:
     "Run `howfar generate` with parsed `args`; prints and returns one line per prompt."
     model, tokenizer = load_for_generation(args.model_dir, args.step)
     seq2seq = getattr(model, 'is_encoder_decoder', False)
     if args.ids:
-        try: rows = [[int(t) for t in p.split()] for p in args.prompts]
-        except ValueError: raise ValueError(f'prompts: expected space-separated integer token ids with --ids, got {args.prompts}') from None
-    elif tokenizer is None: raise ValueError(f'prompts: {args.model_dir} has no tokenizer; pass token ids with --ids')
+        try:
+            rows = [[int(t) for t in p.split()] for p in args.prompts]
+        except ValueError:
+            raise ValueError(
+                f'prompts: expected space-separated integer token ids with --ids, got {args.prompts}'
+            ) from None
+    elif tokenizer is None:
+        raise ValueError(f'prompts: {args.model_dir} has no tokenizer; pass token ids with --ids')
     else:
-        rows = [[int(t) for t in tokenizer.encode(p)] for p in args.prompts]  # encode gives numpy arrays: make lists before joining
+        rows = [
+            [int(t) for t in tokenizer.encode(p)] for p in args.prompts
+        ]  # encode gives numpy arrays: make lists before joining
         rows = [r + [EOS_ID] if seq2seq else [EOS_ID] + r for r in rows]
     inputs = rows
-    if seq2seq: inputs, _ = left_pad([r[::-1] for r in rows]); inputs = inputs[:, ::-1]  # right-padded sources
-    if args.beam_size: out = beam_search(model, inputs, args.max_new_tokens, beam_size=args.beam_size, alpha=args.alpha)[0][:, 0]
-    else: out = generate(model, inputs, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, key=args.seed,
-                         use_cache=not args.no_cache and hasattr(model, 'step'))  # a model without a KV cache recomputes
+    if seq2seq:
+        inputs, _ = left_pad([r[::-1] for r in rows])
+        inputs = inputs[:, ::-1]  # right-padded sources
+    if args.beam_size:
+        out = beam_search(model, inputs, args.max_new_tokens, beam_size=args.beam_size, alpha=args.alpha)[0][:, 0]
+    else:
+        out = generate(
+            model,
+            inputs,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            key=args.seed,
+            use_cache=not args.no_cache and hasattr(model, 'step'),
+        )  # a model without a KV cache recomputes
     lines = []
     for row in out.tolist():
-        row = row[:row.index(EOS_ID)] if EOS_ID in row else row
+        row = row[: row.index(EOS_ID)] if EOS_ID in row else row
         lines.append(' '.join(map(str, row)) if tokenizer is None or args.ids else tokenizer.decode(row))
-    for line in lines: print(line)
+    for line in lines:
+        print(line)
     return lines
-
 
 # %% ../nbs/99_cli.ipynb #67c62009
 BENCHMARKS = {  # howfar bench NAME -> a function (quick: bool) -> records
-    'matmul': matmul_benchmark, 'attention': attention_benchmark, 'lsh': lsh_benchmark, 'memory': memory_benchmark,
-    'reformer_1m': million_benchmark, 'reformer_pytorch': reformer_pytorch_benchmark, 'reformer_profile': profile_benchmark,
-    'train': train_benchmark, 'generate': generate_benchmark}
+    'matmul': matmul_benchmark,
+    'attention': attention_benchmark,
+    'lsh': lsh_benchmark,
+    'memory': memory_benchmark,
+    'reformer_1m': million_benchmark,
+    'reformer_pytorch': reformer_pytorch_benchmark,
+    'reformer_profile': profile_benchmark,
+    'train': train_benchmark,
+    'generate': generate_benchmark,
+}
 
 EXPERIMENTS = {  # howfar experiment NAME -> a function (quick: bool[, out_dir, resume]) -> records
-    'scratchpad': scratchpad_experiment, 'duplication': duplication_experiment, 'translation': translation_experiment,
-    'pretraining': pretraining_experiment, 'scaling': scaling_experiment, 'heads': heads_experiment,
-    'lsh_quality': lsh_quality_experiment, 'influence': influence_experiment, 'reformer_longcontext': longcontext_experiment}
+    'scratchpad': scratchpad_experiment,
+    'duplication': duplication_experiment,
+    'translation': translation_experiment,
+    'pretraining': pretraining_experiment,
+    'scaling': scaling_experiment,
+    'heads': heads_experiment,
+    'lsh_quality': lsh_quality_experiment,
+    'influence': influence_experiment,
+    'reformer_longcontext': longcontext_experiment,
+}
+
 
 def run_benchmark(name: str, out_dir='benchmarks/results', quick: bool = False) -> Path:
     "Run the benchmark `name` of `BENCHMARKS` and write its records to `out_dir/name.json`."
-    if name not in BENCHMARKS: raise ValueError(f'name: expected one of {sorted(BENCHMARKS)}, got {name!r}')
+    if name not in BENCHMARKS:
+        raise ValueError(f'name: expected one of {sorted(BENCHMARKS)}, got {name!r}')
     return write_records(Path(out_dir) / f'{name}.json', BENCHMARKS[name](quick=quick))
+
 
 def _add_run_arguments(what: str, default_out: str, resume: bool = False):
     def add(p: argparse.ArgumentParser):
         p.add_argument('name', nargs='?', help=f'{what} to run; omit to list them')
         p.add_argument('--quick', action='store_true', help='a small version (seconds), as the tests run it')
         p.add_argument('--out', default=default_out, help='folder for NAME.json')
-        if resume: p.add_argument('--resume', action='store_true', help='keep what an interrupted run finished (for experiments that take `resume`)')
+        if resume:
+            p.add_argument(
+                '--resume',
+                action='store_true',
+                help='keep what an interrupted run finished (for experiments that take `resume`)',
+            )
+
     return add
+
 
 def _print_records(path: Path):
     for r in read_records(path):
@@ -182,19 +268,30 @@ def _print_records(path: Path):
         print(f"{r['metric']:>12s} {value:>12s} {r['unit']:8s} {r['config']}")
     print(f'wrote {path}')
 
+
 def _list(table: dict):
-    for n, fn in sorted(table.items()): print(f'{n:20s} {(fn.__doc__ or "").strip().splitlines()[0]}')
+    for n, fn in sorted(table.items()):
+        print(f'{n:20s} {(fn.__doc__ or "").strip().splitlines()[0]}')
+
 
 def run_bench_command(args) -> int:
     "Run `howfar bench` with parsed `args`."
-    if not args.name: _list(BENCHMARKS); return 0
-    _print_records(run_benchmark(args.name, args.out, quick=args.quick)); return 0
+    if not args.name:
+        _list(BENCHMARKS)
+        return 0
+    _print_records(run_benchmark(args.name, args.out, quick=args.quick))
+    return 0
+
 
 def run_experiment_command(args) -> int:
     "Run `howfar experiment` with parsed `args`."
-    if not args.name: _list(EXPERIMENTS); return 0
-    if args.name not in EXPERIMENTS: raise ValueError(f'name: expected one of {sorted(EXPERIMENTS)}, got {args.name!r}')
-    _print_records(run_experiment(EXPERIMENTS[args.name], args.name, args.out, quick=args.quick, resume=args.resume)); return 0
+    if not args.name:
+        _list(EXPERIMENTS)
+        return 0
+    if args.name not in EXPERIMENTS:
+        raise ValueError(f'name: expected one of {sorted(EXPERIMENTS)}, got {args.name!r}')
+    _print_records(run_experiment(EXPERIMENTS[args.name], args.name, args.out, quick=args.quick, resume=args.resume))
+    return 0
 
 # %% ../nbs/99_cli.ipynb #e654a069
 def _time_attention(T: int, kind: str, key) -> float:
@@ -202,64 +299,103 @@ def _time_attention(T: int, kind: str, key) -> float:
     import time, jax, jax.numpy as jnp
     from transformers_howfar.layers.attention import memory_efficient_attention
     from transformers_howfar.layers.lsh import lsh_attention
+
     qk, v = (jax.random.normal(k, (1, T, 4, 64), jnp.float32) for k in jax.random.split(key))
-    if kind == 'lsh': f = lambda a, b: lsh_attention(a, b, key=key, n_rounds=4, chunk_length=64, causal=True).sum()
-    else: f = lambda a, b: memory_efficient_attention(a, a, b, causal=True).sum()
+    if kind == 'lsh':
+        f = lambda a, b: lsh_attention(a, b, key=key, n_rounds=4, chunk_length=64, causal=True).sum()
+    else:
+        f = lambda a, b: memory_efficient_attention(a, a, b, causal=True).sum()
     step = jax.jit(jax.grad(f, argnums=(0, 1)))
     jax.block_until_ready(step(qk, v))
-    start = time.perf_counter(); jax.block_until_ready(step(qk, v))
+    start = time.perf_counter()
+    jax.block_until_ready(step(qk, v))
     return time.perf_counter() - start
 
+
 def run_demo(out_dir='demo_output', quick: bool = False) -> dict:
-    "The README's demonstration: train a Transformer on `0w0w`, then time LSH against exact attention; plots into `out_dir`."
-    import matplotlib; matplotlib.use('Agg')
+    """The README's demonstration: train a Transformer on `0w0w`, then time LSH against exact attention; plots into
+    `out_dir`."""
+    import matplotlib
+
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from transformers_howfar.core import make_key
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
-    print(f"machine: {info['cpu']} ({info['cpu_cores']} cores, {info['memory_gb']} GB), jax {info['jax']} on {info['platform']}")
+    print(
+        f"machine: {info['cpu']} ({info['cpu_cores']} cores, {info['memory_gb']} GB), jax {info['jax']} on "
+        f"{info['platform']}"
+    )
     preset, steps = ('tiny', 20) if quick else ('small', 300)
     print(f'1. training a decoder-only Transformer on the duplication task 0w0w ({preset} preset, {steps} steps)...')
     overrides = [f'steps={steps}'] + (['progress=false'] if quick else [])
     _, summary = train_task('duplicate', preset, overrides, run_dir=out / 'duplicate', fresh=True)
     accuracy = summary['eval']['accuracy'] if summary.get('eval') else summary['train']['accuracy']
-    print(f"   held-out accuracy on the second copy: {accuracy:.1%} after {summary['step']} steps (loss curve: {out}/duplicate/plots/)")
+    print(
+        f"   held-out accuracy on the second copy: {accuracy:.1%} after {summary['step']} steps (loss curve: "
+        f"{out}/duplicate/plots/)"
+    )
     lengths = [256, 1024] if quick else [1024, 4096, 16384]
     records, key = [], make_key(0)
     print('2. causal attention, forward+backward, 4 heads of 64:')
     for T in lengths:
         for kind in ('exact', 'lsh'):
             t = _time_attention(T, kind, key)
-            records.append(make_record('demo_attention', {'length': T, 'attention': kind}, 'time_per_token', t / T * 1e6, 'us', info))
+            records.append(
+                make_record(
+                    'demo_attention', {'length': T, 'attention': kind}, 'time_per_token', t / T * 1e6, 'us', info
+                )
+            )
             print(f'   {kind:5s} T={T:6d}: {t:7.3f} s, {t / T * 1e6:7.1f} us per token')
     write_records(out / 'attention.json', records)
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in ('exact', 'lsh'):
         pts = [(r['config']['length'], r['value']) for r in records if r['config']['attention'] == kind]
         ax.plot(*zip(*pts), marker='o', label=kind)
-    ax.set_xscale('log', base=2); ax.set_xlabel('sequence length T'); ax.set_ylabel('microseconds per token'); ax.legend(); ax.grid(alpha=.3)
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('sequence length T')
+    ax.set_ylabel('microseconds per token')
+    ax.legend()
+    ax.grid(alpha=0.3)
     ax.set_title('attention cost per token (forward+backward)')
-    fig.savefig(out / 'attention.png', dpi=100); plt.close(fig)
+    fig.savefig(out / 'attention.png', dpi=100)
+    plt.close(fig)
     print(f'wrote {out}/attention.json, {out}/attention.png and the training run in {out}/duplicate/')
     return {'accuracy': accuracy, 'records': records, 'out_dir': str(out)}
+
 
 def add_demo_arguments(p: argparse.ArgumentParser):
     p.add_argument('--out', default='demo_output', help='folder for the plots and results')
     p.add_argument('--quick', action='store_true', help='a seconds-long version, as the tests run it')
 
-
 # %% ../nbs/99_cli.ipynb #16e0e216
 COMMANDS = {  # name -> (one-line help, argument adder, runner returning the exit status)
     'data': ('Fetch the real corpora into the cache folder, or list them.', add_data_arguments, run_data_command),
     'train': ('Train a task: howfar train TASK --preset NAME [key=value ...].', add_train_arguments, run_train_command),
-    'generate': ('Generate from a saved model directory (sampling, greedy or beam search).', add_generate_arguments,
-                 lambda a: generate_command(a) and 0),
-    'bench': ('Run a benchmark and write benchmarks/results/NAME.json.', _add_run_arguments('benchmark', 'benchmarks/results'),
-              run_bench_command),
-    'experiment': ('Run an experiment and write experiments/results/NAME.json.',
-                   _add_run_arguments('experiment', 'experiments/results', resume=True), run_experiment_command),
-    'demo': ("Run the README's demonstration and write its plots.", add_demo_arguments, lambda a: run_demo(a.out, a.quick) and 0),
+    'generate': (
+        'Generate from a saved model directory (sampling, greedy or beam search).',
+        add_generate_arguments,
+        lambda a: generate_command(a) and 0,
+    ),
+    'bench': (
+        'Run a benchmark and write benchmarks/results/NAME.json.',
+        _add_run_arguments('benchmark', 'benchmarks/results'),
+        run_bench_command,
+    ),
+    'experiment': (
+        'Run an experiment and write experiments/results/NAME.json.',
+        _add_run_arguments('experiment', 'experiments/results', resume=True),
+        run_experiment_command,
+    ),
+    'demo': (
+        "Run the README's demonstration and write its plots.",
+        add_demo_arguments,
+        lambda a: run_demo(a.out, a.quick) and 0,
+    ),
 }
+
 
 def build_parser() -> argparse.ArgumentParser:
     "The `howfar` argument parser, with one sub-parser per command of `COMMANDS`."
@@ -270,12 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(sub.add_parser(name, help=help, description=help))
     return parser
 
+
 def main(argv: list[str] | None = None) -> int:
     "Run `howfar` with `argv` (default: the process's arguments); returns the exit status."
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
-        parser.print_help(); return 0
+        parser.print_help()
+        return 0
     try:
         return COMMANDS[args.command][2](args) or 0
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback

@@ -10,8 +10,6 @@ import inspect
 import json
 import os
 import platform
-import re
-import sys
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -105,43 +103,62 @@ def _parse_value(text: str, current):
 @dataclasses.dataclass(frozen=True)
 class Config:
     "Base for frozen dataclass configs: validation, `replace`, JSON round trip and `key=value` overrides."
-    def __post_init__(self): self.validate()
+
+    def __post_init__(self):
+        self.validate()
+
     def validate(self):
         "Raise `ValueError` for inconsistent fields; subclasses extend this."
+
     @classmethod
     def tiny(cls):
         "A preset small enough for tests and docs."
         return cls()
+
     @classmethod
-    def field_names(cls) -> list[str]: return [f.name for f in dataclasses.fields(cls)]
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
     @classmethod
     def _check_names(cls, names, what):
         unknown = sorted(set(names) - set(cls.field_names()))
-        if unknown: raise ValueError(f'{what}: unknown field(s) {unknown} for {cls.__name__}; expected some of {cls.field_names()}')
+        if unknown:
+            raise ValueError(
+                f'{what}: unknown field(s) {unknown} for {cls.__name__}; expected some of {cls.field_names()}'
+            )
+
     def replace(self, **changes):
         "A copy with `changes`; unknown field names raise."
         self._check_names(changes, 'replace')
         return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         return {f: (list(v) if isinstance(v, tuple) else v) for f in self.field_names() for v in [getattr(self, f)]}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
         "Build from a plain mapping (lists become tuples); unknown keys raise."
         cls._check_names(d, 'from_dict')
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
     def override(self, assignments: Sequence[str]):
         "Apply `['d_model=64', 'attention=full,lsh']` style strings, typed like the current values."
         changes = {}
         for a in assignments:
-            if '=' not in a: raise ValueError(f"override: expected 'name=value', got {a!r}")
+            if '=' not in a:
+                raise ValueError(f"override: expected 'name=value', got {a!r}")
             k, v = a.split('=', 1)
             self._check_names([k], 'override')
-            try: changes[k] = _parse_value(v, getattr(self, k))
-            except ValueError as e: raise ValueError(f'override {k}: {e}') from None
+            try:
+                changes[k] = _parse_value(v, getattr(self, k))
+            except ValueError as e:
+                raise ValueError(f'override {k}: {e}') from None
         return self.replace(**changes)
+
     def save(self, path):
         "Write the config as JSON, with its class name."
         Path(path).write_text(json.dumps({'class': type(self).__name__, 'config': self.to_dict()}, indent=2))
+
     @classmethod
     def load(cls, path):
         "Read a config written by `save`; the class name must match."
@@ -157,11 +174,15 @@ def make_key(seed: int) -> jax.Array:
         raise ValueError(f'seed: expected an integer, got {seed!r}')
     return jax.random.key(int(seed))
 
+
 def derive_key(key: jax.Array, *names: str | int) -> jax.Array:
     "A key derived from `key` by a path of names or integers: the same path always gives the same key."
     for n in names:
-        key = jax.random.fold_in(key, n if isinstance(n, (int, np.integer)) else zlib.crc32(str(n).encode()) & 0x7FFFFFFF)
+        key = jax.random.fold_in(
+            key, n if isinstance(n, (int, np.integer)) else zlib.crc32(str(n).encode()) & 0x7FFFFFFF
+        )
     return key
+
 
 def split_keys(key: jax.Array, *names: str) -> dict[str, jax.Array]:
     "Independent keys for each of `names`, e.g. `split_keys(key, 'params', 'dropout')`."

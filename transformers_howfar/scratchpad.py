@@ -6,25 +6,19 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
-import time
 from functools import lru_cache, partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .core import check_choice, check_positive, derive_key, make_key, machine_info
+from .core import check_choice, check_positive
 from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID, CharTokenizer
-from .layers.blocks import POSITIONS, sinusoidal_positions, count_parameters
+from .layers.blocks import POSITIONS, sinusoidal_positions
 from .models.lm import LM, LMConfig
 from .data.batches import SyntheticBatches
 from .layers.losses import cross_entropy
-
 
 # %% auto #0
 __all__ = ['FORMATS', 'TOKENIZER', 'ROLES', 'ROLE', 'DIGIT_CODES', 'format_problem', 'parse_answer', 'step_accuracy',
@@ -74,51 +68,68 @@ def step_accuracy(output: str, reference: str) -> float:
 # %% ../nbs/38_scratchpad.ipynb #f6c67307
 _KIND_PAIRS: dict = {}
 
+
 def _pairs(a_range: tuple, b_range: tuple) -> list:
     "Digit pairs with a in a_range, b in b_range, grouped by kind: sum < 9, = 9, >= 10."
     key = (a_range, b_range)
     if key not in _KIND_PAIRS:
         pairs = [(x, y) for x in range(*a_range) for y in range(*b_range)]
-        _KIND_PAIRS[key] = [np.array([p for p in pairs if k(sum(p))] or [(0, 0)][:0], np.int64).reshape(-1, 2)
-                            for k in (lambda t: t < 9, lambda t: t == 9, lambda t: t >= 10)]
+        _KIND_PAIRS[key] = [
+            np.array([p for p in pairs if k(sum(p))] or [(0, 0)][:0], np.int64).reshape(-1, 2)
+            for k in (lambda t: t < 9, lambda t: t == 9, lambda t: t >= 10)
+        ]
     return _KIND_PAIRS[key]
+
 
 def sample_pair(rng: np.random.Generator, n_a: int, n_b: int) -> tuple[int, int]:
     "Operands of `n_a` and `n_b` digits whose digit pairs are no-carry/propagate/generate with per-problem random odds."
-    check_positive('n_a', n_a); check_positive('n_b', n_b)
+    check_positive('n_a', n_a)
+    check_positive('n_b', n_b)
     odds, a, b = rng.dirichlet(np.ones(3)), 0, 0
     for i in range(max(n_a, n_b)):
         ranges = [(1 if i == m - 1 else 0, 10) if i < m else (0, 1) for m in (n_a, n_b)]
         groups = _pairs(*ranges)
-        p = odds * np.array([len(g) > 0 for g in groups]); p = p / p.sum()
+        p = odds * np.array([len(g) > 0 for g in groups])
+        p = p / p.sum()
         g = groups[rng.choice(3, p=p)]
         x, y = g[rng.integers(len(g))]
         a, b = a + int(x) * 10**i, b + int(y) * 10**i
     return a, b
 
+
 @lru_cache(maxsize=64)
 def held_out_problems(n_digits: int, count: int = 1000) -> tuple:
-    "The fixed test set of `n_digits`-digit problems (both operands `n_digits` long): the first `count` of a seeded stream."
-    check_positive('n_digits', n_digits); check_positive('count', count)
+    """The fixed test set of `n_digits`-digit problems (both operands `n_digits` long): the first `count` of a seeded
+    stream."""
+    check_positive('n_digits', n_digits)
+    check_positive('count', count)
     rng, seen, out = np.random.default_rng([9, n_digits]), set(), []
     space = (9 * 10 ** (n_digits - 1)) ** 2
     for _ in range(50 * count):
-        if len(out) == min(count, space // 4): break  # at most a quarter of all problems: 20 of the 81 one-digit ones
+        if len(out) == min(count, space // 4):
+            break  # at most a quarter of all problems: 20 of the 81 one-digit ones
         p = sample_pair(rng, n_digits, n_digits)
-        if p not in seen: seen.add(p); out.append(p)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
     return tuple(out)
 
-def sample_problems(rng: np.random.Generator, count: int, max_digits: int = 8, min_digits: int = 1,
-                    exclude=frozenset()) -> list[tuple[int, int]]:
+
+def sample_problems(
+    rng: np.random.Generator, count: int, max_digits: int = 8, min_digits: int = 1, exclude=frozenset()
+) -> list[tuple[int, int]]:
     "`count` problems balanced over lengths `min_digits..max_digits` and carries, none of them in `exclude`."
-    check_positive('count', count); check_positive('min_digits', min_digits)
-    if max_digits < min_digits: raise ValueError(f'max_digits: expected at least min_digits = {min_digits}, got {max_digits}')
+    check_positive('count', count)
+    check_positive('min_digits', min_digits)
+    if max_digits < min_digits:
+        raise ValueError(f'max_digits: expected at least min_digits = {min_digits}, got {max_digits}')
     out = []
     for n in rng.integers(min_digits, max_digits + 1, count):
         while True:  # redraw at the same length, so that rejecting test problems keeps the lengths balanced
             other = int(rng.integers(1, n + 1))
             p = sample_pair(rng, n, other) if rng.random() < 0.5 else sample_pair(rng, other, n)
-            if p not in exclude: break
+            if p not in exclude:
+                break
         out.append(p)
     return out
 
@@ -144,7 +155,8 @@ def problem_slots(a: int, b: int, format: str = 'scratchpad') -> tuple[list[int]
 
 # %% ../nbs/38_scratchpad.ipynb #19be599e
 def encode_problems(problems, format: str, length: int | None = None, offsets=None, codes=None) -> dict:
-    "Next-token arrays `inputs`, `targets`, `loss_mask` (B, T) and `slots` (B, T, 4) for `(a, b)` `problems`; significances shifted by `offsets` (B,) or relabelled by `codes` (B, n + 1)."
+    """Next-token arrays `inputs`, `targets`, `loss_mask` (B, T) and `slots` (B, T, 4) for `(a, b)` `problems`;
+    significances shifted by `offsets` (B,) or relabelled by `codes` (B, n + 1)."""
     rows = []
     for a, b in problems:
         prompt, target = format_problem(a, b, format)
@@ -152,16 +164,18 @@ def encode_problems(problems, format: str, length: int | None = None, offsets=No
         tokens = [BOS_ID] + list(TOKENIZER.encode(prompt + target)) + [EOS_ID]
         rows.append((tokens, [ROLE['none']] + roles + [ROLE['none']], [-1] + sig + [-1], len(prompt) + 1))
     T = max(len(t) for t, *_ in rows) if length is None else length + 1
-    if T < max(len(t) for t, *_ in rows): raise ValueError(f'length: expected at least {max(len(t) for t, *_ in rows) - 1}, got {length}')
+    if T < max(len(t) for t, *_ in rows):
+        raise ValueError(f'length: expected at least {max(len(t) for t, *_ in rows) - 1}, got {length}')
     offsets = np.zeros(len(rows), np.int64) if offsets is None else np.asarray(offsets)
     tok, role, sig, mask = (np.full((len(rows), T), v, np.int32) for v in (PAD_ID, ROLE['none'], -1, 0))
     for i, (t, r, s, start) in enumerate(rows):
-        tok[i, :len(t)], role[i, :len(t)], mask[i, start:len(t)] = t, r, 1
+        tok[i, : len(t)], role[i, : len(t)], mask[i, start : len(t)] = t, r, 1
         s = np.array(s)
         label = np.asarray(codes[i])[np.maximum(s, 0)] if codes is not None else s + offsets[i]
-        sig[i, :len(t)] = np.where(s >= 0, label, -1)
+        sig[i, : len(t)] = np.where(s >= 0, label, -1)
     slots = np.stack([role[:, :-1], sig[:, :-1], role[:, 1:], sig[:, 1:]], -1)  # own slot, slot of the next token
     return {'inputs': tok[:, :-1], 'targets': tok[:, 1:], 'loss_mask': mask[:, 1:].astype(np.float32), 'slots': slots}
+
 
 def sequence_length(n_digits: int, format: str) -> int:
     "Tokens of `<s> prompt target </s>` for two `n_digits`-digit operands."
@@ -170,9 +184,11 @@ def sequence_length(n_digits: int, format: str) -> int:
 # %% ../nbs/38_scratchpad.ipynb #9d253aef
 DIGIT_CODES = ('offset', 'spread', 'random')
 
+
 @dataclasses.dataclass(frozen=True)
 class AdditionConfig(LMConfig):
     "`lm.LM` on `a+b=` problems in one format, with learned, sinusoidal, rotary, no, or digit-slot positions."
+
     vocab_size: int = TOKENIZER.vocab_size
     max_len: int = 512  # learned positions need a row for every place of the longest test sequence
     dropout_rate: float = 0.0
@@ -181,53 +197,87 @@ class AdditionConfig(LMConfig):
     train_digits: int = 8  # training operands have 1..train_digits digits
     max_offset: int = 40  # slot significances are shifted by k ~ U{0..max_offset} in training
     d_code: int = 32  # width of the significance code
-    digit_codes: str = 'offset'  # 'offset': sinusoidal code of i + k; 'spread': of increasing random labels; 'random': learned code of random labels
+    # 'offset': sinusoidal code of i + k; 'spread': of increasing random labels; 'random': learned code of random labels
+    digit_codes: str = 'offset'
 
     def validate(self):
-        check_choice('position', self.position, POSITIONS + ('digits',)); check_choice('format', self.format, FORMATS)
+        check_choice('position', self.position, POSITIONS + ('digits',))
+        check_choice('format', self.format, FORMATS)
         self.lm_config  # the LM's own checks
-        check_positive('train_digits', self.train_digits); check_positive('max_offset', self.max_offset, allow_zero=True)
+        check_positive('train_digits', self.train_digits)
+        check_positive('max_offset', self.max_offset, allow_zero=True)
         check_positive('d_code', self.d_code)
-        if self.d_code % 2: raise ValueError(f'd_code: expected an even width, got {self.d_code}')
+        if self.d_code % 2:
+            raise ValueError(f'd_code: expected an even width, got {self.d_code}')
         check_choice('digit_codes', self.digit_codes, DIGIT_CODES)
         if self.vocab_size != TOKENIZER.vocab_size:
-            raise ValueError(f'vocab_size: expected {TOKENIZER.vocab_size} (the digit tokenizer), got {self.vocab_size}')
-        if self.max_len < self.seq_len: raise ValueError(f'max_len: expected at least {self.seq_len} for train_digits = {self.train_digits}, got {self.max_len}')
+            raise ValueError(
+                f'vocab_size: expected {TOKENIZER.vocab_size} (the digit tokenizer), got {self.vocab_size}'
+            )
+        if self.max_len < self.seq_len:
+            raise ValueError(
+                f'max_len: expected at least {self.seq_len} for train_digits = {self.train_digits}, got {self.max_len}'
+            )
+
     @property
     def lm_config(self) -> LMConfig:
         "The underlying `lm.LMConfig` ('digits' runs the LM without positions)."
         d = {f: getattr(self, f) for f in LMConfig.field_names()}
         return LMConfig(**dict(d, position='none' if self.position == 'digits' else self.position))
+
     @property
-    def seq_len(self) -> int: return sequence_length(self.train_digits, self.format) - 1  # inputs per training row
+    def seq_len(self) -> int:
+        return sequence_length(self.train_digits, self.format) - 1  # inputs per training row
+
     @property
-    def n_codes(self) -> int: return self.train_digits + self.max_offset + 1  # significance labels seen in training
+    def n_codes(self) -> int:
+        return self.train_digits + self.max_offset + 1  # significance labels seen in training
+
     @classmethod
-    def tiny(cls): return cls(d_model=32, d_ff=64, n_heads=2, n_layers=2, train_digits=3, max_offset=8, d_code=8)
+    def tiny(cls):
+        return cls(d_model=32, d_ff=64, n_heads=2, n_layers=2, train_digits=3, max_offset=8, d_code=8)
 
 # %% ../nbs/38_scratchpad.ipynb #46a2626b
 class AdditionLM(nnx.Module):
     "`lm.LM` plus digit-slot embeddings (when `config.position == 'digits'`), and a KV-cached step that takes slots."
+
     def __init__(self, config: AdditionConfig, *, rngs: nnx.Rngs):
         self.config = c = config
         self.lm = LM(c.lm_config, rngs=rngs)
         self.slots = c.position == 'digits'
         if self.slots:
             init = nnx.initializers.normal(1.0)  # the scale of the token embeddings times sqrt(D)
-            self.role, self.next_role = (nnx.Embed(len(ROLES), c.d_model, embedding_init=init, rngs=rngs) for _ in range(2))
+            self.role, self.next_role = (
+                nnx.Embed(len(ROLES), c.d_model, embedding_init=init, rngs=rngs) for _ in range(2)
+            )
             self.digit, self.next_digit = (nnx.Linear(c.d_code, c.d_model, rngs=rngs) for _ in range(2))
-            self.table = nnx.Embed(c.n_codes, c.d_code, embedding_init=init, rngs=rngs) if c.digit_codes == 'random' else None
+            self.table = (
+                nnx.Embed(c.n_codes, c.d_code, embedding_init=init, rngs=rngs) if c.digit_codes == 'random' else None
+            )
 
     def embed(self, tokens, slots, positions, rngs=None):
         "Token (+ LM position) embeddings plus the codes of the own and next slots: (B, T) -> (B, T, D)."
         x = self.lm.embed(tokens, positions, rngs=rngs)
-        if not self.slots: return x
-        if slots is None: raise ValueError("slots: expected (B, T, 4) role and significance ids for position = 'digits', got None")
+        if not self.slots:
+            return x
+        if slots is None:
+            raise ValueError("slots: expected (B, T, 4) role and significance ids for position = 'digits', got None")
+
         def code(s):  # (B, T) labels, -1 for none -> (B, T, d_code)
-            c = self.table(jnp.clip(s, 0, self.config.n_codes - 1)) if self.table is not None else sinusoidal_positions(jnp.maximum(s, 0), self.config.d_code, base=1000.0)
+            c = (
+                self.table(jnp.clip(s, 0, self.config.n_codes - 1))
+                if self.table is not None
+                else sinusoidal_positions(jnp.maximum(s, 0), self.config.d_code, base=1000.0)
+            )
             return c * (s >= 0)[..., None]
-        return (x + self.role(slots[..., 0]) + self.digit(code(slots[..., 1]))
-                + self.next_role(slots[..., 2]) + self.next_digit(code(slots[..., 3])))
+
+        return (
+            x
+            + self.role(slots[..., 0])
+            + self.digit(code(slots[..., 1]))
+            + self.next_role(slots[..., 2])
+            + self.next_digit(code(slots[..., 3]))
+        )
 
     def __call__(self, tokens, slots=None, *, rngs: nnx.Rngs | None = None):
         "Next-token logits (B, T, V) of `tokens` (B, T) with their `slots` (B, T, 4)."
@@ -236,13 +286,15 @@ class AdditionLM(nnx.Module):
         return self.lm.embed.attend(self.lm.stack(x, positions=positions, rngs=rngs))
 
     def step(self, tokens, slots, cache: dict):
-        "Feed `tokens` (B, T) with `slots` (B, T, 4) through `cache` (from `lm.init_cache`); logits (B, T, V) and the new cache."
+        """Feed `tokens` (B, T) with `slots` (B, T, 4) through `cache` (from `lm.init_cache`); logits (B, T, V) and
+        the new cache."""
         B, T = tokens.shape
         positions = cache['position'][:, None] + jnp.arange(T)[None]  # (B, T)
         valid = jax.lax.dynamic_update_slice(cache['valid'], jnp.ones((B, T), bool), (0, cache['layers'][0].index))
-        x, layers = self.lm.stack(self.embed(tokens, slots, positions), positions=positions, padding_mask=valid, caches=cache['layers'])
+        x, layers = self.lm.stack(
+            self.embed(tokens, slots, positions), positions=positions, padding_mask=valid, caches=cache['layers']
+        )
         return self.lm.embed.attend(x), {'layers': layers, 'position': cache['position'] + T, 'valid': valid}
-
 
 # %% ../nbs/38_scratchpad.ipynb #b46a852b
 @partial(jax.jit, static_argnums=(4,))
@@ -252,25 +304,32 @@ def _greedy(graphdef, state, prompt, slots, new_tokens: int):
     cache = model.lm.init_cache(B, P + new_tokens)
     logits, cache = model.step(prompt, slots[:, :P], cache)
     out = jnp.zeros((B, new_tokens), jnp.int32).at[:, 0].set(jnp.argmax(logits[:, -1], -1))
+
     def body(i, carry):
         out, cache = carry
         token = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, 1)  # (B, 1): the token written last
         logits, cache = model.step(token, jax.lax.dynamic_slice_in_dim(slots, P + i - 1, 1, 1), cache)
         return out.at[:, i].set(jnp.argmax(logits[:, -1], -1)), cache
+
     return jax.lax.fori_loop(1, new_tokens, body, (out, cache))[0]
+
 
 def greedy_answers(model: AdditionLM, problems, batch_size: int = 250) -> list[str]:
     "The target texts `model` writes greedily for `(a, b)` `problems` whose operands all have the same length."
     fmt = model.config.format
     n = {len(str(x)) for p in problems for x in p}
-    if len(n) != 1: raise ValueError(f'problems: expected operands of one length, got lengths {sorted(n)}')
+    if len(n) != 1:
+        raise ValueError(f'problems: expected operands of one length, got lengths {sorted(n)}')
     c = model.config
     if c.position == 'digits' and c.digit_codes != 'offset' and max(n) >= c.n_codes:
-        raise ValueError(f'problems: {max(n)}-digit operands need {max(n) + 1} significance labels; the model has n_codes = {c.n_codes}')
+        raise ValueError(
+            f'problems: {max(n)}-digit operands need {max(n) + 1} significance labels; the model has n_codes = '
+            f'{c.n_codes}'
+        )
     graphdef, state = nnx.split(model)
     texts = []
     for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
+        chunk = problems[i : i + batch_size]
         b = encode_problems(chunk, fmt)
         P = len(format_problem(*chunk[0], fmt)[0]) + 1  # <s> and the prompt
         new = b['inputs'].shape[1] - P  # the target, without </s>
@@ -278,33 +337,51 @@ def greedy_answers(model: AdditionLM, problems, batch_size: int = 250) -> list[s
         texts += TOKENIZER.decode_batch(np.asarray(out))
     return texts
 
+
 def evaluate_addition(model: AdditionLM, n_digits: int, count: int = 250) -> dict:
-    "Exact match of the final answer (and scratchpad step accuracy) on the first `count` test problems of `n_digits` digits."
+    """Exact match of the final answer (and scratchpad step accuracy) on the first `count` test problems of `n_digits`
+    digits."""
     problems = list(held_out_problems(n_digits, max(count, 1)))[:count]
     outputs, fmt = greedy_answers(model, problems), model.config.format
     exact = [parse_answer(o, fmt) == a + b for o, (a, b) in zip(outputs, problems)]
-    out = {'n_digits': n_digits, 'examples': len(problems), 'exact_match': float(np.mean(exact)),
-           'samples': [{'problem': f'{a}+{b}', 'output': o, 'correct': bool(e)} for (a, b), o, e in list(zip(problems, outputs, exact))[:3]]}
+    out = {
+        'n_digits': n_digits,
+        'examples': len(problems),
+        'exact_match': float(np.mean(exact)),
+        'samples': [
+            {'problem': f'{a}+{b}', 'output': o, 'correct': bool(e)}
+            for (a, b), o, e in list(zip(problems, outputs, exact))[:3]
+        ],
+    }
     if fmt == 'scratchpad':
-        out['step_accuracy'] = float(np.mean([step_accuracy(o, format_problem(a, b, fmt)[1]) for o, (a, b) in zip(outputs, problems)]))
+        out['step_accuracy'] = float(
+            np.mean([step_accuracy(o, format_problem(a, b, fmt)[1]) for o, (a, b) in zip(outputs, problems)])
+        )
     return out
 
 # %% ../nbs/38_scratchpad.ipynb #7eabc3d8
 def addition_batches(config: AdditionConfig, batch_size: int, seed: int = 0) -> SyntheticBatches:
-    "Resumable batches of `config.format` problems of 1..`train_digits` digits, none from the test sets, random slot offsets."
+    """Resumable batches of `config.format` problems of 1..`train_digits` digits, none from the test sets, random slot
+    offsets."""
     exclude = frozenset(p for n in range(1, config.train_digits + 1) for p in held_out_problems(n))
+
     def make(rng, B):
         problems = sample_problems(rng, B, config.train_digits, exclude=exclude)
-        if config.position != 'digits': return encode_problems(problems, config.format, config.seq_len)
+        if config.position != 'digits':
+            return encode_problems(problems, config.format, config.seq_len)
         if config.digit_codes == 'offset':
-            return encode_problems(problems, config.format, config.seq_len, offsets=rng.integers(0, config.max_offset + 1, B))
+            return encode_problems(
+                problems, config.format, config.seq_len, offsets=rng.integers(0, config.max_offset + 1, B)
+            )
         n = [max(len(str(a)), len(str(b))) for a, b in problems]  # significances 0..n per problem
         codes = [rng.choice(config.n_codes, k + 1, replace=False) for k in n]  # distinct labels
-        if config.digit_codes == 'spread': codes = [np.sort(c) for c in codes]  # in the order of the significances
+        if config.digit_codes == 'spread':
+            codes = [np.sort(c) for c in codes]  # in the order of the significances
         return encode_problems(problems, config.format, config.seq_len, codes=codes)
+
     return SyntheticBatches(make, batch_size, seed)
+
 
 def addition_loss(model, batch, rngs):
     "Cross-entropy on the target tokens, given the slots."
     return cross_entropy(model(batch['inputs'], batch['slots'], rngs=rngs), batch['targets'], batch['loss_mask'])
-

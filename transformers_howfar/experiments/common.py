@@ -16,20 +16,30 @@ from ..bench.measure import write_records
 __all__ = ['run_experiment', 'experiment_dir']
 
 # %% ../../nbs/60_experiments.common.ipynb #fa5ed5d4
-def run_experiment(fn: Callable[..., list[dict]], name: str, out_dir='experiments/results', quick: bool = False,
-                   resume: bool = False) -> Path:
-    "Run the experiment `fn`, write its records to `out_dir/name.json`; `out_dir` and `resume` go to an `fn` that takes them."
+def run_experiment(
+    fn: Callable[..., list[dict]], name: str, out_dir='experiments/results', quick: bool = False, resume: bool = False
+) -> Path:
+    """Run the experiment `fn`, write its records to `out_dir/name.json`; `out_dir` and `resume` go to an `fn` that
+    takes them."""
     takes, kwargs = inspect.signature(fn).parameters, {'quick': quick}
-    if 'out_dir' in takes: kwargs['out_dir'] = out_dir
-    if 'resume' in takes: kwargs['resume'] = resume
-    elif resume: raise ValueError(f'resume: experiment {name!r} cannot resume (its function takes no `resume` argument); run it without --resume')
+    if 'out_dir' in takes:
+        kwargs['out_dir'] = out_dir
+    if 'resume' in takes:
+        kwargs['resume'] = resume
+    elif resume:
+        raise ValueError(
+            f'resume: experiment {name!r} cannot resume (its function takes no `resume` argument); run it without '
+            f'--resume'
+        )
     return write_records(Path(out_dir) / f'{name}.json', fn(**kwargs))
 
 # %% ../../nbs/60_experiments.common.ipynb #b23dc44a
 def experiment_dir(name: str) -> Path:
-    "The folder outside git for experiment `name`'s models and runs: `$HOWFAR_EXPERIMENT_CACHE/NAME`, else `$XDG_CACHE_HOME/transformers_howfar/experiments/NAME` (`XDG_CACHE_HOME` defaults to `~/.cache`); not created."
+    """The folder outside git for experiment `name`'s models and runs: `$HOWFAR_EXPERIMENT_CACHE/NAME`, else
+    `$XDG_CACHE_HOME/transformers_howfar/experiments/NAME` (`XDG_CACHE_HOME` defaults to `~/.cache`); not created."""
     if not isinstance(name, str) or not name or name in ('.', '..') or '/' in name or os.sep in name:
         raise ValueError(f'name: expected a non-empty folder name without path separators, got {name!r}')
-    if os.environ.get('HOWFAR_EXPERIMENT_CACHE'): return Path(os.environ['HOWFAR_EXPERIMENT_CACHE']).expanduser() / name
+    if os.environ.get('HOWFAR_EXPERIMENT_CACHE'):
+        return Path(os.environ['HOWFAR_EXPERIMENT_CACHE']).expanduser() / name
     cache = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
     return Path(cache).expanduser() / 'transformers_howfar' / 'experiments' / name

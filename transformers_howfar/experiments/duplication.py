@@ -33,22 +33,34 @@ __all__ = ['MODES', 'TRAIN_MODES', 'DUPLICATION_STEPS', 'PAPER_TABLE2', 'mode_na
 # %% ../../nbs/61_experiments.duplication.ipynb #9a70a46c
 MODES = ('full', 1, 2, 4, 8)  # attention at evaluation: exact shared-QK attention, or LSH with this many rounds
 
+
 def mode_name(mode) -> str:
     "`'full'` or `'lsh-R'`."
     return 'full' if mode == 'full' else f'lsh-{mode}'
 
+
 def attention_options(mode, chunk_length: int, n_buckets=None) -> tuple[str, ...]:
-    "The config's `attention_options` for `mode`: `'full'` (dense shared-QK attention at every length) or a round count R."
+    """The config's `attention_options` for `mode`: `'full'` (dense shared-QK attention at every length) or a round
+    count R."""
     check_positive('chunk_length', chunk_length)
-    if mode == 'full': return format_attention_options('lsh', chunk_length=chunk_length, dense_threshold=2**62)
+    if mode == 'full':
+        return format_attention_options('lsh', chunk_length=chunk_length, dense_threshold=2**62)
     if isinstance(mode, bool) or not isinstance(mode, (int, np.integer)) or mode < 1:
         raise ValueError(f"mode: expected 'full' or a positive number of hash rounds, got {mode!r}")
-    return format_attention_options('lsh', chunk_length=chunk_length, dense_threshold=0, n_buckets=n_buckets, n_rounds=int(mode))
+    return format_attention_options(
+        'lsh', chunk_length=chunk_length, dense_threshold=0, n_buckets=n_buckets, n_rounds=int(mode)
+    )
+
 
 def with_mode(model: nnx.Module, mode, chunk_length: int, n_buckets=None) -> nnx.Module:
-    "`model` (an `lm.LM` with `'lsh'` attention) rebuilt for attention `mode`, with the same trained state (`layers.with_config`)."
+    """`model` (an `lm.LM` with `'lsh'` attention) rebuilt for attention `mode`, with the same trained state
+    (`layers.with_config`)."""
     attention = getattr(getattr(model, 'config', None), 'attention', ())
-    if 'lsh' not in attention: raise ValueError(f"model: expected a model whose config has attention ('lsh',), got {type(model).__name__} with {attention!r}")
+    if 'lsh' not in attention:
+        raise ValueError(
+            f"model: expected a model whose config has attention ('lsh',), got {type(model).__name__} with "
+            f"{attention!r}"
+        )
     return with_config(model, attention_options=attention_options(mode, chunk_length, n_buckets))
 
 # %% ../../nbs/61_experiments.duplication.ipynb #78347649
@@ -57,9 +69,13 @@ def _eval_fn(graphdef, loss_fn):
         model = nnx.merge(graphdef, state)
         _, metrics = loss_fn(model, batch, None)
         return metrics, nnx.state(model)  # the advanced hash stream: the next batch gets new rotations
+
     return jax.jit(step)
 
-def evaluate_modes(model: nnx.Module, loss_fn, eval_data, *, modes=MODES, chunk_length: int, n_buckets=None, n_batches: int = 4) -> dict:
+
+def evaluate_modes(
+    model: nnx.Module, loss_fn, eval_data, *, modes=MODES, chunk_length: int, n_buckets=None, n_batches: int = 4
+) -> dict:
     "Token accuracy and loss of `model` on `n_batches` batches of `eval_data()` with each attention mode."
     check_positive('n_batches', n_batches)
     out = {}
@@ -74,81 +90,204 @@ def evaluate_modes(model: nnx.Module, loss_fn, eval_data, *, modes=MODES, chunk_
     return out
 
 # %% ../../nbs/61_experiments.duplication.ipynb #53ab32fa
-def train_duplication(model_config: DuplicateConfig, train_config: TrainConfig, mode, *, chunk_length: int, n_buckets=None,
-                      run_dir=None,  # checkpoints and metrics; None keeps nothing on disk
-                      resume: bool = False,  # continue from run_dir's checkpoints instead of starting over
-                      eval_modes=MODES, eval_batches: int = 4) -> dict:
-    "Train `lm.LM` on duplication with attention `mode` ('full' or R rounds), then evaluate it with every mode in `eval_modes`."
-    if 'lsh' not in model_config.attention: raise ValueError(f"model_config: expected attention ('lsh',), got {model_config.attention!r}")
-    if run_dir is not None and not resume: shutil.rmtree(run_dir, ignore_errors=True)
-    task = TASKS['duplicate'].build(model_config.replace(attention_options=attention_options(mode, chunk_length, n_buckets)), train_config)
+def train_duplication(
+    model_config: DuplicateConfig,
+    train_config: TrainConfig,
+    mode,
+    *,
+    chunk_length: int,
+    n_buckets=None,
+    run_dir=None,  # checkpoints and metrics; None keeps nothing on disk
+    resume: bool = False,  # continue from run_dir's checkpoints instead of starting over
+    eval_modes=MODES,
+    eval_batches: int = 4,
+) -> dict:
+    """Train `lm.LM` on duplication with attention `mode` ('full' or R rounds), then evaluate it with every mode in
+    `eval_modes`."""
+    if 'lsh' not in model_config.attention:
+        raise ValueError(f"model_config: expected attention ('lsh',), got {model_config.attention!r}")
+    if run_dir is not None and not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    task = TASKS['duplicate'].build(
+        model_config.replace(attention_options=attention_options(mode, chunk_length, n_buckets)), train_config
+    )
     trainer = Trainer(task.model, task.loss_fn, train_config, run_dir=run_dir, batch_shapes=task.batch_shapes)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     summary = trainer.fit(task.train_data, resume=resume)
     seconds = time.perf_counter() - t0
-    evals = evaluate_modes(trainer.model, task.loss_fn, task.eval_data, modes=eval_modes, chunk_length=chunk_length,
-                           n_buckets=n_buckets, n_batches=eval_batches)
-    return {'train_mode': mode_name(mode), 'steps': summary['step'], 'train_seconds': seconds,
-            'load_average': [load0, os.getloadavg()[0]], 'final_train_accuracy': summary['train'].get('accuracy'),
-            'eval': evals}
+    evals = evaluate_modes(
+        trainer.model,
+        task.loss_fn,
+        task.eval_data,
+        modes=eval_modes,
+        chunk_length=chunk_length,
+        n_buckets=n_buckets,
+        n_batches=eval_batches,
+    )
+    return {
+        'train_mode': mode_name(mode),
+        'steps': summary['step'],
+        'train_seconds': seconds,
+        'load_average': [load0, os.getloadavg()[0]],
+        'final_train_accuracy': summary['train'].get('accuracy'),
+        'eval': evals,
+    }
 
 # %% ../../nbs/61_experiments.duplication.ipynb #381f1a2a
 TRAIN_MODES = ('full', 1, 2, 4)
 
 DUPLICATION_STEPS = 5000
 
+
 def duplication_setup(quick: bool = False) -> tuple[DuplicateConfig, TrainConfig, int, int | None]:
-    "The (model config, train config, chunk length, bucket count) of the experiment; `quick` is the seconds-long test version."
+    """The (model config, train config, chunk length, bucket count) of the experiment; `quick` is the seconds-long
+    test version."""
     if quick:
-        return (DuplicateConfig(vocab_size=NUM_SPECIAL + 8, d_model=32, d_ff=64, n_heads=2, n_layers=1, max_len=33, dropout_rate=0.0,
-                                word_length=16, n_symbols=8, attention=('lsh',)),
-                TrainConfig(steps=2, batch_size=4, learning_rate=3e-3, warmup_steps=1, log_every=1, checkpoint_every=0,
-                            eval_batches=1, progress=False), 4, None)
-    return (DuplicateConfig(vocab_size=NUM_SPECIAL + 128, d_model=256, d_ff=256, n_heads=4, n_layers=1, max_len=255, dropout_rate=0.0,
-                            word_length=127, n_symbols=128, attention=('lsh',), position='sinusoidal'),
-            TrainConfig(steps=DUPLICATION_STEPS, batch_size=8, learning_rate=6e-3, warmup_steps=50, log_every=50,
-                        checkpoint_every=100, eval_batches=4, progress=False), 16, 32)
+        return (
+            DuplicateConfig(
+                vocab_size=NUM_SPECIAL + 8,
+                d_model=32,
+                d_ff=64,
+                n_heads=2,
+                n_layers=1,
+                max_len=33,
+                dropout_rate=0.0,
+                word_length=16,
+                n_symbols=8,
+                attention=('lsh',),
+            ),
+            TrainConfig(
+                steps=2,
+                batch_size=4,
+                learning_rate=3e-3,
+                warmup_steps=1,
+                log_every=1,
+                checkpoint_every=0,
+                eval_batches=1,
+                progress=False,
+            ),
+            4,
+            None,
+        )
+    return (
+        DuplicateConfig(
+            vocab_size=NUM_SPECIAL + 128,
+            d_model=256,
+            d_ff=256,
+            n_heads=4,
+            n_layers=1,
+            max_len=255,
+            dropout_rate=0.0,
+            word_length=127,
+            n_symbols=128,
+            attention=('lsh',),
+            position='sinusoidal',
+        ),
+        TrainConfig(
+            steps=DUPLICATION_STEPS,
+            batch_size=8,
+            learning_rate=6e-3,
+            warmup_steps=50,
+            log_every=50,
+            checkpoint_every=100,
+            eval_batches=4,
+            progress=False,
+        ),
+        16,
+        32,
+    )
+
 
 def same_setup(saved, setup) -> bool:
     "Saved setups read through the configs, so a field added since (with its default) still matches."
-    if not isinstance(saved, dict) or set(saved) != set(setup): return False
+    if not isinstance(saved, dict) or set(saved) != set(setup):
+        return False
     configs = lambda s: (DuplicateConfig.from_dict(s['model']), TrainConfig.from_dict(s['train']))
-    try: return configs(saved) == configs(setup) and all(saved[k] == setup[k] for k in setup if k not in ('model', 'train'))
-    except (ValueError, TypeError): return False
+    try:
+        return configs(saved) == configs(setup) and all(
+            saved[k] == setup[k] for k in setup if k not in ('model', 'train')
+        )
+    except (ValueError, TypeError):
+        return False
+
 
 def model_records(done: dict, machine=None) -> list[dict]:
     "Accuracy and loss records of one trained model's result (as saved in `duplication_<mode>.json`)."
     machine, setup = machine or machine_info(), done['setup']
-    base = {'train_mode': done['train_mode'], 'word_length': setup['model']['word_length'], 'chunk_length': setup['chunk_length'],
-            'n_buckets': setup['n_buckets'], 'steps': done['steps'], 'train_seconds': round(done['train_seconds'], 1),
-            'load_average': done['load_average']}
+    base = {
+        'train_mode': done['train_mode'],
+        'word_length': setup['model']['word_length'],
+        'chunk_length': setup['chunk_length'],
+        'n_buckets': setup['n_buckets'],
+        'steps': done['steps'],
+        'train_seconds': round(done['train_seconds'], 1),
+        'load_average': done['load_average'],
+    }
     out = []
     for name, m in done['eval'].items():
-        out.append(make_record('duplication', {**base, 'eval_mode': name}, 'accuracy', 100 * m['accuracy'], '%', machine))
+        out.append(
+            make_record('duplication', {**base, 'eval_mode': name}, 'accuracy', 100 * m['accuracy'], '%', machine)
+        )
         out.append(make_record('duplication', {**base, 'eval_mode': name}, 'nll', m['nll'], 'nats', machine))
     return out
 
-def duplication_experiment(quick: bool = False, resume: bool = False, out_dir='experiments/results',
-                           cache_dir=None,
-                           train_modes=TRAIN_MODES,  # the models to train: a subset lets separate processes train different ones
-                          ) -> list[dict]:
-    "Reformer Table 2: train with full attention and LSH-1/2/4, evaluate each with full and LSH-1/2/4/8 (token accuracy on the second w)."
-    for mode in train_modes: attention_options(mode, 1)  # a clear error for a bad mode before any training
+
+def duplication_experiment(
+    quick: bool = False,
+    resume: bool = False,
+    out_dir='experiments/results',
+    cache_dir=None,
+    train_modes=TRAIN_MODES,  # the models to train: a subset lets separate processes train different ones
+) -> list[dict]:
+    """Reformer Table 2: train with full attention and LSH-1/2/4, evaluate each with full and LSH-1/2/4/8 (token
+    accuracy on the second w)."""
+    for mode in train_modes:
+        attention_options(mode, 1)  # a clear error for a bad mode before any training
     model_config, train_config, chunk, buckets = duplication_setup(quick)
     cache = Path(cache_dir) if cache_dir else experiment_dir('duplication') / ('quick' if quick else 'full')
-    if quick: train_modes, eval_modes = (('full', 1) if tuple(train_modes) == TRAIN_MODES else tuple(train_modes)), ('full', 1, 2)
-    else: train_modes, eval_modes = tuple(train_modes), MODES
+    if quick:
+        train_modes, eval_modes = (
+            (('full', 1) if tuple(train_modes) == TRAIN_MODES else tuple(train_modes)),
+            ('full', 1, 2),
+        )
+    else:
+        train_modes, eval_modes = tuple(train_modes), MODES
     machine, records = machine_info(), []
     out = cache if quick else Path(out_dir)  # the quick run's per-model files stay out of the results folder
     for mode in train_modes:
         path = out / f'duplication_{mode_name(mode)}.json'
-        setup = json.loads(json.dumps({'model': model_config.to_dict(), 'train': train_config.to_dict(), 'chunk_length': chunk,
-                                       'n_buckets': buckets}))  # as read back from JSON
+        setup = json.loads(
+            json.dumps(
+                {
+                    'model': model_config.to_dict(),
+                    'train': train_config.to_dict(),
+                    'chunk_length': chunk,
+                    'n_buckets': buckets,
+                }
+            )
+        )  # as read back from JSON
         done = json.loads(path.read_text()) if resume and path.exists() else None
-        if done is None or not same_setup(done.get('setup'), setup) or set(done['eval']) != {mode_name(m) for m in eval_modes}:
-            done = dict(train_duplication(model_config, train_config, mode, chunk_length=chunk, n_buckets=buckets, run_dir=cache / mode_name(mode),
-                                          resume=resume, eval_modes=eval_modes, eval_batches=train_config.eval_batches), setup=setup)
-            out.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(done, indent=1))
+        if (
+            done is None
+            or not same_setup(done.get('setup'), setup)
+            or set(done['eval']) != {mode_name(m) for m in eval_modes}
+        ):
+            done = dict(
+                train_duplication(
+                    model_config,
+                    train_config,
+                    mode,
+                    chunk_length=chunk,
+                    n_buckets=buckets,
+                    run_dir=cache / mode_name(mode),
+                    resume=resume,
+                    eval_modes=eval_modes,
+                    eval_batches=train_config.eval_batches,
+                ),
+                setup=setup,
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(done, indent=1))
         records += model_records(done, machine)
     return records
 
@@ -160,9 +299,11 @@ PAPER_TABLE2 = {  # Kitaev et al. 2020, Table 2: train mode -> eval mode -> toke
     'lsh-1': {'full': 0.8, 'lsh-8': 99.9, 'lsh-4': 99.6, 'lsh-2': 94.8, 'lsh-1': 77.9},
 }
 
+
 def accuracy_table(records: list[dict]) -> dict:
     "`{train_mode: {eval_mode: accuracy %}}` from the experiment's records."
     table = {}
     for r in records:
-        if r['metric'] == 'accuracy': table.setdefault(r['config']['train_mode'], {})[r['config']['eval_mode']] = r['value']
+        if r['metric'] == 'accuracy':
+            table.setdefault(r['config']['train_mode'], {})[r['config']['eval_mode']] = r['value']
     return table

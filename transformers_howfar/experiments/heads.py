@@ -50,32 +50,48 @@ def lm_attention(model: LM, tokens, padding_mask=None) -> tuple[jax.Array, np.nd
 # %% ../../nbs/65_experiments.heads.ipynb #16b08535
 SEPARATOR_PIECES = ('.', ',', ';', ':', '▁.', '▁,', '▁;', '▁:')
 
+
 def separator_keys(tokens, tokenizer) -> np.ndarray:
     "Booleans (B, T): special ids ([CLS], [SEP], </s>, ...) except padding, and pieces that are only punctuation."
     tokens = np.asarray(tokens)
-    piece = (lambda i: tokenizer.id_to_piece(i)) if hasattr(tokenizer, 'id_to_piece') else (lambda i: tokenizer.decode([i]))
+    piece = (
+        (lambda i: tokenizer.id_to_piece(i)) if hasattr(tokenizer, 'id_to_piece') else (lambda i: tokenizer.decode([i]))
+    )
     punct = {i for i in np.unique(tokens).tolist() if i >= NUM_SPECIAL and piece(i) in SEPARATOR_PIECES}
     return ((tokens < NUM_SPECIAL) & (tokens != PAD_ID)) | np.isin(tokens, list(punct))
 
+
 def head_scores(maps, valid, separators, causal: bool) -> dict[str, np.ndarray]:
-    "Per head (L, N): 'previous', 'next' (not for causal), 'separator' and its 'separator_uniform' reference, over real tokens."
+    """Per head (L, N): 'previous', 'next' (not for causal), 'separator' and its 'separator_uniform' reference, over
+    real tokens."""
     maps, valid, sep = np.asarray(maps, np.float64), np.asarray(valid, bool), np.asarray(separators, bool)
     B, T = valid.shape
     t = np.arange(T)
-    pairs = lambda off: valid[:, max(0, -off):T - max(0, off)] & valid[:, max(0, off):T - max(0, -off)]  # (B, T - |off|)
+    pairs = (
+        lambda off: valid[:, max(0, -off) : T - max(0, off)] & valid[:, max(0, off) : T - max(0, -off)]
+    )  # (B, T - |off|)
+
     def diagonal(off, maps=maps):  # mean of A[t, t + off] over the query positions where both tokens are real
         d = np.diagonal(maps, offset=off, axis1=-2, axis2=-1)  # (L, B, N, T - |off|)
         w = pairs(off)[None, :, None, :]
         return (d * w).sum((1, 3)) / w.sum((1, 3))
+
     visible = valid[:, None, :] & (t[None, :, None] >= t[None, None, :] if causal else True)  # (B, T, S)
-    flat = np.broadcast_to(visible, (B, T, T)) / np.maximum(visible.sum(-1, keepdims=True), 1)  # uniform attention over visible keys
+    flat = np.broadcast_to(visible, (B, T, T)) / np.maximum(
+        visible.sum(-1, keepdims=True), 1
+    )  # uniform attention over visible keys
     on_sep = (maps * sep[None, :, None, None, :]).sum(-1)  # (L, B, N, T)
     uniform = (visible & sep[:, None, :]).sum(-1) / np.maximum(visible.sum(-1), 1)  # (B, T)
     q = valid & (t >= 1 if causal else True)
     same = lambda x: np.full(maps.shape[0:1] + maps.shape[2:3], float(x))  # a reference: the same for every head
-    out = {'previous': diagonal(-1), 'previous_uniform': same(diagonal(-1, flat[None, :, None])[0, 0]),
-           'separator': (on_sep * q[None, :, None]).sum((1, 3)) / q.sum(), 'separator_uniform': same((uniform * q).sum() / q.sum())}
-    if not causal: out['next'], out['next_uniform'] = diagonal(1), same(diagonal(1, flat[None, :, None])[0, 0])
+    out = {
+        'previous': diagonal(-1),
+        'previous_uniform': same(diagonal(-1, flat[None, :, None])[0, 0]),
+        'separator': (on_sep * q[None, :, None]).sum((1, 3)) / q.sum(),
+        'separator_uniform': same((uniform * q).sum() / q.sum()),
+    }
+    if not causal:
+        out['next'], out['next_uniform'] = diagonal(1), same(diagonal(1, flat[None, :, None])[0, 0])
     return out
 
 # %% ../../nbs/65_experiments.heads.ipynb #545d0607
@@ -128,61 +144,92 @@ def _word_index(words: list[str], word: str, after: int = -1) -> int:
 def word_spans(tokenizer, sentence: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
     "Ids of `sentence` and the [start, end) token span of each whitespace-separated word."
     words, ids = sentence.split(), np.asarray(tokenizer.encode(sentence))
-    ends = [len(tokenizer.encode(' '.join(words[:i + 1]))) for i in range(len(words))]
+    ends = [len(tokenizer.encode(' '.join(words[: i + 1]))) for i in range(len(words))]
     for i, e in enumerate(ends):
-        if not np.array_equal(tokenizer.encode(' '.join(words[:i + 1])), ids[:e]):
-            raise ValueError(f'tokenizer: the ids of {" ".join(words[:i + 1])!r} are not a prefix of the ids of the sentence')
+        if not np.array_equal(tokenizer.encode(' '.join(words[: i + 1])), ids[:e]):
+            raise ValueError(
+                f'tokenizer: the ids of {" ".join(words[: i + 1])!r} are not a prefix of the ids of the sentence'
+            )
     return ids, list(zip([0] + ends[:-1], ends))
 
+
 def encode_pronoun_set(tokenizer, sentences=PRONOUN_SENTENCES, prefix=(), suffix=()) -> list[dict]:
-    "Token ids (with `prefix`/`suffix` ids) and the positions of the pronoun, antecedent and distractor pieces of each sentence."
+    """Token ids (with `prefix`/`suffix` ids) and the positions of the pronoun, antecedent and distractor pieces of
+    each sentence."""
     out = []
     for sentence, pronoun, antecedent, distractor in sentences:
         words = sentence.split()
         ids, spans = word_spans(tokenizer, sentence)
         a, d = _word_index(words, antecedent), _word_index(words, distractor)
         p = _word_index(words, pronoun, after=max(a, d))
-        def shift(span):  # the word's pieces after the prefix, without trailing pieces that are only punctuation ('women,')
+
+        def shift(
+            span,
+        ):  # the word's pieces after the prefix, without trailing pieces that are only punctuation ('women,')
             start, end = span
-            while end - start > 1 and not re.sub(r'[\W_]', '', tokenizer.decode([int(ids[end - 1])])): end -= 1
+            while end - start > 1 and not re.sub(r'[\W_]', '', tokenizer.decode([int(ids[end - 1])])):
+                end -= 1
             return list(range(start + len(prefix), end + len(prefix)))
-        out.append(dict(ids=np.concatenate([np.asarray(prefix, np.int32), ids, np.asarray(suffix, np.int32)]).astype(np.int32),
-                        pronoun=shift(spans[p])[0], antecedent=shift(spans[a]), distractor=shift(spans[d]), first=a < d, sentence=sentence))
+
+        out.append(
+            dict(
+                ids=np.concatenate([np.asarray(prefix, np.int32), ids, np.asarray(suffix, np.int32)]).astype(np.int32),
+                pronoun=shift(spans[p])[0],
+                antecedent=shift(spans[a]),
+                distractor=shift(spans[d]),
+                first=a < d,
+                sentence=sentence,
+            )
+        )
     return out
 
 # %% ../../nbs/65_experiments.heads.ipynb #a19590c3
 def pronoun_margins(maps, items) -> np.ndarray:
     "Per sentence and head (n, L, N): weight from the pronoun to the antecedent's pieces minus to the distractor's."
-    return np.stack([maps[i][:, :, it['pronoun'], it['antecedent']].sum(-1) - maps[i][:, :, it['pronoun'], it['distractor']].sum(-1)
-                     for i, it in enumerate(items)])
+    return np.stack(
+        [
+            maps[i][:, :, it['pronoun'], it['antecedent']].sum(-1)
+            - maps[i][:, :, it['pronoun'], it['distractor']].sum(-1)
+            for i, it in enumerate(items)
+        ]
+    )
+
 
 def best_head(margins) -> tuple[int, int]:
-    "(layer, head) with the highest accuracy (margin > 0) over the sentences of `margins` (n, L, N), ties by mean margin."
+    """(layer, head) with the highest accuracy (margin > 0) over the sentences of `margins` (n, L, N), ties by mean
+    margin."""
     score = (margins > 0).mean(0) + 1e-6 * np.tanh(margins.mean(0))
     return tuple(int(i) for i in np.unravel_index(np.argmax(score), score.shape))
+
 
 def leave_one_out(margins) -> float:
     "Accuracy when each sentence is judged by the head `best_head` picks on all the other sentences."
     n = len(margins)
     return float(np.mean([margins[i][best_head(np.delete(margins, i, 0))] > 0 for i in range(n)]))
 
+
 def binomial_tail(k: int, n: int, p: float = 0.5) -> float:
     "P(X >= k) for X ~ Binomial(n, p)."
-    return float(sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k, n + 1)))
+    return float(sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1)))
 
 # %% ../../nbs/65_experiments.heads.ipynb #2e6f60a9
 def real_sentences(n: int = 128, min_words: int = 8, max_words: int = 30, source: str = 'brown') -> list[str]:
     "The first `n` lines of `source`'s test documents with `min_words`..`max_words` words."
     check_positive('n', n)
     lines = [l for d in load_split(source, 'test') for l in d if min_words <= len(l.split()) <= max_words]
-    if len(lines) < n: raise ValueError(f'n: {source} has only {len(lines)} test sentences of {min_words}-{max_words} words, asked for {n}')
+    if len(lines) < n:
+        raise ValueError(
+            f'n: {source} has only {len(lines)} test sentences of {min_words}-{max_words} words, asked for {n}'
+        )
     return lines[:n]
+
 
 def pad_rows(rows) -> tuple[np.ndarray, np.ndarray]:
     "Right-padded ids (B, T) and the boolean mask of real tokens."
     T = max(len(r) for r in rows)
     out = np.full((len(rows), T), PAD_ID, np.int32)
-    for i, r in enumerate(rows): out[i, :len(r)] = r
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
     return out, np.arange(T)[None] < np.asarray([len(r) for r in rows])[:, None]
 
 # %% ../../nbs/65_experiments.heads.ipynb #a2449532
@@ -191,17 +238,22 @@ def model_inputs(kind: str, tokenizer) -> tuple[tuple, tuple]:
     check_choice('kind', kind, ['bert', 'lm'])
     return ((CLS_ID,), (SEP_ID,)) if kind == 'bert' else ((EOS_ID,), ())
 
+
 def run_maps(kind: str, model, rows) -> tuple[np.ndarray, np.ndarray]:
     "Attention maps (L, B, N, T, T) of padded `rows` and the mask of real tokens."
     ids, valid = pad_rows(rows)
-    if kind == 'bert': return bert_attention(model, ids, jnp.asarray(valid, jnp.float32))[1], valid
+    if kind == 'bert':
+        return bert_attention(model, ids, jnp.asarray(valid, jnp.float32))[1], valid
     return lm_attention(model, ids, jnp.asarray(valid))[1], valid
+
 
 def analyse_heads(kind: str, model, tokenizer, sentences, pronoun_set=PRONOUN_SENTENCES) -> dict:
     "Per-head scores (L, N) on `sentences`, and the pronoun-set results of the model (`kind` 'bert' or 'lm')."
     prefix, suffix = model_inputs(kind, tokenizer)
     rows = [np.concatenate([prefix, tokenizer.encode(s), suffix]).astype(np.int32) for s in sentences]
-    rows = [r for r in rows if len(r) <= model.config.max_len]  # the rare sentence longer than the learned positions is left out
+    rows = [
+        r for r in rows if len(r) <= model.config.max_len
+    ]  # the rare sentence longer than the learned positions is left out
     maps, valid = run_maps(kind, model, rows)
     scores = head_scores(maps, valid, separator_keys(pad_rows(rows)[0], tokenizer) & valid, causal=kind == 'lm')
     items = encode_pronoun_set(tokenizer, pronoun_set, prefix, suffix)
@@ -210,43 +262,77 @@ def analyse_heads(kind: str, model, tokenizer, sentences, pronoun_set=PRONOUN_SE
     head = best_head(margins)
     correct = int((margins[(slice(None),) + head] > 0).sum())
     loo = leave_one_out(margins)
-    return dict(kind=kind, scores={k: v.tolist() for k, v in scores.items()}, pronoun_accuracy=(margins > 0).mean(0).tolist(),
-                pronoun_head=list(head), pronoun_best_accuracy=correct / len(items), pronoun_loo_accuracy=loo,
-                pronoun_loo_p=binomial_tail(round(loo * len(items)), len(items)), n_pronoun=len(items),
-                first_mentioned_baseline=float(np.mean([it['first'] for it in items])), n_sentences=len(rows),
-                margins=margins[(slice(None),) + head].tolist())
+    return dict(
+        kind=kind,
+        scores={k: v.tolist() for k, v in scores.items()},
+        pronoun_accuracy=(margins > 0).mean(0).tolist(),
+        pronoun_head=list(head),
+        pronoun_best_accuracy=correct / len(items),
+        pronoun_loo_accuracy=loo,
+        pronoun_loo_p=binomial_tail(round(loo * len(items)), len(items)),
+        n_pronoun=len(items),
+        first_mentioned_baseline=float(np.mean([it['first'] for it in items])),
+        n_sentences=len(rows),
+        margins=margins[(slice(None),) + head].tolist(),
+    )
 
 # %% ../../nbs/65_experiments.heads.ipynb #81e451fc
 HEADS_LM = dict(d_model=128, d_ff=512, n_heads=4, n_layers=3, max_len=64, dropout_rate=0.0)  # the BERT's size, causal
 HEADS_LM_STEPS, HEADS_LM_BATCH = 300, 32
 
-def train_heads_lm(tokenizer, documents, steps: int = HEADS_LM_STEPS, batch_size: int = HEADS_LM_BATCH, seed: int = 0, **sizes) -> tuple[LM, dict]:
-    "A decoder LM of `HEADS_LM` sizes (or `sizes`) trained on `documents` with `tokenizer` for `steps`; the model and the trainer's summary."
+
+def train_heads_lm(
+    tokenizer, documents, steps: int = HEADS_LM_STEPS, batch_size: int = HEADS_LM_BATCH, seed: int = 0, **sizes
+) -> tuple[LM, dict]:
+    """A decoder LM of `HEADS_LM` sizes (or `sizes`) trained on `documents` with `tokenizer` for `steps`; the model
+    and the trainer's summary."""
     config = LMConfig(vocab_size=tokenizer.vocab_size, **{**HEADS_LM, **sizes})
-    train = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=2e-3, warmup_steps=max(1, steps // 10), log_every=max(1, steps // 10),
-                        checkpoint_every=0, seed=seed, progress=False)
+    train = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=2e-3,
+        warmup_steps=max(1, steps // 10),
+        log_every=max(1, steps // 10),
+        checkpoint_every=0,
+        seed=seed,
+        progress=False,
+    )
     trainer, start = Trainer(LM(config, rngs=nnx.Rngs(params=seed)), lm_loss(), train), time.perf_counter()
     summary = trainer.fit(lm_batches(encode_documents(documents, tokenizer), config.max_len, batch_size, seed=seed))
     return trainer.model, dict(summary, seconds=time.perf_counter() - start)
 
+
 def heads_lm(tokenizer, *, scaling_size: str = 'm', folder=None) -> tuple[LM, object, str]:
-    "The LM to analyse, its tokenizer and where it comes from: the scaling experiment's `scaling_size` if saved, else our own (trained once, cached)."
+    """The LM to analyse, its tokenizer and where it comes from: the scaling experiment's `scaling_size` if saved,
+    else our own (trained once, cached)."""
     try:
         from transformers_howfar.experiments.scaling import load_scaling_model
+
         model, tok = load_scaling_model(scaling_size, retrain=False)
         return model, tok, f'exp_scaling size {scaling_size}'
-    except (ImportError, FileNotFoundError): pass
+    except (ImportError, FileNotFoundError):
+        pass
     path = Path(folder) if folder else experiment_dir('heads') / 'lm_heads'
     if not (path / 'model.json').exists():
         model, summary = train_heads_lm(tokenizer, [d for c in ('wikipedia', 'brown') for d in load_split(c, 'train')])
         save_model(model, path, tokenizer, overwrite=True)
-        (path / 'summary.json').write_text(json.dumps({'steps': summary['step'], 'seconds': summary['seconds'], 'train_nll': summary['train']['nll'],
-                                                         'load': list(os.getloadavg())}))
+        (path / 'summary.json').write_text(
+            json.dumps(
+                {
+                    'steps': summary['step'],
+                    'seconds': summary['seconds'],
+                    'train_nll': summary['train']['nll'],
+                    'load': list(os.getloadavg()),
+                }
+            )
+        )
     return load(path), load_tokenizer(path), f'own LM, {HEADS_LM_STEPS} steps'
+
 
 def load_models() -> dict:
     "The pre-trained BERT and the decoder LM, each with its tokenizer (and, for the LM, where it comes from)."
     from transformers_howfar.experiments.pretraining import load_pretrained_bert
+
     bert, tok = load_pretrained_bert()
     lm, lm_tok, source = heads_lm(tok)
     return {'bert': (bert, tok), 'lm': (lm, lm_tok)}, source
@@ -258,32 +344,72 @@ def heads_records(results: dict) -> list[dict]:
     for name, r in results.items():
         base = {'model': name, 'n_sentences': r['n_sentences'], **({'source': r['source']} if 'source' in r else {})}
         for crit in ('previous', 'next', 'separator'):
-            if crit not in r['scores']: continue
-            s = np.asarray(r['scores'][crit]); L, N = np.unravel_index(np.argmax(s), s.shape)
-            extra = {'uniform': float(np.asarray(r['scores'][crit + '_uniform']).flat[0]), 'median_head': float(np.median(s))}
-            out.append(make_record('heads', dict(base, criterion=crit, layer=int(L), head=int(N), **extra), 'top_head_score', float(s[L, N]), 'attention weight', machine))
-        p = dict(base, criterion='pronoun', layer=r['pronoun_head'][0], head=r['pronoun_head'][1], n_pronoun=r['n_pronoun'],
-                 first_mentioned_baseline=r['first_mentioned_baseline'], mean_margin=float(np.mean(r['margins'])))
+            if crit not in r['scores']:
+                continue
+            s = np.asarray(r['scores'][crit])
+            L, N = np.unravel_index(np.argmax(s), s.shape)
+            extra = {
+                'uniform': float(np.asarray(r['scores'][crit + '_uniform']).flat[0]),
+                'median_head': float(np.median(s)),
+            }
+            out.append(
+                make_record(
+                    'heads',
+                    dict(base, criterion=crit, layer=int(L), head=int(N), **extra),
+                    'top_head_score',
+                    float(s[L, N]),
+                    'attention weight',
+                    machine,
+                )
+            )
+        p = dict(
+            base,
+            criterion='pronoun',
+            layer=r['pronoun_head'][0],
+            head=r['pronoun_head'][1],
+            n_pronoun=r['n_pronoun'],
+            first_mentioned_baseline=r['first_mentioned_baseline'],
+            mean_margin=float(np.mean(r['margins'])),
+        )
         out.append(make_record('heads', p, 'best_head_accuracy', r['pronoun_best_accuracy'], 'fraction', machine))
-        out.append(make_record('heads', dict(p, p_value=r['pronoun_loo_p']), 'leave_one_out_accuracy', r['pronoun_loo_accuracy'], 'fraction', machine))
+        out.append(
+            make_record(
+                'heads',
+                dict(p, p_value=r['pronoun_loo_p']),
+                'leave_one_out_accuracy',
+                r['pronoun_loo_accuracy'],
+                'fraction',
+                machine,
+            )
+        )
     return out
 
 # %% ../../nbs/65_experiments.heads.ipynb #d320d40b
 def heads_experiment(quick: bool = False, out_dir='experiments/results') -> list[dict]:
-    "Score every head of the pre-trained BERT and of a trained decoder LM for previous-token, separator and pronoun attention."
+    """Score every head of the pre-trained BERT and of a trained decoder LM for previous-token, separator and pronoun
+    attention."""
     start = time.perf_counter()
     if quick:  # untrained tiny models on toy sentences: the pipeline, in seconds
         tok, sentences = CharTokenizer(TOY_ALPHABET), ['the cat sees a dog.', 'a small bird likes the red cat.']
-        pronouns = [('the cat and the dogs ran so they won.', 'they', 'dogs', 'cat'), ('the cat saw the dogs so it ran.', 'it', 'cat', 'dogs')]
-        models = {'bert': (Bert(BertConfig.tiny().replace(vocab_size=tok.vocab_size, max_len=64), rngs=nnx.Rngs(0)), tok),
-                  'lm': (LM(LMConfig.tiny().replace(vocab_size=tok.vocab_size, max_len=64), rngs=nnx.Rngs(0)), tok)}
+        pronouns = [
+            ('the cat and the dogs ran so they won.', 'they', 'dogs', 'cat'),
+            ('the cat saw the dogs so it ran.', 'it', 'cat', 'dogs'),
+        ]
+        models = {
+            'bert': (Bert(BertConfig.tiny().replace(vocab_size=tok.vocab_size, max_len=64), rngs=nnx.Rngs(0)), tok),
+            'lm': (LM(LMConfig.tiny().replace(vocab_size=tok.vocab_size, max_len=64), rngs=nnx.Rngs(0)), tok),
+        }
         lm_source = 'untrained tiny'
-    else: (models, lm_source), sentences, pronouns = load_models(), real_sentences(), PRONOUN_SENTENCES
+    else:
+        (models, lm_source), sentences, pronouns = load_models(), real_sentences(), PRONOUN_SENTENCES
     results = {name: analyse_heads(name, model, tok, sentences, pronouns) for name, (model, tok) in models.items()}
-    for name, (model, _) in models.items(): results[name]['config'] = model.config.to_dict()
+    for name, (model, _) in models.items():
+        results[name]['config'] = model.config.to_dict()
     results['lm']['source'] = lm_source
     if not quick:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / 'heads_scores.json').write_text(json.dumps(dict(results, seconds=time.perf_counter() - start, load=list(os.getloadavg()))))
+        (out / 'heads_scores.json').write_text(
+            json.dumps(dict(results, seconds=time.perf_counter() - start, load=list(os.getloadavg())))
+        )
     return heads_records(results)

@@ -34,6 +34,7 @@ __all__ = ['InfluenceSetup', 'BagOfEmbeddings', 'bag_loss', 'load_influence_data
 @dataclasses.dataclass(frozen=True)
 class InfluenceSetup(Config):
     "Data, classifier, training budget (in steps) and checkpoints of the influence experiment."
+
     labelled: str = 'rotten_tomatoes'  # a labelled source of `data.SOURCES`, or 'toy'
     vocab_size: int = 2000  # SentencePiece trained on the training texts
     max_len: int = 48  # tokens per sentence ([CLS] + pieces; longer ones are cut)
@@ -49,21 +50,40 @@ class InfluenceSetup(Config):
     seed: int = 0
 
     def validate(self):
-        for f in ('vocab_size', 'max_len', 'd_model', 'steps', 'batch_size', 'n_checkpoints', 'n_show'): check_positive(f, getattr(self, f))
-        check_positive('learning_rate', self.learning_rate); check_positive('n_mislabelled', self.n_mislabelled, allow_zero=True)
+        for f in ('vocab_size', 'max_len', 'd_model', 'steps', 'batch_size', 'n_checkpoints', 'n_show'):
+            check_positive(f, getattr(self, f))
+        check_positive('learning_rate', self.learning_rate)
+        check_positive('n_mislabelled', self.n_mislabelled, allow_zero=True)
         check_choice('params', self.params, ('all', 'last'))
-        if self.n_checkpoints > self.steps: raise ValueError(f'n_checkpoints: expected at most steps = {self.steps}, got {self.n_checkpoints}')
-        if not self.ks or any(int(k) < 1 for k in self.ks): raise ValueError(f'ks: expected positive ranks, got {self.ks!r}')
+        if self.n_checkpoints > self.steps:
+            raise ValueError(f'n_checkpoints: expected at most steps = {self.steps}, got {self.n_checkpoints}')
+        if not self.ks or any(int(k) < 1 for k in self.ks):
+            raise ValueError(f'ks: expected positive ranks, got {self.ks!r}')
+
     @classmethod
     def tiny(cls):
-        return cls(labelled='toy', vocab_size=36, max_len=32, d_model=8, steps=60, batch_size=16, learning_rate=0.5, n_checkpoints=3,
-                   n_mislabelled=10, ks=(10, 20), n_show=2)
+        return cls(
+            labelled='toy',
+            vocab_size=36,
+            max_len=32,
+            d_model=8,
+            steps=60,
+            batch_size=16,
+            learning_rate=0.5,
+            n_checkpoints=3,
+            n_mislabelled=10,
+            ks=(10, 20),
+            n_show=2,
+        )
 
 # %% ../../nbs/67_experiments.influence.ipynb #301b5bff
 class BagOfEmbeddings(nnx.Module):
     "Mean of the token embeddings of the unmasked positions, then a linear layer to `n_classes` logits."
+
     def __init__(self, vocab_size: int, d_model: int, n_classes: int = 2, *, rngs: nnx.Rngs):
-        check_positive('vocab_size', vocab_size); check_positive('d_model', d_model); check_positive('n_classes', n_classes)
+        check_positive('vocab_size', vocab_size)
+        check_positive('d_model', d_model)
+        check_positive('n_classes', n_classes)
         self.embed = nnx.Embed(vocab_size, d_model, embedding_init=nnx.initializers.normal(0.1), rngs=rngs)
         self.classifier = nnx.Linear(d_model, n_classes, rngs=rngs)
 
@@ -72,6 +92,7 @@ class BagOfEmbeddings(nnx.Module):
         pooled = (self.embed(inputs) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)  # (B, D)
         return self.classifier(pooled)
 
+
 def bag_loss(model, batch, rngs):
     "Trainer loss of a `BagOfEmbeddings` on `inputs`, `attention_mask`, `labels`."
     return cross_entropy(model(batch['inputs'], batch['attention_mask']), batch['labels'])
@@ -79,34 +100,74 @@ def bag_loss(model, batch, rngs):
 # %% ../../nbs/67_experiments.influence.ipynb #fd42d4d4
 def load_influence_data(setup: InfluenceSetup) -> dict:
     "Tokenizer, training set with mislabelled copies appended (`is_mislabelled`, `copy_of`), and the test set."
-    if setup.labelled == 'toy': train, test = toy_corpus('labelled', 400, seed=0), toy_corpus('labelled', 100, seed=2)
-    else: train, test = load_split(setup.labelled, 'train'), load_split(setup.labelled, 'test')
+    if setup.labelled == 'toy':
+        train, test = toy_corpus('labelled', 400, seed=0), toy_corpus('labelled', 100, seed=2)
+    else:
+        train, test = load_split(setup.labelled, 'train'), load_split(setup.labelled, 'test')
     (texts, labels, names), rng = train, np.random.default_rng(setup.seed)
-    if len(names) != 2: raise ValueError(f'labelled: expected two classes (copies get "the other" label), got {names}')
-    if setup.n_mislabelled > len(texts): raise ValueError(f'n_mislabelled: expected at most {len(texts)} training sentences, got {setup.n_mislabelled}')
+    if len(names) != 2:
+        raise ValueError(f'labelled: expected two classes (copies get "the other" label), got {names}')
+    if setup.n_mislabelled > len(texts):
+        raise ValueError(f'n_mislabelled: expected at most {len(texts)} training sentences, got {setup.n_mislabelled}')
     picked = rng.choice(len(texts), setup.n_mislabelled, replace=False)
-    keep = (len(texts) + setup.n_mislabelled) // setup.batch_size * setup.batch_size - setup.n_mislabelled  # whole batches only
+    keep = (
+        len(texts) + setup.n_mislabelled
+    ) // setup.batch_size * setup.batch_size - setup.n_mislabelled  # whole batches only
     others = np.setdiff1d(np.arange(len(texts)), picked)
-    kept = np.sort(np.concatenate([picked, rng.permutation(others)[:keep - len(picked)]]))
+    kept = np.sort(np.concatenate([picked, rng.permutation(others)[: keep - len(picked)]]))
     all_texts = [texts[i] for i in kept] + [texts[i] for i in picked]
     all_labels = np.concatenate([np.asarray(labels)[kept], 1 - np.asarray(labels)[picked]]).astype(np.int32)
     tokenizer = make_tokenizer('toy' if setup.labelled == 'toy' else 'text', [texts[i] for i in kept], setup.vocab_size)
     encode = lambda ts: [np.asarray(tokenizer.encode(t), np.int32) for t in ts]
     where = {int(i): n for n, i in enumerate(kept)}
-    return {'tokenizer': tokenizer, 'names': list(names), 'train_texts': all_texts, 'train_rows': encode(all_texts), 'train_labels': all_labels,
-            'is_mislabelled': np.arange(len(all_texts)) >= len(kept), 'copy_of': np.array([-1] * len(kept) + [where[int(i)] for i in picked]),
-            'test_texts': list(test[0]), 'test_rows': encode(test[0]), 'test_labels': np.asarray(test[1], np.int32)}
+    return {
+        'tokenizer': tokenizer,
+        'names': list(names),
+        'train_texts': all_texts,
+        'train_rows': encode(all_texts),
+        'train_labels': all_labels,
+        'is_mislabelled': np.arange(len(all_texts)) >= len(kept),
+        'copy_of': np.array([-1] * len(kept) + [where[int(i)] for i in picked]),
+        'test_texts': list(test[0]),
+        'test_rows': encode(test[0]),
+        'test_labels': np.asarray(test[1], np.int32),
+    }
 
 # %% ../../nbs/67_experiments.influence.ipynb #a1d7d735
-def train_classifier(setup: InfluenceSetup, data: dict, run_dir) -> tuple[Trainer, list[tuple[int, float, nnx.State]], dict]:
+def train_classifier(
+    setup: InfluenceSetup, data: dict, run_dir
+) -> tuple[Trainer, list[tuple[int, float, nnx.State]], dict]:
     "Train a `BagOfEmbeddings`; the trainer, [(step, learning rate, parameters)] at each checkpoint, and a summary."
     every = setup.steps // setup.n_checkpoints
-    train = TrainConfig(steps=every * setup.n_checkpoints, batch_size=setup.batch_size, optimizer='sgd', b1=0.0, learning_rate=setup.learning_rate,
-                        warmup_steps=0, schedule='constant', weight_decay=0.0, clip_norm=0.0, log_every=every, eval_every=0,
-                        checkpoint_every=every, keep_checkpoints=setup.n_checkpoints, seed=setup.seed, progress=False)
-    model = BagOfEmbeddings(data['tokenizer'].vocab_size, setup.d_model, len(data['names']), rngs=nnx.Rngs(params=setup.seed))
+    train = TrainConfig(
+        steps=every * setup.n_checkpoints,
+        batch_size=setup.batch_size,
+        optimizer='sgd',
+        b1=0.0,
+        learning_rate=setup.learning_rate,
+        warmup_steps=0,
+        schedule='constant',
+        weight_decay=0.0,
+        clip_norm=0.0,
+        log_every=every,
+        eval_every=0,
+        checkpoint_every=every,
+        keep_checkpoints=setup.n_checkpoints,
+        seed=setup.seed,
+        progress=False,
+    )
+    model = BagOfEmbeddings(
+        data['tokenizer'].vocab_size, setup.d_model, len(data['names']), rngs=nnx.Rngs(params=setup.seed)
+    )
     trainer, start = Trainer(model, bag_loss, train, run_dir=run_dir), time.perf_counter()
-    batches = classification_batches(data['train_rows'], data['train_labels'], setup.batch_size, setup.max_len, seed=setup.seed, pad_multiple=setup.max_len)
+    batches = classification_batches(
+        data['train_rows'],
+        data['train_labels'],
+        setup.batch_size,
+        setup.max_len,
+        seed=setup.seed,
+        pad_multiple=setup.max_len,
+    )
     summary = trainer.fit(batches, resume=False)
     seconds, lr = time.perf_counter() - start, make_schedule(train)
     checkpoints = []
@@ -117,40 +178,52 @@ def train_classifier(setup: InfluenceSetup, data: dict, run_dir) -> tuple[Traine
 
 # %% ../../nbs/67_experiments.influence.ipynb #74aea551
 def example_gradients(graphdef, params, rest, batch: dict, which: str = 'all') -> tuple[jax.Array, jax.Array]:
-    "Flattened per-example loss gradients (B, P) of `which` parameters ('all' or 'last'), and the per-example losses (B,)."
+    """Flattened per-example loss gradients (B, P) of `which` parameters ('all' or 'last'), and the per-example losses
+    (B,)."""
     check_choice('which', which, ('all', 'last'))
+
     def loss_one(p, x, m, y):
         logits = nnx.merge(graphdef, p, rest)(x[None], m[None])  # (1, C)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y[None])[0]
+
     grads_of = jax.vmap(jax.value_and_grad(loss_one), in_axes=(None, 0, 0, 0))
     losses, grads = grads_of(params, batch['inputs'], batch['attention_mask'], batch['labels'])
-    if which == 'last': grads = grads['classifier']
+    if which == 'last':
+        grads = grads['classifier']
     flat = jnp.concatenate([g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)], axis=1)  # (B, P)
     return flat, losses
 
 # %% ../../nbs/67_experiments.influence.ipynb #1b5baaf9
-def tracin(graphdef, rest, checkpoints, train_batch: dict, test_batch: dict | None = None, which: str = 'all', chunk: int = 256) -> dict:
-    "TracIn over `checkpoints` [(step, lr, params)]: `influence` (N_train, N_test), `self_influence` (N_train,), final `loss` (N_train,)."
+def tracin(
+    graphdef, rest, checkpoints, train_batch: dict, test_batch: dict | None = None, which: str = 'all', chunk: int = 256
+) -> dict:
+    """TracIn over `checkpoints` [(step, lr, params)]: `influence` (N_train, N_test), `self_influence` (N_train,),
+    final `loss` (N_train,)."""
     grads = jax.jit(lambda p, b: example_gradients(graphdef, p, rest, b, which))
     N = len(train_batch['labels'])
     influence = np.zeros((N, 0 if test_batch is None else len(test_batch['labels'])), np.float64)
     self_influence, loss = np.zeros(N, np.float64), np.zeros(N, np.float64)
     for _, lr, params in checkpoints:
-        g_test = None if test_batch is None else grads(params, {k: jnp.asarray(v) for k, v in test_batch.items()})[0]  # (M, P)
+        g_test = (
+            None if test_batch is None else grads(params, {k: jnp.asarray(v) for k, v in test_batch.items()})[0]
+        )  # (M, P)
         for i in range(0, N, chunk):
-            part = {k: jnp.asarray(v[i:i + chunk]) for k, v in train_batch.items()}
+            part = {k: jnp.asarray(v[i : i + chunk]) for k, v in train_batch.items()}
             g, l = grads(params, part)  # (b, P), (b,)
-            self_influence[i:i + chunk] += lr * np.asarray((g * g).sum(1))
-            if g_test is not None: influence[i:i + chunk] += lr * np.asarray(g @ g_test.T)
-            loss[i:i + chunk] = np.asarray(l)  # the last checkpoint's loss remains
+            self_influence[i : i + chunk] += lr * np.asarray((g * g).sum(1))
+            if g_test is not None:
+                influence[i : i + chunk] += lr * np.asarray(g @ g_test.T)
+            loss[i : i + chunk] = np.asarray(l)  # the last checkpoint's loss remains
     return {'influence': influence, 'self_influence': self_influence, 'loss': loss}
 
 # %% ../../nbs/67_experiments.influence.ipynb #0b06d2d7
 def precision_recall_at_k(scores, flagged, ks) -> dict[int, tuple[float, float]]:
     "{k: (precision, recall)} of the `flagged` examples among the `k` highest `scores` (ties broken by index)."
     scores, flagged = np.asarray(scores, np.float64), np.asarray(flagged, bool)
-    if scores.shape != flagged.shape or scores.ndim != 1: raise ValueError(f'flagged: expected shape {scores.shape} like scores, got {flagged.shape}')
-    if not flagged.any(): raise ValueError('flagged: expected at least one flagged example, got none')
+    if scores.shape != flagged.shape or scores.ndim != 1:
+        raise ValueError(f'flagged: expected shape {scores.shape} like scores, got {flagged.shape}')
+    if not flagged.any():
+        raise ValueError('flagged: expected at least one flagged example, got none')
     order = np.argsort(-scores, kind='stable')
     return {int(k): (float(flagged[order[:k]].sum() / k), float(flagged[order[:k]].sum() / flagged.sum())) for k in ks}
 
@@ -159,7 +232,8 @@ def run_influence(setup: InfluenceSetup, out_dir) -> list[dict]:
     "Run the experiment with `setup`; writes `out_dir/influence_examples.json` and returns the records."
     start, load = time.perf_counter(), os.getloadavg()[0]
     data = load_influence_data(setup)
-    with tempfile.TemporaryDirectory() as d: trainer, ckpts, summary = train_classifier(setup, data, Path(d) / 'run')
+    with tempfile.TemporaryDirectory() as d:
+        trainer, ckpts, summary = train_classifier(setup, data, Path(d) / 'run')
     graphdef, _, rest = nnx.split(trainer.model, nnx.Param, ...)
     batch = lambda rows, labels: classification_batch(rows, labels, setup.max_len, pad_multiple=setup.max_len)
     train, test = batch(data['train_rows'], data['train_labels']), batch(data['test_rows'], data['test_labels'])
@@ -168,46 +242,112 @@ def run_influence(setup: InfluenceSetup, out_dir) -> list[dict]:
     show = np.random.default_rng(setup.seed + 1).choice(len(data['test_rows']), setup.n_show, replace=False)
     scored, t0 = {}, time.perf_counter()
     for which in ('all', 'last'):
-        scored[which] = tracin(graphdef, rest, ckpts, train, {k: v[show] for k, v in test.items()} if which == setup.params else None, which)
+        scored[which] = tracin(
+            graphdef,
+            rest,
+            ckpts,
+            train,
+            {k: v[show] for k, v in test.items()} if which == setup.params else None,
+            which,
+        )
     tracin_seconds = time.perf_counter() - t0
     flagged, rng = data['is_mislabelled'], np.random.default_rng(setup.seed + 2)
     rankings = {f'self_influence_{w}': scored[w]['self_influence'] for w in scored}
     rankings.update(final_loss=scored['all']['loss'], random=rng.random(len(flagged)))
-    machine, common = machine_info(), {'labelled': setup.labelled, 'n_train': len(flagged), 'n_mislabelled': int(flagged.sum()), 'steps': setup.steps}
-    records = [make_record('influence', dict(common, model='bag-of-embeddings'), 'test_accuracy', test_accuracy, 'fraction', machine),
-               make_record('influence', dict(common, load_average=[round(load, 2), round(os.getloadavg()[0], 2)], train_seconds=summary['seconds'],
-                                             tracin_seconds=tracin_seconds), 'seconds', time.perf_counter() - start, 's', machine)]
+    machine, common = (
+        machine_info(),
+        {
+            'labelled': setup.labelled,
+            'n_train': len(flagged),
+            'n_mislabelled': int(flagged.sum()),
+            'steps': setup.steps,
+        },
+    )
+    records = [
+        make_record(
+            'influence', dict(common, model='bag-of-embeddings'), 'test_accuracy', test_accuracy, 'fraction', machine
+        ),
+        make_record(
+            'influence',
+            dict(
+                common,
+                load_average=[round(load, 2), round(os.getloadavg()[0], 2)],
+                train_seconds=summary['seconds'],
+                tracin_seconds=tracin_seconds,
+            ),
+            'seconds',
+            time.perf_counter() - start,
+            's',
+            machine,
+        ),
+    ]
     curves = {}
     for name, scores in rankings.items():
         pr = precision_recall_at_k(scores, flagged, setup.ks)
         for k, (p, r) in pr.items():
-            records += [make_record('influence', dict(common, ranking=name, k=k), 'precision_at_k', p, 'fraction', machine),
-                        make_record('influence', dict(common, ranking=name, k=k), 'recall_at_k', r, 'fraction', machine)]
-        ks = np.arange(1, len(flagged) + 1)
+            records += [
+                make_record('influence', dict(common, ranking=name, k=k), 'precision_at_k', p, 'fraction', machine),
+                make_record('influence', dict(common, ranking=name, k=k), 'recall_at_k', r, 'fraction', machine),
+            ]
         found = np.cumsum(flagged[np.argsort(-scores, kind='stable')])
         curves[name] = found[np.unique(np.geomspace(1, len(flagged), 60).astype(int)) - 1].tolist()
     curve_k = np.unique(np.geomspace(1, len(flagged), 60).astype(int)).tolist()
     order = np.argsort(-rankings[f'self_influence_{setup.params}'], kind='stable')
     originals = data['copy_of'][flagged]
-    rank_of = np.empty(len(order), int); rank_of[order] = np.arange(len(order))
+    rank_of = np.empty(len(order), int)
+    rank_of[order] = np.arange(len(order))
     examples = []
     for j, t in enumerate(show):
         col = scored[setup.params]['influence'][:, j]
-        item = lambda i: {'text': data['train_texts'][i], 'label': data['names'][data['train_labels'][i]], 'score': float(col[i]), 'mislabelled': bool(flagged[i])}
-        examples.append({'text': data['test_texts'][t], 'label': data['names'][data['test_labels'][t]],
-                         'predicted': data['names'][int(np.asarray(predict(ckpts[-1][2], {k: v[t:t + 1] for k, v in test.items()}))[0])],
-                         'proponents': [item(i) for i in np.argsort(-col)[:3]], 'opponents': [item(i) for i in np.argsort(col)[:3]]})
-    top = [{'text': data['train_texts'][i], 'label': data['names'][data['train_labels'][i]], 'mislabelled': bool(flagged[i]),
-            'self_influence': float(rankings[f'self_influence_{setup.params}'][i])} for i in order[:10]]
+        item = lambda i: {
+            'text': data['train_texts'][i],
+            'label': data['names'][data['train_labels'][i]],
+            'score': float(col[i]),
+            'mislabelled': bool(flagged[i]),
+        }
+        examples.append(
+            {
+                'text': data['test_texts'][t],
+                'label': data['names'][data['test_labels'][t]],
+                'predicted': data['names'][
+                    int(np.asarray(predict(ckpts[-1][2], {k: v[t : t + 1] for k, v in test.items()}))[0])
+                ],
+                'proponents': [item(i) for i in np.argsort(-col)[:3]],
+                'opponents': [item(i) for i in np.argsort(col)[:3]],
+            }
+        )
+    top = [
+        {
+            'text': data['train_texts'][i],
+            'label': data['names'][data['train_labels'][i]],
+            'mislabelled': bool(flagged[i]),
+            'self_influence': float(rankings[f'self_influence_{setup.params}'][i]),
+        }
+        for i in order[:10]
+    ]
     fitted = np.asarray(predict(ckpts[-1][2], train)) == train['labels']  # the final model predicts the training label
-    side = {'setup': setup.to_dict(), 'copy_fitted': fitted[flagged].tolist(), 'original_fitted': fitted[originals].tolist(), 'checkpoints': [(s, lr) for s, lr, _ in ckpts], 'test_accuracy': test_accuracy, 'curve_k': curve_k, 'found': curves,
-            'original_ranks': rank_of[originals].tolist(), 'copy_ranks': rank_of[np.flatnonzero(flagged)].tolist(), 'top_self_influence': top, 'examples': examples}
+    side = {
+        'setup': setup.to_dict(),
+        'copy_fitted': fitted[flagged].tolist(),
+        'original_fitted': fitted[originals].tolist(),
+        'checkpoints': [(s, lr) for s, lr, _ in ckpts],
+        'test_accuracy': test_accuracy,
+        'curve_k': curve_k,
+        'found': curves,
+        'original_ranks': rank_of[originals].tolist(),
+        'copy_ranks': rank_of[np.flatnonzero(flagged)].tolist(),
+        'top_self_influence': top,
+        'examples': examples,
+    }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / 'influence_examples.json').write_text(json.dumps(side, indent=1))
     return records
 
+
 def influence_experiment(quick: bool = False, out_dir='experiments/results') -> list[dict]:
-    "TracIn over 5 checkpoints of a bag-of-embeddings classifier on Rotten Tomatoes (SGD, 2000 steps): finding 100 injected mislabelled copies; proponents and opponents."
+    """TracIn over 5 checkpoints of a bag-of-embeddings classifier on Rotten Tomatoes (SGD, 2000 steps): finding 100
+    injected mislabelled copies; proponents and opponents."""
     if quick:
-        with tempfile.TemporaryDirectory() as d: return run_influence(InfluenceSetup.tiny(), d)  # the quick run keeps no examples file
+        with tempfile.TemporaryDirectory() as d:
+            return run_influence(InfluenceSetup.tiny(), d)  # the quick run keeps no examples file
     return run_influence(InfluenceSetup(), out_dir)

@@ -25,7 +25,8 @@ from ..data.sources import load_split
 from ..data.batches import encode_documents, lm_batches
 from ..models.reformer import ReformerConfig, ReformerLM, reformer_loss
 from ..train.tasks import make_tokenizer, toy_corpus
-from ..train.trainer import Trainer, TrainConfig, read_metrics, summarize_metrics
+from ..train.trainer import Trainer, TrainConfig
+from ..train.metrics import read_metrics, summarize_metrics
 
 # %% auto #0
 __all__ = ['LSHQualitySetup', 'model_config', 'load_lsh_data', 'lsh_batches', 'make_eval_fn', 'evaluate', 'train_model',
@@ -35,6 +36,7 @@ __all__ = ['LSHQualitySetup', 'model_config', 'load_lsh_data', 'lsh_batches', 'm
 @dataclasses.dataclass(frozen=True)
 class LSHQualitySetup(Config):
     "Data, model, training budget (in steps) and timing grid of the LSH-quality experiment."
+
     corpora: tuple = ('wikipedia', 'brown')  # text sources of `data.SOURCES`, or ('toy',)
     vocab_size: int = 1024  # SentencePiece trained on the training split
     seq_len: int = 1024  # context length T
@@ -55,52 +57,114 @@ class LSHQualitySetup(Config):
     seed: int = 0
 
     def validate(self):
-        if isinstance(self.corpora, str) or not self.corpora: raise ValueError(f'corpora: expected a non-empty tuple of sources, got {self.corpora!r}')
-        for f in ('vocab_size', 'seq_len', 'batch_size', 'steps', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'chunk', 'eval_batches',
-                  'timing_tokens', 'timing_rounds', 'timing_repeats'):
+        if isinstance(self.corpora, str) or not self.corpora:
+            raise ValueError(f'corpora: expected a non-empty tuple of sources, got {self.corpora!r}')
+        for f in (
+            'vocab_size',
+            'seq_len',
+            'batch_size',
+            'steps',
+            'd_model',
+            'd_ff',
+            'n_heads',
+            'n_layers',
+            'chunk',
+            'eval_batches',
+            'timing_tokens',
+            'timing_rounds',
+            'timing_repeats',
+        ):
             check_positive(f, getattr(self, f))
         check_positive('learning_rate', self.learning_rate)
-        if not self.rounds or any(int(r) < 1 for r in self.rounds): raise ValueError(f'rounds: expected positive hash-round counts, got {self.rounds!r}')
-        if self.seq_len % self.chunk: raise ValueError(f'seq_len: expected a multiple of chunk = {self.chunk}, got {self.seq_len}')
+        if not self.rounds or any(int(r) < 1 for r in self.rounds):
+            raise ValueError(f'rounds: expected positive hash-round counts, got {self.rounds!r}')
+        if self.seq_len % self.chunk:
+            raise ValueError(f'seq_len: expected a multiple of chunk = {self.chunk}, got {self.seq_len}')
         for L in self.timing_lengths:
             if L < 1 or L % self.chunk or self.timing_tokens % L:
-                raise ValueError(f'timing_lengths: expected lengths that divide timing_tokens = {self.timing_tokens} and are multiples of chunk = {self.chunk}, got {L}')
+                raise ValueError(
+                    f'timing_lengths: expected lengths that divide timing_tokens = {self.timing_tokens} and are '
+                    f'multiples of chunk = {self.chunk}, got {L}'
+                )
+
     @property
-    def models(self) -> list[str]: return ['full', 'local'] + [f'lsh{r}' for r in self.rounds]
+    def models(self) -> list[str]:
+        return ['full', 'local'] + [f'lsh{r}' for r in self.rounds]
+
     @classmethod
     def tiny(cls):
-        return cls(corpora=('toy',), vocab_size=36, seq_len=64, batch_size=2, steps=4, d_model=16, d_ff=32, n_heads=2, n_layers=1, chunk=8,
-                   rounds=(1, 2), eval_batches=1, timing_lengths=(32, 64), timing_tokens=128, timing_rounds=2, timing_repeats=1)
+        return cls(
+            corpora=('toy',),
+            vocab_size=36,
+            seq_len=64,
+            batch_size=2,
+            steps=4,
+            d_model=16,
+            d_ff=32,
+            n_heads=2,
+            n_layers=1,
+            chunk=8,
+            rounds=(1, 2),
+            eval_batches=1,
+            timing_lengths=(32, 64),
+            timing_tokens=128,
+            timing_rounds=2,
+            timing_repeats=1,
+        )
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #be5dc8b5
 def model_config(setup: LSHQualitySetup, model: str, n_rounds: int | None = None) -> ReformerConfig:
-    "The `ReformerConfig` of `model` ('full', 'local' or 'lsh<R>'); `n_rounds` overrides R (for evaluating with other rounds)."
+    """The `ReformerConfig` of `model` ('full', 'local' or 'lsh<R>'); `n_rounds` overrides R (for evaluating with
+    other rounds)."""
     check_choice('model', model, setup.models)
     kind = 'full' if model == 'full' else 'local' if model == 'local' else 'lsh'
     options = format_attention_options('local', block_size=setup.chunk, look_back=1) if kind == 'local' else ()
     R = n_rounds or (int(model[3:]) if kind == 'lsh' else 1)
     second = 1 << (int(np.ceil(np.log2(np.sqrt(setup.seq_len)))))
-    return ReformerConfig(vocab_size=setup.vocab_size, d_model=setup.d_model, d_ff=setup.d_ff, n_heads=setup.n_heads, n_layers=setup.n_layers,
-                          max_len=setup.seq_len, axial_shape=(-(-setup.seq_len // second), second), axial_dims=(setup.d_model // 2, setup.d_model - setup.d_model // 2),
-                          attention=(kind,), attention_options=options, n_rounds=R, lsh_chunk=setup.chunk, ff_chunk=setup.seq_len, loss_chunk=setup.seq_len, residual='ordinary')
+    return ReformerConfig(
+        vocab_size=setup.vocab_size,
+        d_model=setup.d_model,
+        d_ff=setup.d_ff,
+        n_heads=setup.n_heads,
+        n_layers=setup.n_layers,
+        max_len=setup.seq_len,
+        axial_shape=(-(-setup.seq_len // second), second),
+        axial_dims=(setup.d_model // 2, setup.d_model - setup.d_model // 2),
+        attention=(kind,),
+        attention_options=options,
+        n_rounds=R,
+        lsh_chunk=setup.chunk,
+        ff_chunk=setup.seq_len,
+        loss_chunk=setup.seq_len,
+        residual='ordinary',
+    )
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #b7171c0f
 def load_lsh_data(setup: LSHQualitySetup) -> dict:
     "Tokenizer, training and validation token streams, and the validation characters per token."
-    if setup.corpora == ('toy',): train, valid = toy_corpus('text', 800, seed=0), toy_corpus('text', 200, seed=1)
+    if setup.corpora == ('toy',):
+        train, valid = toy_corpus('text', 800, seed=0), toy_corpus('text', 200, seed=1)
     else:
         train = [d for c in setup.corpora for d in load_split(c, 'train', seed=setup.seed)]
         valid = [d for c in setup.corpora for d in load_split(c, 'valid', seed=setup.seed)]
-    tokenizer = make_tokenizer('toy' if setup.corpora == ('toy',) else 'text', [l for d in train for l in d], setup.vocab_size)
+    tokenizer = make_tokenizer(
+        'toy' if setup.corpora == ('toy',) else 'text', [l for d in train for l in d], setup.vocab_size
+    )
     valid_tokens = encode_documents(valid, tokenizer)
     chars = sum(len('\n'.join(d)) + 1 for d in valid)  # + 1: the end-of-document token stands for a separator
-    return {'tokenizer': tokenizer, 'train': encode_documents(train, tokenizer), 'valid': valid_tokens,
-            'chars_per_token': chars / sum(len(t) + 1 for t in valid_tokens)}
+    return {
+        'tokenizer': tokenizer,
+        'train': encode_documents(train, tokenizer),
+        'valid': valid_tokens,
+        'chars_per_token': chars / sum(len(t) + 1 for t in valid_tokens),
+    }
+
 
 def lsh_batches(data: dict, setup: LSHQualitySetup, which: str = 'train'):
     "Training batches in a fixed order (the same for every model), or one ordered pass over the validation windows."
     check_choice('which', which, ['train', 'valid'])
-    if which == 'train': return lm_batches(data['train'], setup.seq_len, setup.batch_size, seed=setup.seed)
+    if which == 'train':
+        return lm_batches(data['train'], setup.seq_len, setup.batch_size, seed=setup.seed)
     return lm_batches(data['valid'], setup.seq_len, setup.batch_size, shuffle=False, epochs=1)
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #b13f5e26
@@ -110,17 +174,36 @@ def make_eval_fn(config: ReformerConfig):
     loss_fn = reformer_loss()
     return jax.jit(lambda params, batch: loss_fn(nnx.merge(graphdef, params, rest), batch, None)[1])
 
+
 def evaluate(eval_fn, params, data: dict, setup: LSHQualitySetup) -> dict:
     "Validation nll, bits per token and bits per character over the first `eval_batches` validation batches."
-    rows = [jax.device_get(eval_fn(params, b)) for _, b in zip(range(setup.eval_batches), lsh_batches(data, setup, 'valid'))]
+    rows = [
+        jax.device_get(eval_fn(params, b)) for _, b in zip(range(setup.eval_batches), lsh_batches(data, setup, 'valid'))
+    ]
     m = summarize_metrics(rows)
-    return {'nll': m['nll'], 'bits_per_token': m['bits_per_token'], 'bits_per_char': m['bits_per_token'] / data['chars_per_token'],
-            'tokens': m['tokens']}
+    return {
+        'nll': m['nll'],
+        'bits_per_token': m['bits_per_token'],
+        'bits_per_char': m['bits_per_token'] / data['chars_per_token'],
+        'tokens': m['tokens'],
+    }
+
 
 def train_model(setup: LSHQualitySetup, model: str, data: dict, run_dir) -> tuple[dict, nnx.State]:
-    "Train `model` for `setup.steps` steps in `run_dir`; its record (losses, curve, seconds, load) and trained parameters."
-    train = TrainConfig(steps=setup.steps, batch_size=setup.batch_size, learning_rate=setup.learning_rate, warmup_steps=max(1, setup.steps // 10),
-                        log_every=max(1, setup.steps // 30), eval_every=0, checkpoint_every=0, keep_checkpoints=1, seed=setup.seed, progress=False)
+    """Train `model` for `setup.steps` steps in `run_dir`; its record (losses, curve, seconds, load) and trained
+    parameters."""
+    train = TrainConfig(
+        steps=setup.steps,
+        batch_size=setup.batch_size,
+        learning_rate=setup.learning_rate,
+        warmup_steps=max(1, setup.steps // 10),
+        log_every=max(1, setup.steps // 30),
+        eval_every=0,
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        seed=setup.seed,
+        progress=False,
+    )
     config = model_config(setup, model)
     trainer = Trainer(ReformerLM(config, rngs=nnx.Rngs(params=setup.seed)), reformer_loss(), train, run_dir=run_dir)
     load, start = os.getloadavg()[0], time.perf_counter()
@@ -128,22 +211,34 @@ def train_model(setup: LSHQualitySetup, model: str, data: dict, run_dir) -> tupl
     seconds = time.perf_counter() - start
     curve = [(r['step'], r['nll']) for r in read_metrics(run_dir) if r.get('split') == 'train']
     params = jax.tree.map(jnp.array, trainer.state['params'])
-    return {'model': model, 'attention': config.attention[0], 'n_rounds': config.n_rounds, 'steps': trainer.step,
-            'train_nll': summary['train']['nll'], 'train_seconds': seconds, 'load_average': [round(load, 2), round(os.getloadavg()[0], 2)],
-            'curve': curve}, params
+    return {
+        'model': model,
+        'attention': config.attention[0],
+        'n_rounds': config.n_rounds,
+        'steps': trainer.step,
+        'train_nll': summary['train']['nll'],
+        'train_seconds': seconds,
+        'load_average': [round(load, 2), round(os.getloadavg()[0], 2)],
+        'curve': curve,
+    }, params
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #38e9f937
 def step_seconds(model: str, length: int, setup: dict | None = None) -> dict:
-    "Seconds of one training step of `model` at context `length` with `timing_tokens // length` sequences (best of `timing_repeats`)."
+    """Seconds of one training step of `model` at context `length` with `timing_tokens // length` sequences (best of
+    `timing_repeats`)."""
     s = LSHQualitySetup.from_dict(setup or {})
     s = s.replace(seq_len=length, rounds=tuple(sorted(set(s.rounds) | {s.timing_rounds})))
     c = model_config(s, model)
     graphdef, params, rest = nnx.split(ReformerLM(c, rngs=nnx.Rngs(0)), nnx.Param, ...)
     optimizer, loss_fn = optax.adam(1e-3), reformer_loss()
+
     def step(params, opt_state, batch, key):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, nnx.Rngs(dropout=key))[0])(params)
+        loss, grads = jax.value_and_grad(
+            lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, nnx.Rngs(dropout=key))[0]
+        )(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
+
     B = max(1, s.timing_tokens // length)
     tokens = jax.random.randint(make_key(0), (B, length + 1), 0, c.vocab_size)
     batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': jnp.ones((B, length), jnp.float32)}
@@ -154,28 +249,57 @@ def step_seconds(model: str, length: int, setup: dict | None = None) -> dict:
         start = time.perf_counter()
         params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, batch, make_key(2 + i)))
         times.append(time.perf_counter() - start)
-    return {'seconds': min(times[1:]), 'compile_s': compile_s, 'batch': B, 'loss': float(loss), 'load_average': round(os.getloadavg()[0], 2)}
+    return {
+        'seconds': min(times[1:]),
+        'compile_s': compile_s,
+        'batch': B,
+        'loss': float(loss),
+        'load_average': round(os.getloadavg()[0], 2),
+    }
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #fc8804ae
 def _records(setup: LSHQualitySetup, runs: dict, timings: list, machine: dict) -> list[dict]:
     rec = lambda cfg, metric, value, unit: make_record('lsh_quality', cfg, metric, value, unit, machine)
     out = []
     for name, r in runs.items():
-        cfg = {'model': name, 'attention': r['attention'], 'n_rounds': r['n_rounds'], 'steps': r['steps'], 'seq_len': setup.seq_len,
-               'tokens': setup.steps * setup.batch_size * setup.seq_len, 'load_average': r['load_average'], 'train_seconds': r['train_seconds']}
-        out += [rec(cfg, 'valid_bits_per_token', r['valid']['bits_per_token'], 'bits/token'),
-                rec(cfg, 'valid_bits_per_char', r['valid']['bits_per_char'], 'bits/char'),
-                rec(cfg, 'train_seconds', r['train_seconds'], 's')]
+        cfg = {
+            'model': name,
+            'attention': r['attention'],
+            'n_rounds': r['n_rounds'],
+            'steps': r['steps'],
+            'seq_len': setup.seq_len,
+            'tokens': setup.steps * setup.batch_size * setup.seq_len,
+            'load_average': r['load_average'],
+            'train_seconds': r['train_seconds'],
+        }
+        out += [
+            rec(cfg, 'valid_bits_per_token', r['valid']['bits_per_token'], 'bits/token'),
+            rec(cfg, 'valid_bits_per_char', r['valid']['bits_per_char'], 'bits/char'),
+            rec(cfg, 'train_seconds', r['train_seconds'], 's'),
+        ]
         for R, ev in r.get('eval_rounds', {}).items():
-            out.append(rec(dict(cfg, eval_rounds=int(R)), 'valid_bits_per_token_eval_rounds', ev['bits_per_token'], 'bits/token'))
+            out.append(
+                rec(
+                    dict(cfg, eval_rounds=int(R)),
+                    'valid_bits_per_token_eval_rounds',
+                    ev['bits_per_token'],
+                    'bits/token',
+                )
+            )
     for t in timings:
         cfg = {k: t[k] for k in ('model', 'length', 'batch', 'tokens') if k in t}
-        cfg.update({'load_average': t.get('load_average'), 'error': t['error']} if 'error' in t else {'load_average': t.get('load_average')})
+        cfg.update(
+            {'load_average': t.get('load_average'), 'error': t['error']}
+            if 'error' in t
+            else {'load_average': t.get('load_average')}
+        )
         out.append(rec(cfg, 'step_seconds', t.get('seconds'), 's'))
     return out
 
+
 def run_lsh_quality(setup: LSHQualitySetup, out_dir, *, resume: bool = False, timing: bool = True) -> list[dict]:
-    "Train, evaluate and time every model of `setup`; per-model JSON in `out_dir/lsh_quality_runs/`, timings in `out_dir/lsh_quality_timing.json`."
+    """Train, evaluate and time every model of `setup`; per-model JSON in `out_dir/lsh_quality_runs/`, timings in
+    `out_dir/lsh_quality_timing.json`."""
     out, machine = Path(out_dir), machine_info()
     (out / 'lsh_quality_runs').mkdir(parents=True, exist_ok=True)
     path = lambda name: out / 'lsh_quality_runs' / f'{name}.json'
@@ -185,8 +309,10 @@ def run_lsh_quality(setup: LSHQualitySetup, out_dir, *, resume: bool = False, ti
         data = load_lsh_data(setup)
         evals = {}
         for m in setup.models:
-            if m in runs: continue
-            with tempfile.TemporaryDirectory() as d: r, params = train_model(setup, m, data, Path(d) / m)
+            if m in runs:
+                continue
+            with tempfile.TemporaryDirectory() as d:
+                r, params = train_model(setup, m, data, Path(d) / m)
             evals.setdefault(m, make_eval_fn(model_config(setup, m)))
             r['valid'] = evaluate(evals[m], params, data, setup)
             if r['attention'] == 'lsh':
@@ -204,14 +330,24 @@ def run_lsh_quality(setup: LSHQualitySetup, out_dir, *, resume: bool = False, ti
         done = {(t['model'], t['length']) for t in timings if 'error' not in t}
         for L in setup.timing_lengths:
             for m in ('full', f'lsh{setup.timing_rounds}'):
-                if (m, L) in done: continue
-                r = run_isolated('transformers_howfar.experiments.lsh_quality:step_seconds', {'model': m, 'length': L, 'setup': setup.to_dict()}, timeout=900)
-                timings = [t for t in timings if (t['model'], t['length']) != (m, L)] + [dict(r, model=m, length=L, tokens=setup.timing_tokens)]
+                if (m, L) in done:
+                    continue
+                r = run_isolated(
+                    'transformers_howfar.experiments.lsh_quality:step_seconds',
+                    {'model': m, 'length': L, 'setup': setup.to_dict()},
+                    timeout=900,
+                )
+                timings = [t for t in timings if (t['model'], t['length']) != (m, L)] + [
+                    dict(r, model=m, length=L, tokens=setup.timing_tokens)
+                ]
                 tpath.write_text(json.dumps({'setup': setup.to_dict(), 'timings': timings}, indent=1))
     return _records(setup, {m: runs[m] for m in setup.models}, timings, machine)
 
+
 def lsh_quality_experiment(quick: bool = False, resume: bool = False, out_dir='experiments/results') -> list[dict]:
-    "A Reformer LM at 1024 tokens with full, local and LSH (1/2/4/8 rounds) attention: validation bits per token, and step time against length."
+    """A Reformer LM at 1024 tokens with full, local and LSH (1/2/4/8 rounds) attention: validation bits per token,
+    and step time against length."""
     if quick:
-        with tempfile.TemporaryDirectory() as d: return run_lsh_quality(LSHQualitySetup.tiny(), d)
+        with tempfile.TemporaryDirectory() as d:
+            return run_lsh_quality(LSHQualitySetup.tiny(), d)
     return run_lsh_quality(LSHQualitySetup(), out_dir, resume=resume)

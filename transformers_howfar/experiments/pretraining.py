@@ -42,7 +42,9 @@ __all__ = ['PRETRAINED_BERT', 'PRETRAINING_SETTINGS', 'PretrainingConfig', 'load
 # %% ../../nbs/63_experiments.pretraining.ipynb #f655e544
 @dataclasses.dataclass(frozen=True)
 class PretrainingConfig(Config):
-    "Everything the pre-training experiment chooses: corpora, tokenizer, encoder size, and the two training budgets in steps."
+    """Everything the pre-training experiment chooses: corpora, tokenizer, encoder size, and the two training budgets
+    in steps."""
+
     text: tuple = ('wikipedia', 'brown')  # pre-training corpora (sources of `data`), or ('toy',)
     labelled: str = 'rotten_tomatoes'  # fine-tuning corpus, or 'toy'
     vocab_size: int = 4000
@@ -61,103 +63,216 @@ class PretrainingConfig(Config):
     finetune_lr: float = 3e-4
     finetune_dropout: float = 0.1
     seeds: tuple = (0, 1, 2)  # fine-tuning seeds (initial head, data order, dropout)
-    bow_l2: tuple = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 strengths tried for the logistic regression, picked on the valid split
+    bow_l2: tuple = (
+        1e-4,
+        1e-3,
+        1e-2,
+        1e-1,
+    )  # L2 strengths tried for the logistic regression, picked on the valid split
 
     def validate(self):
-        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'pretrain_steps', 'pretrain_batch', 'finetune_steps', 'finetune_batch'):
+        for f in (
+            'vocab_size',
+            'd_model',
+            'd_ff',
+            'n_heads',
+            'n_layers',
+            'pretrain_steps',
+            'pretrain_batch',
+            'finetune_steps',
+            'finetune_batch',
+        ):
             check_positive(f, getattr(self, f))
-        check_positive('pretrain_lr', self.pretrain_lr); check_positive('finetune_lr', self.finetune_lr)
+        check_positive('pretrain_lr', self.pretrain_lr)
+        check_positive('finetune_lr', self.finetune_lr)
         check_range('finetune_dropout', self.finetune_dropout, 0, 1, inclusive_high=False)
-        if isinstance(self.text, str) or not self.text: raise ValueError(f"text: expected a non-empty tuple of corpus names, got {self.text!r}")
-        if not self.seeds or isinstance(self.seeds, int): raise ValueError(f'seeds: expected a non-empty tuple of ints, got {self.seeds!r}')
-        if self.mlm_seq_len < 5: raise ValueError(f'mlm_seq_len: expected at least 5 for [CLS] A [SEP] B [SEP], got {self.mlm_seq_len}')
-        if self.classify_len < 2: raise ValueError(f'classify_len: expected at least 2, got {self.classify_len}')
+        if isinstance(self.text, str) or not self.text:
+            raise ValueError(f"text: expected a non-empty tuple of corpus names, got {self.text!r}")
+        if not self.seeds or isinstance(self.seeds, int):
+            raise ValueError(f'seeds: expected a non-empty tuple of ints, got {self.seeds!r}')
+        if self.mlm_seq_len < 5:
+            raise ValueError(f'mlm_seq_len: expected at least 5 for [CLS] A [SEP] B [SEP], got {self.mlm_seq_len}')
+        if self.classify_len < 2:
+            raise ValueError(f'classify_len: expected at least 2, got {self.classify_len}')
         self.bert_config()  # the encoder's own checks
 
     def bert_config(self, dropout_rate: float = 0.0) -> BertConfig:
         "The encoder's `BertConfig` (the same for pre-training and fine-tuning; only dropout differs)."
-        return BertConfig(vocab_size=self.vocab_size, d_model=self.d_model, d_ff=self.d_ff, n_heads=self.n_heads, n_layers=self.n_layers,
-                          max_len=max(self.mlm_seq_len, self.classify_len), dropout_rate=dropout_rate, norm=self.norm)
+        return BertConfig(
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            d_ff=self.d_ff,
+            n_heads=self.n_heads,
+            n_layers=self.n_layers,
+            max_len=max(self.mlm_seq_len, self.classify_len),
+            dropout_rate=dropout_rate,
+            norm=self.norm,
+        )
+
     @classmethod
     def tiny(cls):
-        return cls(text=('toy',), labelled='toy', vocab_size=36, d_model=32, d_ff=64, n_heads=2, n_layers=2, mlm_seq_len=32,
-                   classify_len=32, pretrain_steps=30, pretrain_batch=8, pretrain_lr=3e-3, finetune_steps=30, finetune_batch=16,
-                   finetune_lr=3e-3, seeds=(0, 1), bow_l2=(1e-3, 1e-1))
+        return cls(
+            text=('toy',),
+            labelled='toy',
+            vocab_size=36,
+            d_model=32,
+            d_ff=64,
+            n_heads=2,
+            n_layers=2,
+            mlm_seq_len=32,
+            classify_len=32,
+            pretrain_steps=30,
+            pretrain_batch=8,
+            pretrain_lr=3e-3,
+            finetune_steps=30,
+            finetune_batch=16,
+            finetune_lr=3e-3,
+            seeds=(0, 1),
+            bow_l2=(1e-3, 1e-1),
+        )
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #1f6f5c71
 def load_corpora(config: PretrainingConfig) -> dict:
-    "Pre-training documents (`text`, `text_valid`) and labelled splits (`train`, `valid`, `test`: texts, labels, names)."
-    if config.text == ('toy',): text, text_valid = toy_corpus('text', 800, seed=0), toy_corpus('text', 80, seed=1)
+    """Pre-training documents (`text`, `text_valid`) and labelled splits (`train`, `valid`, `test`: texts, labels,
+    names)."""
+    if config.text == ('toy',):
+        text, text_valid = toy_corpus('text', 800, seed=0), toy_corpus('text', 80, seed=1)
     else:
         text = [d for name in config.text for d in load_split(name, 'train')]
         text_valid = [d for name in config.text for d in load_split(name, 'valid')]
-    if config.labelled == 'toy': splits = {w: toy_corpus('labelled', n, seed=s) for w, n, s in (('train', 600, 0), ('valid', 200, 1), ('test', 200, 2))}
-    else: splits = {w: load_split(config.labelled, w) for w in ('train', 'valid', 'test')}
+    if config.labelled == 'toy':
+        splits = {
+            w: toy_corpus('labelled', n, seed=s) for w, n, s in (('train', 600, 0), ('valid', 200, 1), ('test', 200, 2))
+        }
+    else:
+        splits = {w: load_split(config.labelled, w) for w in ('train', 'valid', 'test')}
     return dict(text=text, text_valid=text_valid, **splits)
 
+
 def corpus_tokenizer(config: PretrainingConfig, documents):
-    "The tokenizer every model shares: characters for the toy corpus, else SentencePiece trained on the pre-training text only."
-    return make_tokenizer('toy' if config.text == ('toy',) else 'text', ['\n'.join(d) if not isinstance(d, str) else d for d in documents], config.vocab_size)
+    """The tokenizer every model shares: characters for the toy corpus, else SentencePiece trained on the pre-training
+    text only."""
+    return make_tokenizer(
+        'toy' if config.text == ('toy',) else 'text',
+        ['\n'.join(d) if not isinstance(d, str) else d for d in documents],
+        config.vocab_size,
+    )
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #e3757ab1
-def pretrain(config: PretrainingConfig, documents, tokenizer, valid_documents=None, *, seed: int = 0, run_dir=None) -> tuple[Bert, dict]:
+def pretrain(
+    config: PretrainingConfig, documents, tokenizer, valid_documents=None, *, seed: int = 0, run_dir=None
+) -> tuple[Bert, dict]:
     "Pre-train a `Bert` with masked LM on `documents`; returns the model and the trainer's summary (plus seconds)."
     model = Bert(config.bert_config(0.0), rngs=nnx.Rngs(params=derive_key(make_key(seed), 'params')))
-    train = TrainConfig(steps=config.pretrain_steps, batch_size=config.pretrain_batch, learning_rate=config.pretrain_lr,
-                        warmup_steps=max(1, config.pretrain_steps // 10), log_every=max(1, config.pretrain_steps // 20), eval_every=0,
-                        eval_batches=8, checkpoint_every=100 if run_dir else 0, seed=seed, progress=False)
-    batches = lambda docs, s: mlm_batches(encode_documents(docs, tokenizer), config.mlm_seq_len, train.batch_size, config.vocab_size, seed=s)
+    train = TrainConfig(
+        steps=config.pretrain_steps,
+        batch_size=config.pretrain_batch,
+        learning_rate=config.pretrain_lr,
+        warmup_steps=max(1, config.pretrain_steps // 10),
+        log_every=max(1, config.pretrain_steps // 20),
+        eval_every=0,
+        eval_batches=8,
+        checkpoint_every=100 if run_dir else 0,
+        seed=seed,
+        progress=False,
+    )
+    batches = lambda docs, s: mlm_batches(
+        encode_documents(docs, tokenizer), config.mlm_seq_len, train.batch_size, config.vocab_size, seed=s
+    )
     trainer = Trainer(model, mlm_loss(), train, run_dir=run_dir)
     start = time.perf_counter()
     summary = trainer.fit(batches(documents, seed), (lambda: batches(valid_documents, 0)) if valid_documents else None)
     curve = [(r['step'], r['loss']) for r in (trainer_log(run_dir) if run_dir else [])]
     return trainer.model, dict(summary, seconds=time.perf_counter() - start, curve=curve)
 
+
 def trainer_log(run_dir) -> list[dict]:
     "The training records of a run directory's `metrics.jsonl` (empty when there is none)."
     path = Path(run_dir) / 'metrics.jsonl'
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get('split') == 'train'] if path.exists() else []
+    return (
+        [r for r in map(json.loads, path.read_text().splitlines()) if r.get('split') == 'train']
+        if path.exists()
+        else []
+    )
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #9c5cbc72
 def transfer_encoder(source: Bert, target: Bert, skip=('pooler', 'classifier')) -> Bert:
-    "Copy `source`'s parameters into `target` (same sizes) except the top-level modules named in `skip`; returns `target`."
+    """Copy `source`'s parameters into `target` (same sizes) except the top-level modules named in `skip`; returns
+    `target`."""
     new, old = nnx.to_pure_dict(nnx.state(source, nnx.Param)), nnx.state(target, nnx.Param)
     merged = nnx.to_pure_dict(old)
-    if set(new) != set(merged): raise ValueError(f'source: expected the parameters {sorted(merged)}, got {sorted(new)}')
-    merged.update({k: jax.tree.map(jnp.array, v) for k, v in new.items() if k not in skip})  # copies: training donates its arrays
+    if set(new) != set(merged):
+        raise ValueError(f'source: expected the parameters {sorted(merged)}, got {sorted(new)}')
+    merged.update(
+        {k: jax.tree.map(jnp.array, v) for k, v in new.items() if k not in skip}
+    )  # copies: training donates its arrays
     nnx.replace_by_pure_dict(old, merged)
     nnx.update(target, old)
     return target
 
+
 @nnx.jit
-def _predict(model, inputs, mask): return model.classify(inputs, None, mask).argmax(-1)
+def _predict(model, inputs, mask):
+    return model.classify(inputs, None, mask).argmax(-1)
+
 
 def accuracy(model: Bert, rows, labels, max_len: int, batch_size: int = 250) -> float:
     "Fraction of `rows` (token ids) whose `model.classify` argmax equals `labels`."
     hits = 0
     for i in range(0, len(rows), batch_size):
-        b = classification_batch(rows[i:i + batch_size], labels[i:i + batch_size], max_len, pad_multiple=max_len)  # one shape, one compile
+        b = classification_batch(
+            rows[i : i + batch_size], labels[i : i + batch_size], max_len, pad_multiple=max_len
+        )  # one shape, one compile
         hits += int((np.asarray(_predict(model, b['inputs'], b['attention_mask'])) == b['labels']).sum())
     return hits / len(rows)
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #a3dbc961
 def finetune(config: PretrainingConfig, tokenizer, data: dict, seed: int, pretrained: Bert | None = None) -> dict:
-    "Fine-tune (from `pretrained`, or from random weights) on `data['train']`; valid and test accuracy, curve and seconds."
+    """Fine-tune (from `pretrained`, or from random weights) on `data['train']`; valid and test accuracy, curve and
+    seconds."""
     encode = lambda texts: [np.asarray(tokenizer.encode(t), np.int32) for t in texts]
     (texts, labels, names), splits = data['train'], {w: (encode(data[w][0]), data[w][1]) for w in ('valid', 'test')}
-    keep = len(texts) // config.finetune_batch * config.finetune_batch  # whole batches only: the trainer wants a fixed batch size
-    model = Bert(config.bert_config(config.finetune_dropout).replace(n_classes=len(names)), rngs=nnx.Rngs(params=derive_key(make_key(seed), 'params')))
-    if pretrained is not None: transfer_encoder(pretrained, model)
-    train = TrainConfig(steps=config.finetune_steps, batch_size=config.finetune_batch, learning_rate=config.finetune_lr,
-                        warmup_steps=max(1, config.finetune_steps // 10), log_every=max(1, config.finetune_steps // 10), eval_every=0,
-                        checkpoint_every=0, seed=seed, progress=False)
+    keep = (
+        len(texts) // config.finetune_batch * config.finetune_batch
+    )  # whole batches only: the trainer wants a fixed batch size
+    model = Bert(
+        config.bert_config(config.finetune_dropout).replace(n_classes=len(names)),
+        rngs=nnx.Rngs(params=derive_key(make_key(seed), 'params')),
+    )
+    if pretrained is not None:
+        transfer_encoder(pretrained, model)
+    train = TrainConfig(
+        steps=config.finetune_steps,
+        batch_size=config.finetune_batch,
+        learning_rate=config.finetune_lr,
+        warmup_steps=max(1, config.finetune_steps // 10),
+        log_every=max(1, config.finetune_steps // 10),
+        eval_every=0,
+        checkpoint_every=0,
+        seed=seed,
+        progress=False,
+    )
     trainer, start = Trainer(model, classify_loss(), train), time.perf_counter()
-    summary = trainer.fit(classification_batches(encode(texts[:keep]), labels[:keep], train.batch_size, config.classify_len, seed=seed,
-                                                pad_multiple=config.classify_len))  # one shape: one compile
+    summary = trainer.fit(
+        classification_batches(
+            encode(texts[:keep]),
+            labels[:keep],
+            train.batch_size,
+            config.classify_len,
+            seed=seed,
+            pad_multiple=config.classify_len,
+        )
+    )  # one shape: one compile
     seconds = time.perf_counter() - start
     result = {w: accuracy(trainer.model, rows, y, config.classify_len) for w, (rows, y) in splits.items()}
-    return dict(valid_accuracy=result['valid'], test_accuracy=result['test'], train_loss=summary['train']['loss'], seconds=seconds,
-                seed=seed, init='pretrained' if pretrained is not None else 'random')
+    return dict(
+        valid_accuracy=result['valid'],
+        test_accuracy=result['test'],
+        train_loss=summary['train']['loss'],
+        seconds=seconds,
+        seed=seed,
+        init='pretrained' if pretrained is not None else 'random',
+    )
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #5b380ee5
 def _words(text: str) -> list[str]: return re.findall(r"[a-z0-9']+|[^\sa-z0-9']", text.lower())
@@ -179,16 +294,22 @@ def bag_of_words(train_texts, *others, min_count: int = 2, bigrams: bool = True)
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #2b3952fa
 def logistic_regression(features, labels, n_features: int, l2: float, steps: int = 200) -> tuple[jax.Array, jax.Array]:
-    "Weights (n_features,) and bias () of L2-regularised binary logistic regression on padded feature indices (N, L), by L-BFGS."
-    check_positive('l2', l2, allow_zero=True); check_positive('n_features', n_features)
+    """Weights (n_features,) and bias () of L2-regularised binary logistic regression on padded feature indices (N,
+    L), by L-BFGS."""
+    check_positive('l2', l2, allow_zero=True)
+    check_positive('n_features', n_features)
     features, y = jnp.asarray(features), jnp.asarray(labels, jnp.float32)
-    if features.shape[0] != y.shape[0]: raise ValueError(f'labels: expected {features.shape[0]} labels (one per row), got {y.shape[0]}')
+    if features.shape[0] != y.shape[0]:
+        raise ValueError(f'labels: expected {features.shape[0]} labels (one per row), got {y.shape[0]}')
+
     def loss(params):
         w, b = params
         scores = jnp.where(features >= 0, w[jnp.maximum(features, 0)], 0.0).sum(1) + b  # w·x for binary x
-        return optax.sigmoid_binary_cross_entropy(scores, y).mean() + l2 * (w ** 2).sum()
+        return optax.sigmoid_binary_cross_entropy(scores, y).mean() + l2 * (w**2).sum()
+
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss)
+
     @jax.jit
     def run(params):
         def step(carry, _):
@@ -196,8 +317,11 @@ def logistic_regression(features, labels, n_features: int, l2: float, steps: int
             value, grad = value_and_grad(params, state=state)
             updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
             return (optax.apply_updates(params, updates), state), value
+
         return jax.lax.scan(step, (params, opt.init(params)), None, length=steps)[0][0]
+
     return run((jnp.zeros(n_features), jnp.zeros(())))
+
 
 def predict_logistic(params, features) -> np.ndarray:
     "0/1 predictions of `logistic_regression`'s `params` for padded feature indices (N, L)."
@@ -207,15 +331,22 @@ def predict_logistic(params, features) -> np.ndarray:
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #bed8edee
 def bag_of_words_baseline(config: PretrainingConfig, data: dict) -> dict:
-    "Logistic regression on word uni+bigrams with L2 picked on valid; valid/test accuracy, the chosen L2 and the feature count."
+    """Logistic regression on word uni+bigrams with L2 picked on valid; valid/test accuracy, the chosen L2 and the
+    feature count."""
     (tr, va, te), names = bag_of_words(data['train'][0], data['valid'][0], data['test'][0])
     start, fits = time.perf_counter(), {}
     for l2 in config.bow_l2:
         params = logistic_regression(tr, data['train'][1], len(names), l2)
         fits[l2] = (float((predict_logistic(params, va) == data['valid'][1]).mean()), params)
     best = max(config.bow_l2, key=lambda l2: fits[l2][0])
-    return dict(valid_accuracy=fits[best][0], test_accuracy=float((predict_logistic(fits[best][1], te) == data['test'][1]).mean()),
-                l2=best, n_features=len(names), seconds=time.perf_counter() - start, valid_by_l2={str(k): v[0] for k, v in fits.items()})
+    return dict(
+        valid_accuracy=fits[best][0],
+        test_accuracy=float((predict_logistic(fits[best][1], te) == data['test'][1]).mean()),
+        l2=best,
+        n_features=len(names),
+        seconds=time.perf_counter() - start,
+        valid_by_l2={str(k): v[0] for k, v in fits.items()},
+    )
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #b9076f2d
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -241,69 +372,137 @@ def load_pretrained_bert(path=None) -> tuple[Bert, object]:
     return load(path), load_tokenizer(path)
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #64b9b5ee
-def _load(): return [round(x, 2) for x in os.getloadavg()]
+def _load():
+    return [round(x, 2) for x in os.getloadavg()]
+
 
 def run_pretraining(config: PretrainingConfig, out_dir=None, model_dir=None, *, resume: bool = False) -> list[dict]:
-    "Run the experiment with `config`; write `out_dir/pretraining_runs.json` as each model finishes and return the records."
+    """Run the experiment with `config`; write `out_dir/pretraining_runs.json` as each model finishes and return the
+    records."""
     out = Path(out_dir) if out_dir else None
     runs_path = out / 'pretraining_runs.json' if out else None
     old = json.loads(runs_path.read_text()) if resume and runs_path and runs_path.exists() else {}
     state = old if old.get('config') == config.to_dict() else {'config': config.to_dict(), 'runs': []}
+
     def save(entry):
         state['runs'] = [r for r in state['runs'] if r['name'] != entry['name']] + [entry]
-        if runs_path: runs_path.parent.mkdir(parents=True, exist_ok=True); runs_path.write_text(json.dumps(state, indent=1))
+        if runs_path:
+            runs_path.parent.mkdir(parents=True, exist_ok=True)
+            runs_path.write_text(json.dumps(state, indent=1))
+
     done = {r['name']: r for r in state['runs']}
     data = load_corpora(config)
     tokenizer = corpus_tokenizer(config, data['text'])
     model_path = Path(model_dir) / PRETRAINED_BERT if model_dir else None
-    if 'pretrain' in done and model_path and (model_path / 'model.json').exists(): bert = load(model_path)
+    if 'pretrain' in done and model_path and (model_path / 'model.json').exists():
+        bert = load(model_path)
     else:
         run_dir = Path(model_dir) / (PRETRAINED_BERT + '_run') if model_dir else None
-        if run_dir and not resume: shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir and not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
         load_before = _load()
         bert, summary = pretrain(config, data['text'], tokenizer, data['text_valid'], run_dir=run_dir)
-        if model_path: save_model(bert, model_path, tokenizer, overwrite=True)
-        save(dict(name='pretrain', steps=config.pretrain_steps, seconds=summary['seconds'], curve=summary['curve'],
-                  valid_mlm_loss=summary['eval'].get('loss'), valid_mlm_accuracy=summary['eval'].get('accuracy'), load=[load_before, _load()]))
+        if model_path:
+            save_model(bert, model_path, tokenizer, overwrite=True)
+        save(
+            dict(
+                name='pretrain',
+                steps=config.pretrain_steps,
+                seconds=summary['seconds'],
+                curve=summary['curve'],
+                valid_mlm_loss=summary['eval'].get('loss'),
+                valid_mlm_accuracy=summary['eval'].get('accuracy'),
+                load=[load_before, _load()],
+            )
+        )
     for seed in config.seeds:
         for init in ('random', 'pretrained'):
             name = f'{init}/{seed}'
-            if name in done: continue
+            if name in done:
+                continue
             load_before = _load()
-            save(dict(finetune(config, tokenizer, data, seed, bert if init == 'pretrained' else None), name=name, load=[load_before, _load()]))
-    if 'bow' not in done: save(dict(bag_of_words_baseline(config, data), name='bow'))
+            save(
+                dict(
+                    finetune(config, tokenizer, data, seed, bert if init == 'pretrained' else None),
+                    name=name,
+                    load=[load_before, _load()],
+                )
+            )
+    if 'bow' not in done:
+        save(dict(bag_of_words_baseline(config, data), name='bow'))
     return pretraining_records(state, data)
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #b3f5dae8
 def pretraining_records(state: dict, data: dict | None = None) -> list[dict]:
-    "One record per (model, metric) from a `pretraining_runs.json` state: accuracies per seed, their mean ± CI, baselines."
+    """One record per (model, metric) from a `pretraining_runs.json` state: accuracies per seed, their mean ± CI,
+    baselines."""
     machine, config, runs = machine_info(), state['config'], {r['name']: r for r in state['runs']}
-    rec = lambda cfg, metric, value, unit: make_record('pretraining', dict(cfg, text=config['text'], labelled=config['labelled']), metric, value, unit, machine)
+    rec = lambda cfg, metric, value, unit: make_record(
+        'pretraining', dict(cfg, text=config['text'], labelled=config['labelled']), metric, value, unit, machine
+    )
     out = []
     if 'pretrain' in runs:
         p = runs['pretrain']
-        out += [rec({'model': 'bert-mlm', 'steps': p['steps'], 'load': p['load']}, 'valid_mlm_accuracy', p['valid_mlm_accuracy'], 'fraction'),
-                rec({'model': 'bert-mlm', 'steps': p['steps'], 'load': p['load']}, 'seconds', p['seconds'], 's')]
+        out += [
+            rec(
+                {'model': 'bert-mlm', 'steps': p['steps'], 'load': p['load']},
+                'valid_mlm_accuracy',
+                p['valid_mlm_accuracy'],
+                'fraction',
+            ),
+            rec({'model': 'bert-mlm', 'steps': p['steps'], 'load': p['load']}, 'seconds', p['seconds'], 's'),
+        ]
     for init in ('random', 'pretrained'):
         mine = [r for n, r in runs.items() if n.startswith(init + '/')]
-        for r in mine: out.append(rec({'model': f'bert-{init}', 'seed': r['seed'], 'steps': config['finetune_steps'], 'load': r['load'],
-                                       'seconds': r['seconds']}, 'test_accuracy', r['test_accuracy'], 'fraction'))
+        for r in mine:
+            out.append(
+                rec(
+                    {
+                        'model': f'bert-{init}',
+                        'seed': r['seed'],
+                        'steps': config['finetune_steps'],
+                        'load': r['load'],
+                        'seconds': r['seconds'],
+                    },
+                    'test_accuracy',
+                    r['test_accuracy'],
+                    'fraction',
+                )
+            )
         if mine:
             m, h = mean_ci([r['test_accuracy'] for r in mine])
-            out.append(rec({'model': f'bert-{init}', 'seeds': [r['seed'] for r in mine], 'ci95': h}, 'mean_test_accuracy', m, 'fraction'))
+            out.append(
+                rec(
+                    {'model': f'bert-{init}', 'seeds': [r['seed'] for r in mine], 'ci95': h},
+                    'mean_test_accuracy',
+                    m,
+                    'fraction',
+                )
+            )
     if 'bow' in runs:
         b = runs['bow']
-        out.append(rec({'model': 'bow-logistic', 'l2': b['l2'], 'n_features': b['n_features']}, 'test_accuracy', b['test_accuracy'], 'fraction'))
+        out.append(
+            rec(
+                {'model': 'bow-logistic', 'l2': b['l2'], 'n_features': b['n_features']},
+                'test_accuracy',
+                b['test_accuracy'],
+                'fraction',
+            )
+        )
     if data is not None:
-        y = np.asarray(data['test'][1]); majority = np.bincount(np.asarray(data['train'][1])).argmax()
+        y = np.asarray(data['test'][1])
+        majority = np.bincount(np.asarray(data['train'][1])).argmax()
         out.append(rec({'model': 'majority'}, 'test_accuracy', float((y == majority).mean()), 'fraction'))
     return out
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #791aeede
 PRETRAINING_SETTINGS = {'full': PretrainingConfig(), 'quick': PretrainingConfig.tiny()}
 
+
 def pretraining_experiment(quick: bool = False, out_dir='experiments/results', resume: bool = False) -> list[dict]:
-    "MLM pre-training on Wikipedia + Brown, fine-tuning on Rotten Tomatoes: pre-trained vs random init (3 seeds) vs bag-of-words."
+    """MLM pre-training on Wikipedia + Brown, fine-tuning on Rotten Tomatoes: pre-trained vs random init (3 seeds) vs
+    bag-of-words."""
     if quick:  # the whole pipeline on the toy corpora, nothing kept
-        with tempfile.TemporaryDirectory() as d: return run_pretraining(PRETRAINING_SETTINGS['quick'], d, d)
+        with tempfile.TemporaryDirectory() as d:
+            return run_pretraining(PRETRAINING_SETTINGS['quick'], d, d)
     return run_pretraining(PRETRAINING_SETTINGS['full'], out_dir, experiment_dir('pretraining'), resume=resume)

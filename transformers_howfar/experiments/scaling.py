@@ -29,7 +29,8 @@ from ..models.saving import load, load_tokenizer, save_model
 from ..models.lm import lm_loss
 from ..train.tasks import make_tokenizer, toy_corpus
 from ..data.tokenizer import EOS_ID, SentencePieceTokenizer, load_tokenizer as load_tokenizer_dir
-from ..train.trainer import TrainConfig, Trainer, read_metrics
+from ..train.trainer import TrainConfig, Trainer
+from ..train.metrics import read_metrics
 
 # %% auto #0
 __all__ = ['SIZES', 'QUICK_SIZES', 'ScalingSetup', 'scaling_config', 'parameter_counts', 'load_scaling_data', 'scaling_batches',
@@ -43,11 +44,17 @@ SIZES = {  # d_model, n_layers, n_heads, d_ff: width and depth grow together, d_
     'm': dict(d_model=128, n_layers=4, n_heads=4, d_ff=512),
     'l': dict(d_model=256, n_layers=4, n_heads=8, d_ff=1024),
 }
-QUICK_SIZES = {'q1': dict(d_model=16, n_layers=1, n_heads=2, d_ff=32), 'q2': dict(d_model=32, n_layers=2, n_heads=2, d_ff=64)}
+QUICK_SIZES = {
+    'q1': dict(d_model=16, n_layers=1, n_heads=2, d_ff=32),
+    'q2': dict(d_model=32, n_layers=2, n_heads=2, d_ff=64),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ScalingSetup(Config):
-    "Data, tokens and sampling of the scaling experiment; every size trains on the same `steps × batch_size × seq_len` tokens."
+    """Data, tokens and sampling of the scaling experiment; every size trains on the same `steps × batch_size ×
+    seq_len` tokens."""
+
     corpora: tuple = ('wikipedia', 'brown')  # text sources of `data.SOURCES`, or ('toy',)
     vocab_size: int = 2048
     seq_len: int = 128
@@ -55,24 +62,47 @@ class ScalingSetup(Config):
     steps: int = 200
     learning_rate: float = 2e-3
     eval_batches: int = 16  # validation windows: eval_batches × batch_size
-    prompts: tuple = ('The history of the city', 'In the morning she', 'The government announced that', 'Scientists have found')
+    prompts: tuple = (
+        'The history of the city',
+        'In the morning she',
+        'The government announced that',
+        'Scientists have found',
+    )
     sample_tokens: int = 40
     temperature: float = 0.8
     top_k: int = 40
     seed: int = 0
+
     def validate(self):
-        if isinstance(self.corpora, str) or not self.corpora: raise ValueError(f'corpora: expected a non-empty tuple of sources, got {self.corpora!r}')
-        for f in ('vocab_size', 'seq_len', 'batch_size', 'steps', 'eval_batches', 'sample_tokens'): check_positive(f, getattr(self, f))
-        check_positive('learning_rate', self.learning_rate); check_positive('temperature', self.temperature, allow_zero=True)
+        if isinstance(self.corpora, str) or not self.corpora:
+            raise ValueError(f'corpora: expected a non-empty tuple of sources, got {self.corpora!r}')
+        for f in ('vocab_size', 'seq_len', 'batch_size', 'steps', 'eval_batches', 'sample_tokens'):
+            check_positive(f, getattr(self, f))
+        check_positive('learning_rate', self.learning_rate)
+        check_positive('temperature', self.temperature, allow_zero=True)
+
     @property
-    def tokens(self) -> int: return self.steps * self.batch_size * self.seq_len
+    def tokens(self) -> int:
+        return self.steps * self.batch_size * self.seq_len
+
     @classmethod
     def tiny(cls):
-        return cls(corpora=('toy',), vocab_size=36, seq_len=32, batch_size=8, steps=8, learning_rate=3e-3, eval_batches=2,
-                   prompts=('the cat', 'a dog'), sample_tokens=8)
+        return cls(
+            corpora=('toy',),
+            vocab_size=36,
+            seq_len=32,
+            batch_size=8,
+            steps=8,
+            learning_rate=3e-3,
+            eval_batches=2,
+            prompts=('the cat', 'a dog'),
+            sample_tokens=8,
+        )
+
 
 def scaling_config(setup: ScalingSetup, size: str, sizes: dict = SIZES) -> LMConfig:
-    "The `LMConfig` of model `size` for `setup` (learned positions, pre-LayerNorm, no dropout: each token is seen once)."
+    """The `LMConfig` of model `size` for `setup` (learned positions, pre-LayerNorm, no dropout: each token is seen
+    once)."""
     check_choice('size', size, list(sizes))
     return LMConfig(vocab_size=setup.vocab_size, max_len=setup.seq_len, dropout_rate=0.0, **sizes[size])
 
@@ -85,21 +115,32 @@ def parameter_counts(model: LM) -> dict[str, int]:
 # %% ../../nbs/64_experiments.scaling.ipynb #a013544b
 def load_scaling_data(setup: ScalingSetup, tokenizer=None) -> dict:
     "Tokenizer (trained unless given) and the training and validation token streams of `setup.corpora`."
-    if setup.corpora == ('toy',): train, valid = toy_corpus('text', seed=0), toy_corpus('text', n=200, seed=1)
+    if setup.corpora == ('toy',):
+        train, valid = toy_corpus('text', seed=0), toy_corpus('text', n=200, seed=1)
     else:
         train = [d for c in setup.corpora for d in load_split(c, 'train', seed=setup.seed)]
         valid = [d for c in setup.corpora for d in load_split(c, 'valid', seed=setup.seed)]
     if tokenizer is None:
         lines = [l for d in train for l in d]
-        tokenizer = make_tokenizer('toy', lines, setup.vocab_size) if setup.corpora == ('toy',) else SentencePieceTokenizer.train(lines, setup.vocab_size)
+        tokenizer = (
+            make_tokenizer('toy', lines, setup.vocab_size)
+            if setup.corpora == ('toy',)
+            else SentencePieceTokenizer.train(lines, setup.vocab_size)
+        )
     if tokenizer.vocab_size != setup.vocab_size:
         raise ValueError(f'tokenizer: expected vocab_size = {setup.vocab_size}, got {tokenizer.vocab_size}')
-    return {'tokenizer': tokenizer, 'train': encode_documents(train, tokenizer), 'valid': encode_documents(valid, tokenizer)}
+    return {
+        'tokenizer': tokenizer,
+        'train': encode_documents(train, tokenizer),
+        'valid': encode_documents(valid, tokenizer),
+    }
+
 
 def scaling_batches(data: dict, setup: ScalingSetup, which: str = 'train'):
     "The fixed-order training batches, or the validation batches (in order, one pass)."
     check_choice('which', which, ['train', 'valid'])
-    if which == 'train': return lm_batches(data['train'], setup.seq_len, setup.batch_size, seed=setup.seed)
+    if which == 'train':
+        return lm_batches(data['train'], setup.seq_len, setup.batch_size, seed=setup.seed)
     return lm_batches(data['valid'], setup.seq_len, setup.batch_size, shuffle=False, epochs=1)
 
 # %% ../../nbs/64_experiments.scaling.ipynb #073fab07
@@ -107,40 +148,71 @@ def train_size(size: str, setup: ScalingSetup, data: dict, folder, sizes: dict =
     "Train model `size` on `data` in `folder/size`, save it to `folder/size/model`; losses, curve, samples and timings."
     run_dir = Path(folder) / size
     config = scaling_config(setup, size, sizes)
-    train = TrainConfig(steps=setup.steps, batch_size=setup.batch_size, learning_rate=setup.learning_rate, warmup_steps=max(1, setup.steps // 10),
-                        log_every=max(1, setup.steps // 50), eval_every=max(1, setup.steps // 4), eval_batches=setup.eval_batches,
-                        checkpoint_every=0, keep_checkpoints=1, seed=setup.seed, progress=False)
+    train = TrainConfig(
+        steps=setup.steps,
+        batch_size=setup.batch_size,
+        learning_rate=setup.learning_rate,
+        warmup_steps=max(1, setup.steps // 10),
+        log_every=max(1, setup.steps // 50),
+        eval_every=max(1, setup.steps // 4),
+        eval_batches=setup.eval_batches,
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        seed=setup.seed,
+        progress=False,
+    )
     shutil.rmtree(run_dir / 'run', ignore_errors=True)  # a fresh run: no stale checkpoint or log
     trainer = Trainer(LM(config, rngs=nnx.Rngs(params=setup.seed)), lm_loss(), train, run_dir=run_dir / 'run')
     load_start = os.getloadavg()[0]
     summary = trainer.fit(scaling_batches(data, setup), lambda: scaling_batches(data, setup, 'valid'), resume=False)
     model = trainer.model
     save_model(model, run_dir / 'model', data['tokenizer'], overwrite=True)
-    return {'size': size, 'model_config': config.to_dict(), **parameter_counts(model), 'tokens': setup.tokens, 'steps': trainer.step,
-            'valid_nll': summary['eval']['nll'], 'train_nll': summary['train']['nll'], 'train_seconds': summary['seconds'],
-            'load_average': [load_start, os.getloadavg()[0]],
-            'curve': [{k: r[k] for k in ('step', 'split', 'nll', 'seconds')} for r in read_metrics(run_dir / 'run')],
-            'samples': sample_texts(model, data['tokenizer'], setup)}
+    return {
+        'size': size,
+        'model_config': config.to_dict(),
+        **parameter_counts(model),
+        'tokens': setup.tokens,
+        'steps': trainer.step,
+        'valid_nll': summary['eval']['nll'],
+        'train_nll': summary['train']['nll'],
+        'train_seconds': summary['seconds'],
+        'load_average': [load_start, os.getloadavg()[0]],
+        'curve': [{k: r[k] for k in ('step', 'split', 'nll', 'seconds')} for r in read_metrics(run_dir / 'run')],
+        'samples': sample_texts(model, data['tokenizer'], setup),
+    }
 
 # %% ../../nbs/64_experiments.scaling.ipynb #5b831f72
 def sample_texts(model: LM, tokenizer, setup: ScalingSetup) -> list[dict]:
     "Continue each of `setup.prompts` with `setup.sample_tokens` sampled tokens (fixed key)."
     prompts = [[EOS_ID] + list(tokenizer.encode(p)) for p in setup.prompts]  # </s> separates documents in training
-    out = generate(model, prompts, setup.sample_tokens, temperature=setup.temperature, top_k=min(setup.top_k, setup.vocab_size), key=setup.seed)
+    out = generate(
+        model,
+        prompts,
+        setup.sample_tokens,
+        temperature=setup.temperature,
+        top_k=min(setup.top_k, setup.vocab_size),
+        key=setup.seed,
+    )
     return [{'prompt': p, 'continuation': tokenizer.decode(o)} for p, o in zip(setup.prompts, out)]
 
+
 def load_scaling_model(size: str, *, retrain: bool = True, folder=None) -> tuple[LM, object]:
-    "The trained LM of `size` and its tokenizer from the experiment cache; trained again with the full set-up when absent and `retrain`."
+    """The trained LM of `size` and its tokenizer from the experiment cache; trained again with the full set-up when
+    absent and `retrain`."""
     check_choice('size', size, list(SIZES))
     folder = Path(folder) if folder is not None else experiment_dir('scaling')
     path = folder / size / 'model'
     if not (path / 'model.json').exists():
-        if not retrain: raise FileNotFoundError(f'size: no trained {size!r} model in {path}; run `howfar experiment scaling` or pass retrain=True')
+        if not retrain:
+            raise FileNotFoundError(
+                f'size: no trained {size!r} model in {path}; run `howfar experiment scaling` or pass retrain=True'
+            )
         setup = ScalingSetup()
         tok_dir = folder / 'tokenizer'
         tok = load_tokenizer_dir(tok_dir) if (tok_dir / 'tokenizer.json').exists() else None
         data = load_scaling_data(setup, tok)
-        if tok is None: data['tokenizer'].save(tok_dir)
+        if tok is None:
+            data['tokenizer'].save(tok_dir)
         train_size(size, setup, data, folder)
     return load(path), load_tokenizer(path)
 
@@ -148,27 +220,40 @@ def load_scaling_model(size: str, *, retrain: bool = True, folder=None) -> tuple
 def fit_power_law(n: Sequence[float], loss: Sequence[float]) -> dict[str, float]:
     "Least-squares fit of $L = a N^{-\\alpha}$ in log space: `a`, `alpha` and the r² of the fit."
     n, loss = np.asarray(n, float), np.asarray(loss, float)
-    if n.shape != loss.shape or n.size < 2: raise ValueError(f'n, loss: expected two arrays of the same length >= 2, got {n.shape} and {loss.shape}')
-    if (n <= 0).any() or (loss <= 0).any(): raise ValueError('n, loss: expected positive values (the fit is in log space)')
+    if n.shape != loss.shape or n.size < 2:
+        raise ValueError(f'n, loss: expected two arrays of the same length >= 2, got {n.shape} and {loss.shape}')
+    if (n <= 0).any() or (loss <= 0).any():
+        raise ValueError('n, loss: expected positive values (the fit is in log space)')
     slope, intercept = np.polyfit(np.log(n), np.log(loss), 1)
     pred = intercept + slope * np.log(n)
     ss = ((np.log(loss) - np.log(loss).mean()) ** 2).sum()
-    return {'a': float(np.exp(intercept)), 'alpha': float(-slope), 'r2': float(1 - ((np.log(loss) - pred) ** 2).sum() / ss) if ss else 1.0}
+    return {
+        'a': float(np.exp(intercept)),
+        'alpha': float(-slope),
+        'r2': float(1 - ((np.log(loss) - pred) ** 2).sum() / ss) if ss else 1.0,
+    }
 
 # %% ../../nbs/64_experiments.scaling.ipynb #95df115e
-def scaling_experiment(quick: bool = False, out_dir=None, resume: bool = False, folder=None, resample: bool = False) -> list[dict]:
-    "Four LM sizes (0.1M to 3.7M parameters) on the same Wikipedia+Brown tokens: validation loss, power-law fit, samples; models kept in `folder` (default `experiment_dir('scaling')`)."
+def scaling_experiment(
+    quick: bool = False, out_dir=None, resume: bool = False, folder=None, resample: bool = False
+) -> list[dict]:
+    """Four LM sizes (0.1M to 3.7M parameters) on the same Wikipedia+Brown tokens: validation loss, power-law fit,
+    samples; models kept in `folder` (default `experiment_dir('scaling')`)."""
     setup, sizes = (ScalingSetup.tiny(), QUICK_SIZES) if quick else (ScalingSetup(), SIZES)
     machine = machine_info()
-    if out_dir is None: out_dir = Path(tempfile.mkdtemp()) if quick else Path('experiments/results')
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is None:
+        out_dir = Path(tempfile.mkdtemp()) if quick else Path('experiments/results')
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp()) if quick else experiment_dir('scaling')
     side = lambda size: out_dir / f'scaling_{size}.json'
     results = {s: json.loads(side(s).read_text()) for s in sizes if resume and side(s).exists()}
     if len(results) < len(sizes):
-        data = load_scaling_data(setup); data['tokenizer'].save(folder / 'tokenizer')
+        data = load_scaling_data(setup)
+        data['tokenizer'].save(folder / 'tokenizer')
         for size in sizes:
-            if size in results: continue
+            if size in results:
+                continue
             results[size] = dict(train_size(size, setup, data, folder, sizes), setup=setup.to_dict())
             side(size).write_text(json.dumps(results[size], indent=1))  # nothing lost if a larger size is interrupted
     if resample:  # draw the samples again from the saved models (after a change to `sample_texts`), without training
@@ -177,51 +262,101 @@ def scaling_experiment(quick: bool = False, out_dir=None, resume: bool = False, 
             side(size).write_text(json.dumps(r, indent=1))
     records = []
     for size, r in results.items():
-        config = {'size': size, 'params': r['params'], 'non_embedding_params': r['non_embedding_params'], 'tokens': r['tokens'],
-                  'steps': r['steps'], 'model_config': r['model_config'], 'load_average': r['load_average']}
-        records += [make_record('scaling', config, 'valid_nll', r['valid_nll'], 'nats/token', machine),
-                    make_record('scaling', config, 'train_seconds', r['train_seconds'], 's', machine)]
+        config = {
+            'size': size,
+            'params': r['params'],
+            'non_embedding_params': r['non_embedding_params'],
+            'tokens': r['tokens'],
+            'steps': r['steps'],
+            'model_config': r['model_config'],
+            'load_average': r['load_average'],
+        }
+        records += [
+            make_record('scaling', config, 'valid_nll', r['valid_nll'], 'nats/token', machine),
+            make_record('scaling', config, 'train_seconds', r['train_seconds'], 's', machine),
+        ]
     for count in ('params', 'non_embedding_params'):
         fit = fit_power_law([r[count] for r in results.values()], [r['valid_nll'] for r in results.values()])
-        records.append(make_record('scaling', {'fit': 'L = a N^-alpha', 'against': count, 'a': fit['a'], 'r2': fit['r2']}, 'alpha', fit['alpha'], 'exponent', machine))
+        records.append(
+            make_record(
+                'scaling',
+                {'fit': 'L = a N^-alpha', 'against': count, 'a': fit['a'], 'r2': fit['r2']},
+                'alpha',
+                fit['alpha'],
+                'exponent',
+                machine,
+            )
+        )
     return records
 
 # %% ../../nbs/64_experiments.scaling.ipynb #9ecc7424
 def scaling_table(records: list[dict]) -> str:
-    "A markdown table with one row per size: parameters, tokens, steps, seconds and validation loss (nats and bits per token)."
+    """A markdown table with one row per size: parameters, tokens, steps, seconds and validation loss (nats and bits
+    per token)."""
     rows = {}
     for r in records:
-        if 'size' in r['config']: rows.setdefault(r['config']['size'], dict(r['config']))[r['metric']] = r['value']
-    if not rows: raise ValueError('records: expected scaling records with a size, got none')
-    out = '| size | d_model | layers | params | non-embedding | tokens | steps | train s | valid loss | bits/token |\n|---|' + '---:|' * 9 + '\n'
+        if 'size' in r['config']:
+            rows.setdefault(r['config']['size'], dict(r['config']))[r['metric']] = r['value']
+    if not rows:
+        raise ValueError('records: expected scaling records with a size, got none')
+    out = (
+        '| size | d_model | layers | params | non-embedding | tokens | steps | train s | valid loss | bits/token '
+        '|\n|---|'
+        + '---:|' * 9
+        + '\n'
+    )
     for size, v in sorted(rows.items(), key=lambda kv: kv[1]['params']):
         m = v['model_config']
-        out += (f"| {size} | {m['d_model']} | {m['n_layers']} | {v['params']:,} | {v['non_embedding_params']:,} | {v['tokens']:,} | {v['steps']} | "
-                f"{v.get('train_seconds', float('nan')):.0f} | {v['valid_nll']:.3f} | {v['valid_nll'] / math.log(2):.3f} |\n")
+        out += (
+            f"| {size} | {m['d_model']} | {m['n_layers']} | {v['params']:,} | {v['non_embedding_params']:,} | "
+            f"{v['tokens']:,} | {v['steps']} | "
+            f"{v.get('train_seconds', float('nan')):.0f} | {v['valid_nll']:.3f} | "
+            f"{v['valid_nll'] / math.log(2):.3f} |\n"
+        )
     return out
 
+
 def plot_scaling(records: list[dict], sides: dict | None = None, axes=None):
-    "Validation loss against parameters (log-log) with the power-law fits; with `sides`, validation loss against tokens."
+    """Validation loss against parameters (log-log) with the power-law fits; with `sides`, validation loss against
+    tokens."""
     import matplotlib.pyplot as plt
-    if axes is None: axes = plt.subplots(1, 2 if sides else 1, figsize=(11 if sides else 6, 3.8), squeeze=False)[1][0]
-    pts = sorted((r['config']['params'], r['config']['non_embedding_params'], r['value'], r['config']['size'])
-                 for r in records if r['metric'] == 'valid_nll')
-    if not pts: raise ValueError('records: expected valid_nll records, got none')
+
+    if axes is None:
+        axes = plt.subplots(1, 2 if sides else 1, figsize=(11 if sides else 6, 3.8), squeeze=False)[1][0]
+    pts = sorted(
+        (r['config']['params'], r['config']['non_embedding_params'], r['value'], r['config']['size'])
+        for r in records
+        if r['metric'] == 'valid_nll'
+    )
+    if not pts:
+        raise ValueError('records: expected valid_nll records, got none')
     ax = axes[0]
     for i, (count, marker) in enumerate((('params', 'o'), ('non_embedding_params', 's'))):
         n, loss = np.array([p[i] for p in pts], float), np.array([p[2] for p in pts])
         fit = fit_power_law(n, loss)
         grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 50)
         line = ax.plot(n, loss, marker, label=f'{count.replace("_", " ")}')[0]
-        ax.plot(grid, fit['a'] * grid ** -fit['alpha'], '--', color=line.get_color(), label=f'fit α = {fit["alpha"]:.3f}')
-    for p in pts: ax.annotate(p[3], (p[0], p[2]), textcoords='offset points', xytext=(4, 4))
-    ax.set_xscale('log'); ax.set_yscale('log'); ax.set_xlabel('parameters'); ax.set_ylabel('validation loss (nats/token)')
+        ax.plot(
+            grid, fit['a'] * grid ** -fit['alpha'], '--', color=line.get_color(), label=f'fit α = {fit["alpha"]:.3f}'
+        )
+    for p in pts:
+        ax.annotate(p[3], (p[0], p[2]), textcoords='offset points', xytext=(4, 4))
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('parameters')
+    ax.set_ylabel('validation loss (nats/token)')
     from matplotlib.ticker import FormatStrFormatter
-    for f in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter): f(FormatStrFormatter('%.1f'))
-    ax.grid(alpha=.3, which='both'); ax.legend(fontsize=8)
+
+    for f in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        f(FormatStrFormatter('%.1f'))
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=8)
     if sides:
         for size, r in sides.items():
             ev = [(c['step'] * r['tokens'] / r['steps'] / 1e3, c['nll']) for c in r['curve'] if c['split'] == 'eval']
             axes[1].plot(*zip(*ev), 'o-', label=f"{size} ({r['params'] / 1e6:.2f}M)")
-        axes[1].set_xlabel('training tokens (thousands)'); axes[1].set_ylabel('validation loss (nats/token)'); axes[1].grid(alpha=.3); axes[1].legend()
+        axes[1].set_xlabel('training tokens (thousands)')
+        axes[1].set_ylabel('validation loss (nats/token)')
+        axes[1].grid(alpha=0.3)
+        axes[1].legend()
     return axes

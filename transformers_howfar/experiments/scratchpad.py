@@ -38,19 +38,46 @@ EXPERIMENT_MODELS = {  # name: overrides of the 'small' preset, in the order the
     'reversed-digits': ('format=reversed', 'position=digits'),
     'scratchpad-digits-ssmax': ('format=scratchpad', 'position=digits', 'attention=ssmax'),
     'scratchpad-random-4500': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'steps=4500'),
-    'scratchpad-random-ssmax-4500': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'attention=ssmax', 'steps=4500'),
-    'scratchpad-random-ssmax-7000': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'attention=ssmax', 'steps=7000'),
+    'scratchpad-random-ssmax-4500': (
+        'format=scratchpad',
+        'position=digits',
+        'digit_codes=random',
+        'attention=ssmax',
+        'steps=4500',
+    ),
+    'scratchpad-random-ssmax-7000': (
+        'format=scratchpad',
+        'position=digits',
+        'digit_codes=random',
+        'attention=ssmax',
+        'steps=7000',
+    ),
     'scratchpad-random-8000': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'steps=8000'),
 }
 
-def run_model(name: str, overrides, out_dir='experiments/results',
-              run_root=None,  # folder of the training runs (checkpoints); default `bench.experiment_dir('scratchpad')`
-              *, preset: str = 'small', digits=EVAL_DIGITS, count: int = 200, resume: bool = True) -> dict:
-    "Train a model (with `resume`: continue its run, or reuse its results file), evaluate it at `digits`, write `out_dir/scratchpad_<name>.json`."
+
+def run_model(
+    name: str,
+    overrides,
+    out_dir='experiments/results',
+    run_root=None,  # folder of the training runs (checkpoints); default `bench.experiment_dir('scratchpad')`
+    *,
+    preset: str = 'small',
+    digits=EVAL_DIGITS,
+    count: int = 200,
+    resume: bool = True,
+) -> dict:
+    """Train a model (with `resume`: continue its run, or reuse its results file), evaluate it at `digits`, write
+    `out_dir/scratchpad_<name>.json`."""
     path = Path(out_dir) / f'scratchpad_{name}.json'
     if resume and path.exists():
         done = json.loads(path.read_text())
-        if done['overrides'] == list(overrides) and done['preset'] == preset and [r['n_digits'] for r in done['eval']] == list(digits): return done
+        if (
+            done['overrides'] == list(overrides)
+            and done['preset'] == preset
+            and [r['n_digits'] for r in done['eval']] == list(digits)
+        ):
+            return done
     run_dir = (Path(run_root) if run_root else experiment_dir('scratchpad')) / name
     load = [os.getloadavg()[0]]
     t0 = time.perf_counter()
@@ -61,24 +88,46 @@ def run_model(name: str, overrides, out_dir='experiments/results',
     for n in digits:  # past 16 digits, or after two lengths at 0%, fewer examples: the resolution is recorded per row
         few = n > 16 or (len(rows) >= 2 and rows[-1]['exact_match'] == rows[-2]['exact_match'] == 0.0)
         rows.append(evaluate_addition(model, n, max(count // 2, 1) if few else count))
-    result = {'model': name, 'overrides': list(overrides), 'preset': preset, 'config': config.to_dict(),
-              'parameters': count_parameters(model), 'steps': trainer.step, 'batch_size': trainer.config.batch_size,
-              'train_seconds': train_s, 'eval_seconds': time.perf_counter() - t0, 'load_average': load + [os.getloadavg()[0]],
-              'final_train_loss': summary['train'].get('loss'), 'eval': rows}
+    result = {
+        'model': name,
+        'overrides': list(overrides),
+        'preset': preset,
+        'config': config.to_dict(),
+        'parameters': count_parameters(model),
+        'steps': trainer.step,
+        'batch_size': trainer.config.batch_size,
+        'train_seconds': train_s,
+        'eval_seconds': time.perf_counter() - t0,
+        'load_average': load + [os.getloadavg()[0]],
+        'final_train_loss': summary['train'].get('loss'),
+        'eval': rows,
+    }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
+
 
 def result_records(results: list[dict]) -> list[dict]:
     "One record per (model, digits, metric) for `bench.write_records`."
     machine, out = machine_info(), []
     for r in results:
         for row in r['eval']:
-            config = {'model': r['model'], 'format': r['config']['format'], 'position': r['config']['position'],
-                      'd_model': r['config']['d_model'], 'parameters': r['parameters'], 'steps': r['steps'],
-                      'train_seconds': round(r['train_seconds'], 1), 'n_digits': row['n_digits'], 'examples': row['examples']}
+            config = {
+                'model': r['model'],
+                'format': r['config']['format'],
+                'position': r['config']['position'],
+                'd_model': r['config']['d_model'],
+                'parameters': r['parameters'],
+                'steps': r['steps'],
+                'train_seconds': round(r['train_seconds'], 1),
+                'n_digits': row['n_digits'],
+                'examples': row['examples'],
+            }
             out.append(make_record('scratchpad', config, 'exact_match', row['exact_match'], 'fraction', machine))
-            if 'step_accuracy' in row: out.append(make_record('scratchpad', config, 'step_accuracy', row['step_accuracy'], 'fraction', machine))
+            if 'step_accuracy' in row:
+                out.append(
+                    make_record('scratchpad', config, 'step_accuracy', row['step_accuracy'], 'fraction', machine)
+                )
     return out
 
 # %% ../../nbs/69_experiments.scratchpad.ipynb #423a216a
@@ -91,16 +140,28 @@ def accuracy_table(results: list[dict], groups=((1, 8), (9, 16), (20, 20), (24, 
         for a, b in groups:
             vals = [row['exact_match'] for row in r['eval'] if a <= row['n_digits'] <= b]
             cells.append(f'{100 * np.mean(vals):.1f}' if vals else '-')
-        lines.append(f"| {r['model']} | {r['parameters']:,} | {r['steps']} | {r['train_seconds']:.0f} | " + ' | '.join(cells) + ' |')
+        lines.append(
+            f"| {r['model']} | {r['parameters']:,} | {r['steps']} | {r['train_seconds']:.0f} | "
+            + ' | '.join(cells)
+            + ' |'
+        )
     return '\n'.join(lines)
 
-def scratchpad_experiment(quick: bool = False, models=None, out_dir='experiments/results', resume: bool = True) -> list[dict]:
-    "Train every model of `EXPERIMENT_MODELS` (or `models`), evaluate at 1..32 digits, print the table; quick: two tiny models."
+
+def scratchpad_experiment(
+    quick: bool = False, models=None, out_dir='experiments/results', resume: bool = True
+) -> list[dict]:
+    """Train every model of `EXPERIMENT_MODELS` (or `models`), evaluate at 1..32 digits, print the table; quick: two
+    tiny models."""
     if quick:
-        plan = {'scratchpad-digits': ('format=scratchpad', 'steps=20'), 'direct-learned': ('format=direct', 'position=learned', 'steps=20')}
+        plan = {
+            'scratchpad-digits': ('format=scratchpad', 'steps=20'),
+            'direct-learned': ('format=direct', 'position=learned', 'steps=20'),
+        }
         out_dir = tempfile.mkdtemp(prefix='scratchpad_quick_')  # tiny runs never replace the full run's files
         kw = dict(preset='tiny', digits=(1, 3), count=8, run_root=Path(out_dir) / 'runs')
-    else: plan, kw = {k: EXPERIMENT_MODELS[k] for k in (models or EXPERIMENT_MODELS)}, {}
+    else:
+        plan, kw = {k: EXPERIMENT_MODELS[k] for k in (models or EXPERIMENT_MODELS)}, {}
     results = [run_model(name, overrides, out_dir, resume=resume, **kw) for name, overrides in plan.items()]
     print(accuracy_table(results))
     return result_records(results)

@@ -41,6 +41,7 @@ __all__ = ['MODELS', 'BASES', 'TranslationSetup', 'translation_configs', 'load_t
 @dataclasses.dataclass(frozen=True)
 class TranslationSetup(Config):
     "Data, budget and evaluation of the translation experiment (the two model configs are separate)."
+
     corpus: str = 'libreoffice_en_fr'  # a pairs source of `data.SOURCES`, or 'toy'
     vocab_size: int = 4000  # joint SentencePiece vocabulary of source and target
     seq_len: int = 64  # both sides cut to this many tokens (with </s> or <s>)
@@ -57,47 +58,90 @@ class TranslationSetup(Config):
     decode_batch: int = 50  # source sentences per decoding call
     n_samples: int = 6  # sample translations kept in the results
     seed: int = 0
+
     def validate(self):
-        for f in ('vocab_size', 'seq_len', 'batch_size', 'pad_multiple', 'steps', 'throughput_rounds', 'throughput_steps', 'beam_size',
-                  'max_new_tokens', 'decode_batch'): check_positive(f, getattr(self, f))
-        for f in ('budget_s', 'test_pairs', 'n_samples'): check_positive(f, getattr(self, f), allow_zero=True)
+        for f in (
+            'vocab_size',
+            'seq_len',
+            'batch_size',
+            'pad_multiple',
+            'steps',
+            'throughput_rounds',
+            'throughput_steps',
+            'beam_size',
+            'max_new_tokens',
+            'decode_batch',
+        ):
+            check_positive(f, getattr(self, f))
+        for f in ('budget_s', 'test_pairs', 'n_samples'):
+            check_positive(f, getattr(self, f), allow_zero=True)
         check_positive('learning_rate', self.learning_rate)
+
     @classmethod
     def tiny(cls):
-        return cls(corpus='toy', vocab_size=36, seq_len=32, batch_size=8, pad_multiple=32, budget_s=0, steps=12, throughput_rounds=1,
-                   throughput_steps=1, learning_rate=3e-3, test_pairs=8, beam_size=2, max_new_tokens=24, decode_batch=8, n_samples=2)
+        return cls(
+            corpus='toy',
+            vocab_size=36,
+            seq_len=32,
+            batch_size=8,
+            pad_multiple=32,
+            budget_s=0,
+            steps=12,
+            throughput_rounds=1,
+            throughput_steps=1,
+            learning_rate=3e-3,
+            test_pairs=8,
+            beam_size=2,
+            max_new_tokens=24,
+            decode_batch=8,
+            n_samples=2,
+        )
+
 
 def translation_configs(quick: bool = False) -> dict:
     "The set-up and the two model configs: `{'setup', 'transformer', 'rnn'}`; `quick` is the seconds-long test version."
     if quick:
         tiny = dict(vocab_size=36, corpus='toy', seq_len=32, max_len=32, dropout_rate=0.0)
-        return {'setup': TranslationSetup.tiny(),
-                'transformer': TranslateTask(d_model=32, d_ff=64, n_heads=4, n_layers=1, norm='pre', **tiny),
-                'rnn': TranslateRNNTask(d_model=32, n_layers=1, **tiny)}
+        return {
+            'setup': TranslationSetup.tiny(),
+            'transformer': TranslateTask(d_model=32, d_ff=64, n_heads=4, n_layers=1, norm='pre', **tiny),
+            'rnn': TranslateRNNTask(d_model=32, n_layers=1, **tiny),
+        }
     common = dict(vocab_size=4000, seq_len=64, max_len=64, dropout_rate=0.1, label_smoothing=0.1)
-    return {'setup': TranslationSetup(),
-            'transformer': TranslateTask(d_model=128, d_ff=512, n_heads=4, n_layers=2, norm='pre', **common),
-            'rnn': TranslateRNNTask(d_model=256, n_layers=2, cell='lstm', **common)}
+    return {
+        'setup': TranslationSetup(),
+        'transformer': TranslateTask(d_model=128, d_ff=512, n_heads=4, n_layers=2, norm='pre', **common),
+        'rnn': TranslateRNNTask(d_model=256, n_layers=2, cell='lstm', **common),
+    }
 
 # %% ../../nbs/62_experiments.translation.ipynb #3a0ec194
 def load_translation_data(setup: TranslationSetup) -> dict:
     "Tokenizer, encoded train and valid pairs, and raw test pairs of `setup.corpus` ('toy': generated reversals)."
     if setup.corpus == 'toy':
-        train, valid, test = toy_corpus('pairs', seed=0), toy_corpus('pairs', n=64, seed=1), toy_corpus('pairs', n=64, seed=2)
+        train, valid, test = (
+            toy_corpus('pairs', seed=0),
+            toy_corpus('pairs', n=64, seed=1),
+            toy_corpus('pairs', n=64, seed=2),
+        )
     else:
         train, valid, test = (load_split(setup.corpus, w, seed=setup.seed) for w in ('train', 'valid', 'test'))
     tokenizer = make_tokenizer(setup.corpus, [s for p in train for s in p], setup.vocab_size)
     encode = lambda pairs: encode_pairs(pairs, tokenizer, max_src_len=setup.seq_len, max_tgt_len=setup.seq_len)
     train_ids = encode(train)
-    train_ids = train_ids[:len(train_ids) - len(train_ids) % setup.batch_size]  # no partial batch: the Trainer wants batch_size rows
-    if not train_ids: raise ValueError(f'corpus: {setup.corpus!r} has fewer than batch_size = {setup.batch_size} training pairs')
-    test = test[:setup.test_pairs] if setup.test_pairs else test
+    train_ids = train_ids[
+        : len(train_ids) - len(train_ids) % setup.batch_size
+    ]  # no partial batch: the Trainer wants batch_size rows
+    if not train_ids:
+        raise ValueError(f'corpus: {setup.corpus!r} has fewer than batch_size = {setup.batch_size} training pairs')
+    test = test[: setup.test_pairs] if setup.test_pairs else test
     return {'tokenizer': tokenizer, 'train': train_ids, 'valid': encode(valid), 'test': list(test)}
 
 # %% ../../nbs/62_experiments.translation.ipynb #d9efd5e0
 def measure_throughput(trainers: dict[str, Trainer], batch: dict, rounds: int = 3, steps: int = 5) -> dict[str, float]:
-    "Target tokens per second of each trainer's step on `batch`, interleaved over `rounds`; each trainer's state is restored after."
-    check_positive('rounds', rounds); check_positive('steps', steps)
+    """Target tokens per second of each trainer's step on `batch`, interleaved over `rounds`; each trainer's state is
+    restored after."""
+    check_positive('rounds', rounds)
+    check_positive('steps', steps)
     saved = {k: jax.device_get(t.state) for k, t in trainers.items()}
     seconds = {k: [] for k in trainers}
     for t in trainers.values():  # compile outside the timing
@@ -105,47 +149,82 @@ def measure_throughput(trainers: dict[str, Trainer], batch: dict, rounds: int = 
     for _ in range(rounds):
         for k, t in trainers.items():
             start = time.perf_counter()
-            for _ in range(steps): m = t.train_step(t.put(batch))
-            jax.block_until_ready(m); seconds[k].append((time.perf_counter() - start) / steps)
-    for k, t in trainers.items(): t.state = jax.device_put(saved[k], t.shardings)
+            for _ in range(steps):
+                m = t.train_step(t.put(batch))
+            jax.block_until_ready(m)
+            seconds[k].append((time.perf_counter() - start) / steps)
+    for k, t in trainers.items():
+        t.state = jax.device_put(saved[k], t.shardings)
     tokens = float(np.sum(batch['tgt_mask']))
     return {k: tokens / float(np.median(s)) for k, s in seconds.items()}
 
 # %% ../../nbs/62_experiments.translation.ipynb #b21a2eea
-def translate(model: nnx.Module, tokenizer, sources: Sequence[str], *, seq_len: int = 64, max_new_tokens: int = 80,
-              beam_size: int = 1, batch_size: int = 50) -> list[str]:
-    "Translations of `sources`: greedy when `beam_size` is 1, else the best beam; batches padded to (batch_size, seq_len)."
-    check_positive('beam_size', beam_size); check_positive('batch_size', batch_size); check_positive('seq_len', seq_len)
-    if isinstance(sources, str): raise ValueError('sources: expected a list of sentences, got one string')
+def translate(
+    model: nnx.Module,
+    tokenizer,
+    sources: Sequence[str],
+    *,
+    seq_len: int = 64,
+    max_new_tokens: int = 80,
+    beam_size: int = 1,
+    batch_size: int = 50,
+) -> list[str]:
+    """Translations of `sources`: greedy when `beam_size` is 1, else the best beam; batches padded to (batch_size,
+    seq_len)."""
+    check_positive('beam_size', beam_size)
+    check_positive('batch_size', batch_size)
+    check_positive('seq_len', seq_len)
+    if isinstance(sources, str):
+        raise ValueError('sources: expected a list of sentences, got one string')
     out = []
     for i in range(0, len(sources), batch_size):
-        rows = [np.append(tokenizer.encode(s, max_len=seq_len - 1), EOS_ID) for s in sources[i:i + batch_size]]
+        rows = [np.append(tokenizer.encode(s, max_len=seq_len - 1), EOS_ID) for s in sources[i : i + batch_size]]
         src = np.full((batch_size, seq_len), PAD_ID, np.int32)
-        for j, r in enumerate(rows): src[j, :len(r)] = r
-        src[len(rows):, 0] = EOS_ID  # filler rows: an empty source, never read back
-        if beam_size == 1: ids = generate(model, src, max_new_tokens, prompt_mask=src != PAD_ID)
-        else: ids = beam_search(model, src, max_new_tokens, mask=src != PAD_ID, beam_size=beam_size)[0][:, 0]
-        out += [tokenizer.decode(r) for r in ids[:len(rows)]]
+        for j, r in enumerate(rows):
+            src[j, : len(r)] = r
+        src[len(rows) :, 0] = EOS_ID  # filler rows: an empty source, never read back
+        if beam_size == 1:
+            ids = generate(model, src, max_new_tokens, prompt_mask=src != PAD_ID)
+        else:
+            ids = beam_search(model, src, max_new_tokens, mask=src != PAD_ID, beam_size=beam_size)[0][:, 0]
+        out += [tokenizer.decode(r) for r in ids[: len(rows)]]
     return out
+
 
 def score_translations(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     "Corpus BLEU and chrF (sacrebleu defaults) of `hypotheses` against one reference each."
     if len(hypotheses) != len(references):
         raise ValueError(f'hypotheses: expected one per reference ({len(references)}), got {len(hypotheses)}')
-    if not references: raise ValueError('references: expected at least one sentence, got none')
-    return {'bleu': sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score,
-            'chrf': sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score}
+    if not references:
+        raise ValueError('references: expected at least one sentence, got none')
+    return {
+        'bleu': sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score,
+        'chrf': sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score,
+    }
 
 # %% ../../nbs/62_experiments.translation.ipynb #f3d54a87
 MODELS = {'transformer': EncoderDecoder, 'rnn': RNNEncoderDecoder}
 BASES = {'transformer': TransformerConfig, 'rnn': RNNConfig}
 
-def _family(config, base): return base(**{f: getattr(config, f) for f in base.field_names()})
+
+def _family(config, base):
+    return base(**{f: getattr(config, f) for f in base.field_names()})
+
 
 def _train_config(setup: TranslationSetup, steps: int) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=setup.batch_size, learning_rate=setup.learning_rate, warmup_steps=max(1, steps // 10),
-                       log_every=max(1, steps // 40), eval_every=max(1, steps // 4), eval_batches=8, checkpoint_every=0,
-                       seed=setup.seed, progress=False)
+    return TrainConfig(
+        steps=steps,
+        batch_size=setup.batch_size,
+        learning_rate=setup.learning_rate,
+        warmup_steps=max(1, steps // 10),
+        log_every=max(1, steps // 40),
+        eval_every=max(1, steps // 4),
+        eval_batches=8,
+        checkpoint_every=0,
+        seed=setup.seed,
+        progress=False,
+    )
+
 
 def make_trainer(name: str, config, setup: TranslationSetup, steps: int, run_dir=None) -> Trainer:
     "A `Trainer` for model `name` ('transformer' or 'rnn') built from its task `config`."
@@ -155,35 +234,56 @@ def make_trainer(name: str, config, setup: TranslationSetup, steps: int, run_dir
 
 # %% ../../nbs/62_experiments.translation.ipynb #a122f54c
 def train_translator(name: str, trainer: Trainer, data: dict, setup: TranslationSetup, save_dir=None) -> dict:
-    "Train `trainer` on `data['train']`, then decode the test split greedily and with beam search; curve, scores, samples."
+    """Train `trainer` on `data['train']`, then decode the test split greedily and with beam search; curve, scores,
+    samples."""
     train = seq2seq_batches(data['train'], setup.batch_size, seed=setup.seed, pad_multiple=setup.pad_multiple)
-    valid = lambda: seq2seq_batches(data['valid'], setup.batch_size, shuffle=False, epochs=1, pad_multiple=setup.pad_multiple)
+    valid = lambda: seq2seq_batches(
+        data['valid'], setup.batch_size, shuffle=False, epochs=1, pad_multiple=setup.pad_multiple
+    )
     load_start = os.getloadavg()[0]
     summary = trainer.fit(train, valid)
     model, tok = trainer.model, data['tokenizer']
-    if save_dir is not None: save_model(model, Path(save_dir) / name, tok, overwrite=True)
+    if save_dir is not None:
+        save_model(model, Path(save_dir) / name, tok, overwrite=True)
     sources, refs = [s for s, _ in data['test']], [t for _, t in data['test']]
     kw = dict(seq_len=setup.seq_len, max_new_tokens=setup.max_new_tokens, batch_size=setup.decode_batch)
-    start = time.perf_counter(); greedy = translate(model, tok, sources, **kw); greedy_s = time.perf_counter() - start
-    start = time.perf_counter(); beam = translate(model, tok, sources, beam_size=setup.beam_size, **kw); beam_s = time.perf_counter() - start
-    return {'name': name, 'steps': trainer.step, 'train_seconds': summary['seconds'],
-            'valid_nll': summary['eval']['nll'], 'train_nll': summary['train']['nll'],
-            'params': int(sum(x.size for x in jax.tree.leaves(trainer.state['params']))),
-            'greedy': score_translations(greedy, refs), 'beam': score_translations(beam, refs),
-            'decode_seconds': {'greedy': greedy_s, 'beam': beam_s}, 'load_average': [load_start, os.getloadavg()[0]],
-            'samples': [{'source': s, 'reference': r, 'greedy': g, 'beam': b}
-                        for s, r, g, b in list(zip(sources, refs, greedy, beam))[:setup.n_samples]]}
+    start = time.perf_counter()
+    greedy = translate(model, tok, sources, **kw)
+    greedy_s = time.perf_counter() - start
+    start = time.perf_counter()
+    beam = translate(model, tok, sources, beam_size=setup.beam_size, **kw)
+    beam_s = time.perf_counter() - start
+    return {
+        'name': name,
+        'steps': trainer.step,
+        'train_seconds': summary['seconds'],
+        'valid_nll': summary['eval']['nll'],
+        'train_nll': summary['train']['nll'],
+        'params': int(sum(x.size for x in jax.tree.leaves(trainer.state['params']))),
+        'greedy': score_translations(greedy, refs),
+        'beam': score_translations(beam, refs),
+        'decode_seconds': {'greedy': greedy_s, 'beam': beam_s},
+        'load_average': [load_start, os.getloadavg()[0]],
+        'samples': [
+            {'source': s, 'reference': r, 'greedy': g, 'beam': b}
+            for s, r, g, b in list(zip(sources, refs, greedy, beam))[: setup.n_samples]
+        ],
+    }
 
 # %% ../../nbs/62_experiments.translation.ipynb #3ece383f
 def _fit_logged(name, trainer_args, data, setup, save_dir) -> dict:
-    "Train in a temporary run directory so that the metrics log can be read back; attach the loss curve (steps and seconds)."
-    from transformers_howfar.train.trainer import read_metrics
+    """Train in a temporary run directory so that the metrics log can be read back; attach the loss curve (steps and
+    seconds)."""
+    from transformers_howfar.train.metrics import read_metrics
+
     with tempfile.TemporaryDirectory() as tmp:
         model_config, steps = trainer_args
         trainer = make_trainer(name, model_config, setup, steps, run_dir=Path(tmp) / name)
         result = train_translator(name, trainer, data, setup, save_dir)
         records = read_metrics(trainer.run_dir)
-    result['tokens_per_s_training'] = sum(r['tokens'] for r in records if r['split'] == 'train') / result['train_seconds']
+    result['tokens_per_s_training'] = (
+        sum(r['tokens'] for r in records if r['split'] == 'train') / result['train_seconds']
+    )
     result['curve'] = [{k: r[k] for k in ('step', 'seconds', 'split', 'nll')} for r in records]
     return result
 
@@ -191,77 +291,121 @@ def _fit_logged(name, trainer_args, data, setup, save_dir) -> dict:
 def _records(results: dict, throughput: dict, configs: dict, machine: dict) -> list[dict]:
     out = []
     for name, r in results.items():
-        base = {'model': name, 'params': r['params'], 'steps': r['steps'], 'model_config': configs[name].to_dict(),
-                'setup': configs['setup'].to_dict(), 'load_average': r['load_average']}
+        base = {
+            'model': name,
+            'params': r['params'],
+            'steps': r['steps'],
+            'model_config': configs[name].to_dict(),
+            'setup': configs['setup'].to_dict(),
+            'load_average': r['load_average'],
+        }
         for decoding in ('greedy', 'beam'):
             for metric, value in r[decoding].items():
                 out.append(make_record('translation', dict(base, decoding=decoding), metric, value, 'score', machine))
         out.append(make_record('translation', base, 'tokens_per_s', throughput[name], 'target tokens/s', machine))
-        out.append(make_record('translation', base, 'tokens_per_s_training', r['tokens_per_s_training'], 'target tokens/s', machine))
+        out.append(
+            make_record(
+                'translation', base, 'tokens_per_s_training', r['tokens_per_s_training'], 'target tokens/s', machine
+            )
+        )
         out.append(make_record('translation', base, 'train_seconds', r['train_seconds'], 's', machine))
         out.append(make_record('translation', base, 'valid_nll', r['valid_nll'], 'nats/token', machine))
     return out
 
 # %% ../../nbs/62_experiments.translation.ipynb #79f8c921
 def translation_experiment(quick: bool = False, out_dir=None, resume: bool = False) -> list[dict]:
-    "Transformer against LSTM with attention on EN→FR: same tokenizer, data and wall-clock budget; BLEU, chrF, throughput, curves."
+    """Transformer against LSTM with attention on EN→FR: same tokenizer, data and wall-clock budget; BLEU, chrF,
+    throughput, curves."""
     configs, machine = translation_configs(quick), machine_info()
     setup = configs['setup']
-    if out_dir is None: out_dir = Path(tempfile.mkdtemp()) if quick else Path('experiments/results')
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is None:
+        out_dir = Path(tempfile.mkdtemp()) if quick else Path('experiments/results')
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     side = lambda name: out_dir / f'translation_{name}.json'
     data, save_dir = load_translation_data(setup), (None if quick else experiment_dir('translation'))
     results = {n: json.loads(side(n).read_text()) for n in MODELS if resume and side(n).exists()}
     throughput_file = out_dir / 'translation_throughput.json'
-    if resume and throughput_file.exists(): throughput = json.loads(throughput_file.read_text())
+    if resume and throughput_file.exists():
+        throughput = json.loads(throughput_file.read_text())
     else:
         trainers = {n: make_trainer(n, configs[n], setup, 100) for n in MODELS}
         by_length = sorted(data['train'], key=lambda p: max(len(p[0]), len(p[1])))
         middle = len(by_length) // 2 - setup.batch_size // 2  # a batch of median-length pairs: a typical step
-        batch = seq2seq_batch(by_length[middle:middle + setup.batch_size], setup.pad_multiple)
+        batch = seq2seq_batch(by_length[middle : middle + setup.batch_size], setup.pad_multiple)
         throughput = measure_throughput(trainers, batch, setup.throughput_rounds, setup.throughput_steps)
-        throughput['tokens_per_step'] = float(batch['tgt_mask'].sum()); throughput['load_average'] = os.getloadavg()[0]
-        throughput_file.write_text(json.dumps(throughput, indent=1)); del trainers
+        throughput['tokens_per_step'] = float(batch['tgt_mask'].sum())
+        throughput['load_average'] = os.getloadavg()[0]
+        throughput_file.write_text(json.dumps(throughput, indent=1))
+        del trainers
     for name in MODELS:
-        if name in results: continue
+        if name in results:
+            continue
         steps = setup.steps
-        if setup.budget_s: steps = max(setup.steps, int(setup.budget_s * throughput[name] / throughput['tokens_per_step']))
+        if setup.budget_s:
+            steps = max(setup.steps, int(setup.budget_s * throughput[name] / throughput['tokens_per_step']))
         results[name] = _fit_logged(name, (configs[name], steps), data, setup, save_dir)
         side(name).write_text(json.dumps(results[name], indent=1))  # nothing lost if the next model is interrupted
     return _records(results, throughput, configs, machine)
 
 # %% ../../nbs/62_experiments.translation.ipynb #223a52b0
-_COLUMNS = [('params', 'params', '{:,.0f}'), ('steps', 'steps', '{:.0f}'), ('train_seconds', 'train s', '{:.0f}'),
-            ('tokens_per_s', 'tok/s (probe)', '{:.0f}'), ('tokens_per_s_training', 'tok/s (training)', '{:.0f}'),
-            ('valid_nll', 'valid loss', '{:.3f}'), ('bleu/greedy', 'BLEU greedy', '{:.2f}'), ('bleu/beam', 'BLEU beam', '{:.2f}'),
-            ('chrf/greedy', 'chrF greedy', '{:.2f}'), ('chrf/beam', 'chrF beam', '{:.2f}')]
+_COLUMNS = [
+    ('params', 'params', '{:,.0f}'),
+    ('steps', 'steps', '{:.0f}'),
+    ('train_seconds', 'train s', '{:.0f}'),
+    ('tokens_per_s', 'tok/s (probe)', '{:.0f}'),
+    ('tokens_per_s_training', 'tok/s (training)', '{:.0f}'),
+    ('valid_nll', 'valid loss', '{:.3f}'),
+    ('bleu/greedy', 'BLEU greedy', '{:.2f}'),
+    ('bleu/beam', 'BLEU beam', '{:.2f}'),
+    ('chrf/greedy', 'chrF greedy', '{:.2f}'),
+    ('chrf/beam', 'chrF beam', '{:.2f}'),
+]
+
 
 def translation_table(records: list[dict]) -> str:
     "A markdown table with one row per model: size, budget, throughput, validation loss, BLEU and chrF."
     rows = {}
     for r in records:
         key = r['metric'] + (f"/{r['config']['decoding']}" if 'decoding' in r['config'] else '')
-        rows.setdefault(r['config']['model'], {'params': r['config']['params'], 'steps': r['config']['steps']})[key] = r['value']
-    if not rows: raise ValueError('records: expected translation records, got none')
+        rows.setdefault(r['config']['model'], {'params': r['config']['params'], 'steps': r['config']['steps']})[key] = (
+            r['value']
+        )
+    if not rows:
+        raise ValueError('records: expected translation records, got none')
     head = '| model | ' + ' | '.join(c[1] for c in _COLUMNS) + ' |\n|---|' + '---:|' * len(_COLUMNS) + '\n'
     fmt = lambda v, f: '–' if v is None else f.format(v)
-    return head + ''.join(f'| {m} | ' + ' | '.join(fmt(v.get(k), f) for k, _, f in _COLUMNS) + ' |\n' for m, v in rows.items())
+    return head + ''.join(
+        f'| {m} | ' + ' | '.join(fmt(v.get(k), f) for k, _, f in _COLUMNS) + ' |\n' for m, v in rows.items()
+    )
+
 
 def plot_translation_curves(models: dict, axes=None):
     "Training (lines) and validation (dots) loss of each model's side file against seconds and against steps."
     axes = plt_axes(axes)
     for i, (name, r) in enumerate(models.items()):
-        for split, style in (('train', '-'), ('eval', 'o--')):  # one colour per model: line = training, dots = validation
+        for split, style in (
+            ('train', '-'),
+            ('eval', 'o--'),
+        ):  # one colour per model: line = training, dots = validation
             pts = [(c['seconds'], c['step'], c['nll']) for c in r['curve'] if c['split'] == split]
-            if not pts: continue
+            if not pts:
+                continue
             t, s, l = zip(*pts)
-            for ax, x in zip(axes, (t, s)): ax.plot(x, l, style, color=f'C{i}', label=f'{name} {split}', alpha=.8 if split == 'train' else 1)
+            for ax, x in zip(axes, (t, s)):
+                ax.plot(x, l, style, color=f'C{i}', label=f'{name} {split}', alpha=0.8 if split == 'train' else 1)
     for ax, x in zip(axes, ('wall-clock seconds', 'step')):
-        ax.set_xlabel(x); ax.set_ylabel('loss (nats per target token)'); ax.grid(alpha=.3); ax.legend()
+        ax.set_xlabel(x)
+        ax.set_ylabel('loss (nats per target token)')
+        ax.grid(alpha=0.3)
+        ax.legend()
     return axes
+
 
 def plt_axes(axes=None):
     "Two side-by-side matplotlib axes (made when `axes` is None)."
-    if axes is not None: return axes
+    if axes is not None:
+        return axes
     import matplotlib.pyplot as plt
+
     return plt.subplots(1, 2, figsize=(11, 3.8))[1]

@@ -51,14 +51,25 @@ def apply_rotary(
 # %% ../../nbs/26_layers.blocks.ipynb #a7abb17f
 POSITIONS = ('sinusoidal', 'learned', 'rotary', 'none')
 
+
 class Embedder(nnx.Module):
     "Token (+ position + segment) embeddings with dropout; `attend` gives logits through the tied table."
-    def __init__(self, vocab_size: int, d_model: int, max_len: int, position: str = 'sinusoidal',
-                 n_segments: int = 0,  # segment types (BERT's sentence A/B); 0 for none
-                 dropout_rate: float = 0.0, *, rngs: nnx.Rngs):
-        for name, value in [('vocab_size', vocab_size), ('d_model', d_model), ('max_len', max_len)]: check_positive(name, value)
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        max_len: int,
+        position: str = 'sinusoidal',
+        n_segments: int = 0,  # segment types (BERT's sentence A/B); 0 for none
+        dropout_rate: float = 0.0,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        for name, value in [('vocab_size', vocab_size), ('d_model', d_model), ('max_len', max_len)]:
+            check_positive(name, value)
         self.position, self.max_len, self.d_model = check_choice('position', position, POSITIONS), max_len, d_model
-        init = nnx.initializers.normal(d_model ** -0.5)
+        init = nnx.initializers.normal(d_model**-0.5)
         self.token = nnx.Embed(vocab_size, d_model, embedding_init=init, rngs=rngs)
         self.learned = nnx.Embed(max_len, d_model, embedding_init=init, rngs=rngs) if position == 'learned' else None
         self.segment = nnx.Embed(n_segments, d_model, embedding_init=init, rngs=rngs) if n_segments else None
@@ -69,11 +80,15 @@ class Embedder(nnx.Module):
         sizes = check_shape(tokens, 'B T', 'tokens')
         if positions is None:
             if sizes['T'] > self.max_len and self.position == 'learned':
-                raise ValueError(f'tokens: length {sizes["T"]} exceeds max_len = {self.max_len} of the learned positions')
+                raise ValueError(
+                    f'tokens: length {sizes["T"]} exceeds max_len = {self.max_len} of the learned positions'
+                )
             positions = jnp.arange(sizes['T'])[None]
         x = self.token(tokens) * math.sqrt(self.d_model)  # (B, T, D)
-        if self.position == 'sinusoidal': x = x + sinusoidal_positions(positions, self.d_model)
-        if self.position == 'learned': x = x + self.learned(positions)
+        if self.position == 'sinusoidal':
+            x = x + sinusoidal_positions(positions, self.d_model)
+        if self.position == 'learned':
+            x = x + self.learned(positions)
         if self.segment is not None:
             x = x + self.segment(jnp.zeros_like(tokens) if segments is None else segments)
         return self.dropout(x, deterministic=rngs is None, rngs=rngs)
@@ -137,11 +152,30 @@ def count_parameters(model: nnx.Module) -> int:
 # %% ../../nbs/26_layers.blocks.ipynb #b73ab6b1
 class Attention(nnx.Module):
     "`attention.MultiHeadAttention`, plus rotary positions on queries and keys and dropout keys from `rngs`."
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, kind: str = 'full',
-                 attention_options: dict | None = None,  # options of `kind`, e.g. {'block_size': 64}
-                 causal: bool = False, rotary: bool = False, dropout_rate: float = 0.0, rngs: nnx.Rngs):
-        self.mha = MultiHeadAttention(d_model, n_heads, n_kv_heads=n_kv_heads, attention=kind, attention_options=attention_options,
-                                      causal=causal, dropout_rate=dropout_rate, rngs=rngs)
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        *,
+        kind: str = 'full',
+        attention_options: dict | None = None,  # options of `kind`, e.g. {'block_size': 64}
+        causal: bool = False,
+        rotary: bool = False,
+        dropout_rate: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        self.mha = MultiHeadAttention(
+            d_model,
+            n_heads,
+            n_kv_heads=n_kv_heads,
+            attention=kind,
+            attention_options=attention_options,
+            causal=causal,
+            dropout_rate=dropout_rate,
+            rngs=rngs,
+        )
         self.rotary = rotary
 
     def project_kv(self, source, positions=None) -> tuple:
@@ -149,90 +183,195 @@ class Attention(nnx.Module):
         k, v = self.mha.project_kv(source)
         return (apply_rotary(k, positions), v) if self.rotary else (k, v)
 
-    def __call__(self, x, *, positions=None, padding_mask=None, kv=None, cache: KVCache | None = None,
-                 rngs: nnx.Rngs | None = None, return_weights: bool = False):
-        "Self-attention of `x` (B, T, D) (through `cache` if given), or cross-attention to `kv`; y, (y, cache), then the weights if asked."
+    def __call__(
+        self,
+        x,
+        *,
+        positions=None,
+        padding_mask=None,
+        kv=None,
+        cache: KVCache | None = None,
+        rngs: nnx.Rngs | None = None,
+        return_weights: bool = False,
+    ):
+        """Self-attention of `x` (B, T, D) (through `cache` if given), or cross-attention to `kv`; y, (y, cache), then
+        the weights if asked."""
         key = rngs.dropout() if rngs is not None and self.mha.dropout_rate > 0 else None
         rotate = None
         if self.rotary:
-            if positions is None: positions = jnp.arange(x.shape[1])[None] + (0 if cache is None else cache.index)
+            if positions is None:
+                positions = jnp.arange(x.shape[1])[None] + (0 if cache is None else cache.index)
             rotate = lambda t: apply_rotary(t, positions)
-        return self.mha(x, kv=kv, padding_mask=padding_mask, cache=cache, dropout_key=key, rotate=rotate, return_weights=return_weights)
+        return self.mha(
+            x,
+            kv=kv,
+            padding_mask=padding_mask,
+            cache=cache,
+            dropout_key=key,
+            rotate=rotate,
+            return_weights=return_weights,
+        )
 
 # %% ../../nbs/26_layers.blocks.ipynb #34855abd
 class Block(nnx.Module):
     "Self-attention, optional cross-attention to a memory, feed-forward; each in a pre- or post-LN residual."
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, *, n_kv_heads: int | None = None, kind: str = 'full',
-                 attention_options: dict | None = None, causal: bool = False, cross: bool = False, rotary: bool = False, norm: str = 'pre',
-                 activation: str = 'relu', dropout_rate: float = 0.0, rngs: nnx.Rngs):
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        *,
+        n_kv_heads: int | None = None,
+        kind: str = 'full',
+        attention_options: dict | None = None,
+        causal: bool = False,
+        cross: bool = False,
+        rotary: bool = False,
+        norm: str = 'pre',
+        activation: str = 'relu',
+        dropout_rate: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
         res = lambda: Residual(d_model, norm, dropout_rate, rngs=rngs)
-        self.attention = Attention(d_model, n_heads, n_kv_heads, kind=kind, attention_options=attention_options, causal=causal, rotary=rotary, dropout_rate=dropout_rate, rngs=rngs)
+        self.attention = Attention(
+            d_model,
+            n_heads,
+            n_kv_heads,
+            kind=kind,
+            attention_options=attention_options,
+            causal=causal,
+            rotary=rotary,
+            dropout_rate=dropout_rate,
+            rngs=rngs,
+        )
         self.attention_residual = res()
         self.cross = Attention(d_model, n_heads, n_kv_heads, dropout_rate=dropout_rate, rngs=rngs) if cross else None
         self.cross_residual = res() if cross else None
         self.feed_forward = FeedForward(d_model, d_ff, activation, dropout_rate, rngs=rngs)
         self.feed_forward_residual = res()
 
-    def __call__(self, x, *, positions=None, padding_mask=None, memory: tuple | None = None, memory_mask=None,
-                 cache: KVCache | None = None, rngs: nnx.Rngs | None = None, return_weights: bool = False):
-        "`x` (B, T, D) -> y, or `(y, cache)` with a cache, then the self-attention weights if asked; `memory` is the cross-attention (k, v)."
+    def __call__(
+        self,
+        x,
+        *,
+        positions=None,
+        padding_mask=None,
+        memory: tuple | None = None,
+        memory_mask=None,
+        cache: KVCache | None = None,
+        rngs: nnx.Rngs | None = None,
+        return_weights: bool = False,
+    ):
+        """`x` (B, T, D) -> y, or `(y, cache)` with a cache, then the self-attention weights if asked; `memory` is the
+        cross-attention (k, v)."""
         kw, aux = dict(positions=positions, padding_mask=padding_mask, rngs=rngs), ()
-        if cache is None and not return_weights: x = self.attention_residual(x, lambda h: self.attention(h, **kw), rngs=rngs)
+        if cache is None and not return_weights:
+            x = self.attention_residual(x, lambda h: self.attention(h, **kw), rngs=rngs)
         else:  # the sublayer returns (y, cache?, weights?): the residual carries all but y through
             split = lambda out: (out[0], out[1:])
-            x, aux = self.attention_residual(x, lambda h: split(self.attention(h, cache=cache, return_weights=return_weights, **kw)),
-                                             rngs=rngs, has_aux=True)
+            x, aux = self.attention_residual(
+                x,
+                lambda h: split(self.attention(h, cache=cache, return_weights=return_weights, **kw)),
+                rngs=rngs,
+                has_aux=True,
+            )
         if self.cross is not None:
-            if memory is None: raise ValueError('memory: expected the encoder keys/values for a block with cross-attention, got None')
-            x = self.cross_residual(x, lambda h: self.cross(h, kv=memory, padding_mask=memory_mask, rngs=rngs), rngs=rngs)
+            if memory is None:
+                raise ValueError('memory: expected the encoder keys/values for a block with cross-attention, got None')
+            x = self.cross_residual(
+                x, lambda h: self.cross(h, kv=memory, padding_mask=memory_mask, rngs=rngs), rngs=rngs
+            )
         x = self.feed_forward_residual(x, lambda h: self.feed_forward(h, rngs=rngs), rngs=rngs)
         return (x, *aux) if aux else x
 
 # %% ../../nbs/26_layers.blocks.ipynb #374ae309
 class Stack(nnx.Module):
-    "Blocks run along a `depth_plan` (attention types cycled, parameters optionally shared), then a final LayerNorm for pre-LN."
-    def __init__(self, n_layers: int, attention_types: Sequence[str], d_model: int, n_heads: int, d_ff: int, *,
-                 shared: bool = False, norm: str = 'pre',
-                 attention_options: Mapping[str, dict] | None = None,  # {attention type: {option: value}}
-                 rngs: nnx.Rngs, **block_options):
+    """Blocks run along a `depth_plan` (attention types cycled, parameters optionally shared), then a final LayerNorm
+    for pre-LN."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        attention_types: Sequence[str],
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        *,
+        shared: bool = False,
+        norm: str = 'pre',
+        attention_options: Mapping[str, dict] | None = None,  # {attention type: {option: value}}
+        rngs: nnx.Rngs,
+        **block_options,
+    ):
         self.plan = depth_plan(n_layers, attention_types, shared)
         kinds, options = {b: kind for b, kind in self.plan}, attention_options or {}
-        self.blocks = nnx.List([Block(d_model, n_heads, d_ff, kind=kinds[b], attention_options=options.get(kinds[b]), norm=norm, rngs=rngs, **block_options)
-                                for b in range(n_distinct_blocks(self.plan))])
+        self.blocks = nnx.List(
+            [
+                Block(
+                    d_model,
+                    n_heads,
+                    d_ff,
+                    kind=kinds[b],
+                    attention_options=options.get(kinds[b]),
+                    norm=norm,
+                    rngs=rngs,
+                    **block_options,
+                )
+                for b in range(n_distinct_blocks(self.plan))
+            ]
+        )
         self.final_norm = nnx.LayerNorm(d_model, epsilon=1e-6, rngs=rngs) if norm == 'pre' else None
 
     def memories(self, source) -> list[tuple]:
         "Cross-attention keys/values of the encoder output `source` (B, S, D), one (k, v) per depth step."
         return [self.blocks[b].cross.project_kv(source) for b, _ in self.plan]
 
-    def __call__(self, x, *, memories: list | None = None, caches: list | None = None, return_weights: bool = False, **kw):
-        "Run every depth step; returns `x`, `(x, caches)` when `caches` (one per step) are given, then each step's weights if asked."
+    def __call__(
+        self, x, *, memories: list | None = None, caches: list | None = None, return_weights: bool = False, **kw
+    ):
+        """Run every depth step; returns `x`, `(x, caches)` when `caches` (one per step) are given, then each step's
+        weights if asked."""
         new_caches, weights = [], []
         for step, (b, _) in enumerate(self.plan):
-            out = self.blocks[b](x, memory=None if memories is None else memories[step],
-                                 cache=None if caches is None else caches[step], return_weights=return_weights, **kw)
+            out = self.blocks[b](
+                x,
+                memory=None if memories is None else memories[step],
+                cache=None if caches is None else caches[step],
+                return_weights=return_weights,
+                **kw,
+            )
             x, *aux = out if isinstance(out, tuple) else (out,)
-            if caches is not None: new_caches.append(aux.pop(0))
-            if return_weights: weights.append(aux.pop(0))  # (B, N, T, S)
+            if caches is not None:
+                new_caches.append(aux.pop(0))
+            if return_weights:
+                weights.append(aux.pop(0))  # (B, N, T, S)
         x = x if self.final_norm is None else self.final_norm(x)
         extra = ((new_caches,) if caches is not None else ()) + ((weights,) if return_weights else ())
         return (x, *extra) if extra else x
 
 # %% ../../nbs/26_layers.blocks.ipynb #47d0638c
 def _state_signature(model: nnx.Module) -> list:
-    return [(jax.tree_util.keystr(p), tuple(a.shape), str(a.dtype)) for p, a in jax.tree_util.tree_leaves_with_path(nnx.state(model))]
+    return [
+        (jax.tree_util.keystr(p), tuple(a.shape), str(a.dtype))
+        for p, a in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    ]
+
 
 def with_config(
     model: nnx.Module,  # built as `type(model)(config, rngs=...)`, holding `config`
     **changes,  # config fields to change, e.g. attention_options=('lsh.n_rounds=8',)
 ) -> nnx.Module:  # a new model; `model` is left as it was
-    "`model` built again from `model.config.replace(**changes)`, holding `model`'s trained parameters and random streams."
+    """`model` built again from `model.config.replace(**changes)`, holding `model`'s trained parameters and random
+    streams."""
     config = getattr(model, 'config', None)
     if not hasattr(config, 'replace'):
         raise ValueError(f'model: expected a model that keeps its `config` (LM, Bert, ...), got {type(model).__name__}')
     new = nnx.eval_shape(lambda: type(model)(config.replace(**changes), rngs=nnx.Rngs(0)))
     if _state_signature(new) != _state_signature(model):
-        raise ValueError(f'changes: {changes} would change the parameters of {type(model).__name__}; with_config keeps them, '
-                         'so only fields such as attention kinds and options that leave them alone can change')
+        raise ValueError(
+            f'changes: {changes} would change the parameters of {type(model).__name__}; with_config keeps them, '
+            'so only fields such as attention kinds and options that leave them alone can change'
+        )
     nnx.update(new, nnx.state(model))
     return new

@@ -20,10 +20,13 @@ def cross_entropy_sums(
     mask=None,  # (...) 1 where a token counts, 0 where it does not; None counts every token
     label_smoothing: float = 0.0,  # ε: the target puts 1 - ε on the answer and ε/V on every class
 ) -> dict[str, jax.Array]:  # sums over counted tokens: `loss` (smoothed), `nll`, `correct`, `tokens`
-    "Sums of the label-smoothed loss, the negative log-likelihood and the correct predictions over the tokens where `mask` is 1."
+    """Sums of the label-smoothed loss, the negative log-likelihood and the correct predictions over the tokens where
+    `mask` is 1."""
     check_range('label_smoothing', label_smoothing, 0.0, 1.0, inclusive_high=False)
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f'targets: expected shape {tuple(logits.shape[:-1])} (logits without V), got {tuple(targets.shape)}')
+        raise ValueError(
+            f'targets: expected shape {tuple(logits.shape[:-1])} (logits without V), got {tuple(targets.shape)}'
+        )
     if mask is not None and tuple(mask.shape) != tuple(targets.shape):
         raise ValueError(f'mask: expected shape {tuple(targets.shape)} like targets, got {tuple(mask.shape)}')
     logits = logits.astype(jnp.float32)  # (..., V), fp32 even under bf16 compute
@@ -31,13 +34,23 @@ def cross_entropy_sums(
     nll = lse - jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     per_token = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1)) if label_smoothing else nll
     mask = jnp.ones(nll.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    return {'loss': (per_token * mask).sum(), 'nll': (nll * mask).sum(),
-            'correct': ((logits.argmax(-1) == targets) * mask).sum(), 'tokens': mask.sum()}
+    return {
+        'loss': (per_token * mask).sum(),
+        'nll': (nll * mask).sum(),
+        'correct': ((logits.argmax(-1) == targets) * mask).sum(),
+        'tokens': mask.sum(),
+    }
+
 
 def normalise_sums(sums: dict) -> tuple[jax.Array, dict]:
     "Means from `cross_entropy_sums` (added up over chunks or devices): loss, {'nll', 'accuracy', 'tokens'}."
     denom = jnp.maximum(sums['tokens'], 1.0)  # an all-masked batch gives 0, not nan
-    return sums['loss'] / denom, {'nll': sums['nll'] / denom, 'accuracy': sums['correct'] / denom, 'tokens': sums['tokens']}
+    return sums['loss'] / denom, {
+        'nll': sums['nll'] / denom,
+        'accuracy': sums['correct'] / denom,
+        'tokens': sums['tokens'],
+    }
+
 
 def cross_entropy(logits, targets, mask=None, label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
     "Label-smoothed cross-entropy averaged over the tokens where `mask` is 1, with `nll`, `accuracy` and token count."

@@ -87,37 +87,50 @@ def _reversible(fns: tuple) -> Callable:
 
 # %% ../../nbs/25_layers.reversible.ipynb #80d300c5
 def _check_params(fns, params) -> int:
-    if len(params) != len(fns): raise ValueError(f'params: expected one stacked pytree per step function ({len(fns)}), got {len(params)}')
+    if len(params) != len(fns):
+        raise ValueError(f'params: expected one stacked pytree per step function ({len(fns)}), got {len(params)}')
     repeats = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(params)}
     if len(repeats) != 1 or None in repeats:
-        raise ValueError(f'params: expected every leaf stacked over the same number of repeats (leading axis), got leading sizes {sorted(map(str, repeats))}')
+        raise ValueError(
+            f'params: expected every leaf stacked over the same number of repeats (leading axis), got leading sizes '
+            f'{sorted(map(str, repeats))}'
+        )
     return repeats.pop()
+
 
 def reversible_sequence(
     fns: Sequence[Callable],  # the P step functions `fn(params, x, key, context, aux) -> like x` of one repeat
     params: Sequence,  # P pytrees, each stacked over R repeats (leading axis R)
-    x1, x2,  # the two halves, same shape (B, T, D)
+    x1,
+    x2,  # the two halves, same shape (B, T, D)
     key=None,  # PRNG key; step j of repeat r uses derive_key(fold_in(key, r), j); None: no randomness
     context=None,  # differentiable extra input shared by all steps (e.g. an encoder output), or None
     aux=None,  # non-differentiable extras (positions, masks), or None
     mode: str = 'reversible',  # 'reversible' (custom VJP), 'ordinary' (plain autodiff) or 'remat'
 ) -> tuple[jax.Array, jax.Array]:  # the two output halves
-    "Run R repeats of P half-residual steps `(a, b) -> (b, a + f(b))`; the reversible mode keeps no per-step activations."
+    """Run R repeats of P half-residual steps `(a, b) -> (b, a + f(b))`; the reversible mode keeps no per-step
+    activations."""
     check_choice('mode', mode, MODES)
     fns, params = tuple(fns), list(params)
     _check_params(fns, params)
-    if x1.shape != x2.shape: raise ValueError(f'x2: expected the shape of x1 {x1.shape}, got {x2.shape}')
-    if mode == 'reversible': return _reversible(fns)(params, x1, x2, key, context, aux)
+    if x1.shape != x2.shape:
+        raise ValueError(f'x2: expected the shape of x1 {x1.shape}, got {x2.shape}')
+    if mode == 'reversible':
+        return _reversible(fns)(params, x1, x2, key, context, aux)
     return _forward(fns, params, x1, x2, key, context, aux, remat=mode == 'remat')
+
 
 def reverse_sequence(fns: Sequence[Callable], params: Sequence, y1, y2, key=None, context=None, aux=None) -> tuple:
     "The inputs `(x1, x2)` of `reversible_sequence` recomputed from its outputs, last step first."
     fns, params = tuple(fns), list(params)
+
     def one_repeat(carry, inputs):
         (b, c), (r, ps) = carry, inputs
         keys = _step_keys(key, r, len(fns))
-        for j in reversed(range(len(fns))): b, c = inverse_half_residual(fns[j], ps[j], b, c, keys[j], context, aux)
+        for j in reversed(range(len(fns))):
+            b, c = inverse_half_residual(fns[j], ps[j], b, c, keys[j], context, aux)
         return (b, c), None
+
     R = _check_params(fns, params)
     return jax.lax.scan(one_repeat, (y1, y2), (jnp.arange(R), params), reverse=True)[0]
 
@@ -125,15 +138,23 @@ def reverse_sequence(fns: Sequence[Callable], params: Sequence, y1, y2, key=None
 def _apply_sublayer(graphdef, state, x, key, context, aux):
     return nnx.merge(graphdef, state)(x, key=key, context=context, aux=aux)
 
+
 class ReversibleSequence(nnx.Module):
-    "Sublayers `m(x, *, key, context, aux) -> like x` run as reversible half-residual steps; a pattern of `period` repeats."
+    """Sublayers `m(x, *, key, context, aux) -> like x` run as reversible half-residual steps; a pattern of `period`
+    repeats."""
+
     def __init__(self, sublayers: Sequence[nnx.Module], period: int = 1, mode: str = 'reversible'):
         check_positive('period', period)
         if not len(sublayers) or len(sublayers) % period:
-            raise ValueError(f'sublayers: expected a positive multiple of period = {period} modules, got {len(sublayers)}')
+            raise ValueError(
+                f'sublayers: expected a positive multiple of period = {period} modules, got {len(sublayers)}'
+            )
         graphdefs = [nnx.graphdef(m) for m in sublayers]
         for i, g in enumerate(graphdefs):
-            if g != graphdefs[i % period]: raise ValueError(f'sublayers: module {i} differs in structure from module {i % period}, which it repeats')
+            if g != graphdefs[i % period]:
+                raise ValueError(
+                    f'sublayers: module {i} differs in structure from module {i % period}, which it repeats'
+                )
         self.sublayers, self.period, self.mode = nnx.List(list(sublayers)), period, check_choice('mode', mode, MODES)
 
     def __call__(self, x1, x2, *, key=None, context=None, aux=None, mode: str | None = None) -> tuple:
@@ -151,12 +172,14 @@ def chunked_apply(
     chunk_size: int,  # C; the last chunk is padded
     key=None,  # PRNG key or None; chunk j gets fold_in(key, j)
 ) -> jax.Array:  # (B, T, ...) = fn(x) chunk by chunk
-    "Apply a position-wise `fn` to length chunks one at a time, rematerialised, so its insides exist for one chunk only."
+    """Apply a position-wise `fn` to length chunks one at a time, rematerialised, so its insides exist for one chunk
+    only."""
     check_positive('chunk_size', chunk_size)
     body = jax.checkpoint(lambda xc, j: fn(xc, None if key is None else jax.random.fold_in(key, j)))
     xs = _to_chunks(x, chunk_size)  # (n, B, C, ...)
     ys = jax.lax.map(lambda args: body(*args), (xs, jnp.arange(xs.shape[0])))  # (n, B, C, ...)
-    return jnp.moveaxis(ys, 0, 1).reshape(x.shape[0], -1, *ys.shape[3:])[:, :x.shape[1]]
+    return jnp.moveaxis(ys, 0, 1).reshape(x.shape[0], -1, *ys.shape[3:])[:, : x.shape[1]]
+
 
 def _to_chunks(x, chunk_size: int):  # (B, T, ...) -> (n, B, C, ...), zero-padded at the end
     B, T = x.shape[:2]
@@ -170,14 +193,25 @@ def chunked_cross_entropy(
     project: Callable,  # (B, C, D) -> (B, C, V) logits, e.g. `Embedder.attend`
     targets,  # (B, T) integer class ids
     mask=None,  # (B, T) 1 where a token counts; None counts all
-    *, chunk_size: int = 1024, label_smoothing: float = 0.0,
+    *,
+    chunk_size: int = 1024,
+    label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, dict]:  # like `losses.cross_entropy`: mean loss, {'nll', 'accuracy', 'tokens'}
-    "Label-smoothed cross-entropy of `project(hidden)` computed chunk by chunk: the (B, T, V) logits never exist at once."
-    sizes = check_shape(hidden, 'B T D', 'hidden'); check_shape(targets, 'B T', 'targets', B=sizes['B'], T=sizes['T'])
-    check_range('label_smoothing', label_smoothing, 0.0, 1.0, inclusive_high=False); check_positive('chunk_size', chunk_size)
-    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else jnp.asarray(check_shape(mask, 'B T', 'mask', **sizes) and mask, jnp.float32)
+    """Label-smoothed cross-entropy of `project(hidden)` computed chunk by chunk: the (B, T, V) logits never exist at
+    once."""
+    sizes = check_shape(hidden, 'B T D', 'hidden')
+    check_shape(targets, 'B T', 'targets', B=sizes['B'], T=sizes['T'])
+    check_range('label_smoothing', label_smoothing, 0.0, 1.0, inclusive_high=False)
+    check_positive('chunk_size', chunk_size)
+    mask = (
+        jnp.ones(targets.shape, jnp.float32)
+        if mask is None
+        else jnp.asarray(check_shape(mask, 'B T', 'mask', **sizes) and mask, jnp.float32)
+    )
+
     def sums(h, t, m):  # one chunk (B, C, D), (B, C), (B, C) -> {'loss', 'nll', 'correct', 'tokens'} sums
         return cross_entropy_sums(project(h), t, m, label_smoothing)
+
     chunks = tuple(_to_chunks(a, chunk_size) for a in (hidden, targets, mask))  # padding has mask 0
     per_chunk = jax.lax.map(lambda args: jax.checkpoint(sums)(*args), chunks)  # each sum (n,)
     return normalise_sums(jax.tree.map(lambda a: a.sum(0), per_chunk))

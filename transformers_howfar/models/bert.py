@@ -24,6 +24,7 @@ __all__ = ['BertConfig', 'Bert', 'mlm_loss', 'classify_loss']
 @dataclasses.dataclass(frozen=True)
 class BertConfig(Config):
     "Sizes and options of a BERT-style encoder with MLM and classification heads."
+
     vocab_size: int = 8000
     d_model: int = 256
     d_ff: int = 1024
@@ -42,30 +43,62 @@ class BertConfig(Config):
     shared_layers: bool = False  # ALBERT (Lan et al. 2020) shares one block across depth
 
     def validate(self):
-        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len', 'n_segments', 'n_classes'): check_positive(f, getattr(self, f))
+        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len', 'n_segments', 'n_classes'):
+            check_positive(f, getattr(self, f))
         check_positive('n_kv_heads', self.n_kv_heads, allow_zero=True)
-        check_divisible('d_model', self.d_model, self.n_heads, 'n_heads'); check_divisible('n_heads', self.n_heads, self.kv_heads, 'n_kv_heads')
+        check_divisible('d_model', self.d_model, self.n_heads, 'n_heads')
+        check_divisible('n_heads', self.n_heads, self.kv_heads, 'n_kv_heads')
         check_range('dropout_rate', self.dropout_rate, 0, 1, inclusive_high=False)
         if isinstance(self.attention, str) or not self.attention:
             raise ValueError(f'attention: expected a non-empty tuple of attention types, got {self.attention!r}')
-        for kind in self.attention: get_attention(kind)
+        for kind in self.attention:
+            get_attention(kind)
         parse_attention_options(self.attention_options, self.attention)
-        check_choice('position', self.position, POSITIONS); check_choice('norm', self.norm, ('pre', 'post')); check_choice('activation', self.activation, ACTIVATIONS)
+        check_choice('position', self.position, POSITIONS)
+        check_choice('norm', self.norm, ('pre', 'post'))
+        check_choice('activation', self.activation, ACTIVATIONS)
+
     @property
-    def kv_heads(self) -> int: return self.n_kv_heads or self.n_heads
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
     @classmethod
-    def tiny(cls): return cls(vocab_size=32, d_model=32, d_ff=64, n_heads=4, n_layers=2, max_len=32, dropout_rate=0.0)
+    def tiny(cls):
+        return cls(vocab_size=32, d_model=32, d_ff=64, n_heads=4, n_layers=2, max_len=32, dropout_rate=0.0)
 
 # %% ../../nbs/32_models.bert.ipynb #365d3053
 class Bert(nnx.Module):
     "BERT-style bidirectional encoder with a masked-LM head (`mlm_logits`) and a [CLS] classifier (`classify`)."
+
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         self.config = c = config
-        self.embed = Embedder(c.vocab_size, c.d_model, c.max_len, c.position, n_segments=c.n_segments, dropout_rate=c.dropout_rate, rngs=rngs)
-        self.embed_norm = nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs) if c.norm == 'post' else None  # post-LN stacks start normalised
-        self.encoder = Stack(c.n_layers, c.attention, c.d_model, c.n_heads, c.d_ff, shared=c.shared_layers, norm=c.norm,
-                             attention_options=parse_attention_options(c.attention_options, c.attention), n_kv_heads=c.kv_heads, rotary=c.position == 'rotary', activation=c.activation,
-                             dropout_rate=c.dropout_rate, rngs=rngs)
+        self.embed = Embedder(
+            c.vocab_size,
+            c.d_model,
+            c.max_len,
+            c.position,
+            n_segments=c.n_segments,
+            dropout_rate=c.dropout_rate,
+            rngs=rngs,
+        )
+        self.embed_norm = (
+            nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs) if c.norm == 'post' else None
+        )  # post-LN stacks start normalised
+        self.encoder = Stack(
+            c.n_layers,
+            c.attention,
+            c.d_model,
+            c.n_heads,
+            c.d_ff,
+            shared=c.shared_layers,
+            norm=c.norm,
+            attention_options=parse_attention_options(c.attention_options, c.attention),
+            n_kv_heads=c.kv_heads,
+            rotary=c.position == 'rotary',
+            activation=c.activation,
+            dropout_rate=c.dropout_rate,
+            rngs=rngs,
+        )
         self.mlm_transform = nnx.Linear(c.d_model, c.d_model, rngs=rngs)
         self.mlm_norm = nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs)
         self.mlm_bias = nnx.Param(jnp.zeros((c.vocab_size,)))
@@ -73,13 +106,22 @@ class Bert(nnx.Module):
         self.classifier = nnx.Linear(c.d_model, c.n_classes, rngs=rngs)
         self.dropout = nnx.Dropout(c.dropout_rate)
 
-    def __call__(self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None, return_weights: bool = False):
-        "Hidden states (B, T, D) of `inputs` (B, T) with `segments` and `attention_mask` (B, T); `(hidden, [(B, N, T, T) per layer])` with `return_weights`."
+    def __call__(
+        self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None, return_weights: bool = False
+    ):
+        """Hidden states (B, T, D) of `inputs` (B, T) with `segments` and `attention_mask` (B, T); `(hidden, [(B, N,
+        T, T) per layer])` with `return_weights`."""
         sizes = check_shape(inputs, 'B T', 'inputs')
-        if segments is not None: check_shape(segments, 'B T', 'segments', **sizes)
-        mask = None if attention_mask is None else jnp.asarray(check_shape(attention_mask, 'B T', 'attention_mask', **sizes) and attention_mask) > 0
+        if segments is not None:
+            check_shape(segments, 'B T', 'segments', **sizes)
+        mask = (
+            None
+            if attention_mask is None
+            else jnp.asarray(check_shape(attention_mask, 'B T', 'attention_mask', **sizes) and attention_mask) > 0
+        )
         x = self.embed(inputs, segments=segments, rngs=rngs)
-        if self.embed_norm is not None: x = self.embed_norm(x)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         return self.encoder(x, padding_mask=mask, rngs=rngs, return_weights=return_weights)
 
     def mlm_logits(self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None):
@@ -92,17 +134,26 @@ class Bert(nnx.Module):
         pooled = jnp.tanh(self.pooler(self(inputs, segments, attention_mask, rngs=rngs)[:, 0]))  # (B, D)
         return self.classifier(self.dropout(pooled, deterministic=rngs is None, rngs=rngs))
 
-
 # %% ../../nbs/32_models.bert.ipynb #a64d4195
 def mlm_loss(label_smoothing: float = 0.0) -> Callable:
     "Masked-token loss of `Bert.mlm_logits` on `inputs`, `targets`, `loss_mask`, `segments`, `attention_mask`."
+
     def loss_fn(model, batch, rngs):
         logits = model.mlm_logits(batch['inputs'], batch['segments'], batch['attention_mask'], rngs=rngs)
         return cross_entropy(logits, batch['targets'], batch['loss_mask'], label_smoothing)
+
     return loss_fn
+
 
 def classify_loss(label_smoothing: float = 0.0) -> Callable:
     "Sequence-classification loss of `Bert.classify` on `inputs`, `attention_mask`, `labels`."
+
     def loss_fn(model, batch, rngs):
-        return cross_entropy(model.classify(batch['inputs'], None, batch['attention_mask'], rngs=rngs), batch['labels'], None, label_smoothing)
+        return cross_entropy(
+            model.classify(batch['inputs'], None, batch['attention_mask'], rngs=rngs),
+            batch['labels'],
+            None,
+            label_smoothing,
+        )
+
     return loss_fn

@@ -25,6 +25,7 @@ __all__ = ['LMConfig', 'LM', 'lm_loss']
 @dataclasses.dataclass(frozen=True)
 class LMConfig(Config):
     "Sizes and options of a decoder-only language model."
+
     vocab_size: int = 256
     d_model: int = 256
     d_ff: int = 1024
@@ -34,45 +35,73 @@ class LMConfig(Config):
     max_len: int = 1024  # longest sequence (learned positions have this many rows)
     dropout_rate: float = 0.1
     attention: tuple = ('full',)  # attention types, cycled over the layers
-    attention_options: tuple = ()  # 'kind.option=value' strings, e.g. ('local.block_size=64',); see attention.parse_attention_options
+    # 'kind.option=value' strings, e.g. ('local.block_size=64',); see attention.parse_attention_options
+    attention_options: tuple = ()
     position: str = 'learned'  # 'learned' (GPT-2), 'sinusoidal', 'rotary' or 'none'
     norm: str = 'pre'  # LayerNorm 'pre' (GPT-2) or 'post' (original Transformer)
     activation: str = 'gelu'
     shared_layers: bool = False  # Universal-Transformer-style sharing across depth
 
     def validate(self):
-        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len'): check_positive(f, getattr(self, f))
+        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len'):
+            check_positive(f, getattr(self, f))
         check_divisible('d_model', self.d_model, self.n_heads, 'n_heads')
         check_positive('n_kv_heads', self.n_kv_heads, allow_zero=True)
         check_divisible('n_heads', self.n_heads, self.kv_heads, 'n_kv_heads')
         check_range('dropout_rate', self.dropout_rate, 0, 1, inclusive_high=False)
         if isinstance(self.attention, str) or not self.attention:
             raise ValueError(f'attention: expected a non-empty tuple of attention types, got {self.attention!r}')
-        for kind in self.attention: get_attention(kind)
+        for kind in self.attention:
+            get_attention(kind)
         parse_attention_options(self.attention_options, self.attention)
-        check_choice('position', self.position, POSITIONS); check_choice('norm', self.norm, ('pre', 'post'))
+        check_choice('position', self.position, POSITIONS)
+        check_choice('norm', self.norm, ('pre', 'post'))
         check_choice('activation', self.activation, ACTIVATIONS)
+
     @property
-    def d_head(self) -> int: return self.d_model // self.n_heads
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
     @property
-    def kv_heads(self) -> int: return self.n_kv_heads or self.n_heads
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
     @classmethod
-    def tiny(cls): return cls(vocab_size=32, d_model=32, d_ff=64, n_heads=4, n_layers=2, max_len=64, dropout_rate=0.0)
+    def tiny(cls):
+        return cls(vocab_size=32, d_model=32, d_ff=64, n_heads=4, n_layers=2, max_len=64, dropout_rate=0.0)
 
 # %% ../../nbs/31_models.lm.ipynb #0146fb50
 class LM(nnx.Module):
     "GPT-style decoder-only language model with tied embeddings and a KV cache."
+
     def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
         self.config = c = config
         self.embed = Embedder(c.vocab_size, c.d_model, c.max_len, c.position, dropout_rate=c.dropout_rate, rngs=rngs)
-        self.stack = Stack(c.n_layers, c.attention, c.d_model, c.n_heads, c.d_ff, shared=c.shared_layers, norm=c.norm,
-                           attention_options=parse_attention_options(c.attention_options, c.attention), n_kv_heads=c.kv_heads, causal=True, rotary=c.position == 'rotary', activation=c.activation,
-                           dropout_rate=c.dropout_rate, rngs=rngs)
+        self.stack = Stack(
+            c.n_layers,
+            c.attention,
+            c.d_model,
+            c.n_heads,
+            c.d_ff,
+            shared=c.shared_layers,
+            norm=c.norm,
+            attention_options=parse_attention_options(c.attention_options, c.attention),
+            n_kv_heads=c.kv_heads,
+            causal=True,
+            rotary=c.position == 'rotary',
+            activation=c.activation,
+            dropout_rate=c.dropout_rate,
+            rngs=rngs,
+        )
 
-    def __call__(self, tokens, *, positions=None, padding_mask=None, rngs: nnx.Rngs | None = None, return_weights: bool = False):
-        "Next-token logits (B, T, V) for `tokens` (B, T) in one causal pass; with `return_weights`, `(logits, [(B, N, T, T) per layer])`."
+    def __call__(
+        self, tokens, *, positions=None, padding_mask=None, rngs: nnx.Rngs | None = None, return_weights: bool = False
+    ):
+        """Next-token logits (B, T, V) for `tokens` (B, T) in one causal pass; with `return_weights`, `(logits, [(B,
+        N, T, T) per layer])`."""
         check_shape(tokens, 'B T', 'tokens')
-        if positions is None: positions = jnp.arange(tokens.shape[1])[None]
+        if positions is None:
+            positions = jnp.arange(tokens.shape[1])[None]
         x = self.embed(tokens, positions, rngs=rngs)  # (B, T, D)
         out = self.stack(x, positions=positions, padding_mask=padding_mask, rngs=rngs, return_weights=return_weights)
         x, weights = out if return_weights else (out, None)
@@ -91,7 +120,7 @@ def init_cache(self: LM, batch: int, length: int, dtype=jnp.float32) -> dict:
 @patch
 def step(self: LM, tokens, cache: dict, token_mask=None):
     "Feed `tokens` (B, T) through the cache; returns logits (B, T, V) and the updated cache."
-    sizes = check_shape(tokens, 'B T', 'tokens', B=cache['position'].shape[0])
+    check_shape(tokens, 'B T', 'tokens', B=cache['position'].shape[0])
     token_mask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
     positions = jnp.maximum(cache['position'][:, None] + jnp.cumsum(token_mask, 1) - 1, 0)  # (B, T)
     valid = jax.lax.dynamic_update_slice(cache['valid'], token_mask, (0, cache['layers'][0].index))

@@ -31,7 +31,8 @@ from ..experiments.common import experiment_dir
 from ..data.sources import load_split
 from .lm import LM, LMConfig
 from ..data.batches import SyntheticBatches
-from ..train.trainer import TrainConfig, Trainer, read_metrics
+from ..train.trainer import TrainConfig, Trainer
+from ..train.metrics import read_metrics
 from .lm import lm_loss
 
 # %% auto #0

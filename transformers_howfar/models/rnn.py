@@ -24,6 +24,7 @@ __all__ = ['RNNConfig', 'run_cell', 'RNNEncoderDecoder']
 @dataclasses.dataclass(frozen=True)
 class RNNConfig(Config):
     "Sizes and options of the LSTM/GRU encoder-decoder with attention."
+
     vocab_size: int = 8000
     target_vocab_size: int = 0  # 0 means vocab_size
     share_embeddings: bool = True
@@ -35,36 +36,51 @@ class RNNConfig(Config):
     label_smoothing: float = 0.1
 
     def validate(self):
-        for f in ('vocab_size', 'd_model', 'n_layers', 'max_len'): check_positive(f, getattr(self, f))
+        for f in ('vocab_size', 'd_model', 'n_layers', 'max_len'):
+            check_positive(f, getattr(self, f))
         check_positive('target_vocab_size', self.target_vocab_size, allow_zero=True)
         check_divisible('d_model', self.d_model, 2, 'two (one half per encoder direction)')
         check_choice('cell', self.cell, ('lstm', 'gru'))
         if self.share_embeddings and self.output_vocab_size != self.vocab_size:
-            raise ValueError(f'share_embeddings: expected equal vocabularies, got vocab_size = {self.vocab_size}, target_vocab_size = {self.target_vocab_size}')
-        check_range('dropout_rate', self.dropout_rate, 0, 1, inclusive_high=False); check_range('label_smoothing', self.label_smoothing, 0, 1, inclusive_high=False)
+            raise ValueError(
+                f'share_embeddings: expected equal vocabularies, got vocab_size = {self.vocab_size}, '
+                f'target_vocab_size = {self.target_vocab_size}'
+            )
+        check_range('dropout_rate', self.dropout_rate, 0, 1, inclusive_high=False)
+        check_range('label_smoothing', self.label_smoothing, 0, 1, inclusive_high=False)
+
     @property
-    def output_vocab_size(self) -> int: return self.target_vocab_size or self.vocab_size
+    def output_vocab_size(self) -> int:
+        return self.target_vocab_size or self.vocab_size
+
     @classmethod
-    def tiny(cls): return cls(vocab_size=32, d_model=32, n_layers=2, max_len=32, dropout_rate=0.0)
+    def tiny(cls):
+        return cls(vocab_size=32, d_model=32, n_layers=2, max_len=32, dropout_rate=0.0)
 
 # %% ../../nbs/34_models.rnn.ipynb #92b117d0
 def _zero_carry(cell, batch: int):
     h = jnp.zeros((batch, cell.hidden_features))
     return (h, h) if isinstance(cell, nnx.LSTMCell) else h
 
+
 def run_cell(cell: nnx.Module, carry, xs, mask):
-    "Run `cell` over `xs` (B, T, D) from `carry`, holding the carry where `mask` (B, T) is False; returns (carry, ys (B, T, H))."
+    """Run `cell` over `xs` (B, T, D) from `carry`, holding the carry where `mask` (B, T) is False; returns (carry, ys
+    (B, T, H))."""
+
     def body(carry, inputs):
         x, m = inputs
         new, y = cell(carry, x)
         return jax.tree.map(lambda n, o: jnp.where(m[:, None], n, o), new, carry), y
+
     carry, ys = jax.lax.scan(body, carry, (jnp.swapaxes(xs, 0, 1), jnp.swapaxes(mask, 0, 1)))
     return carry, jnp.swapaxes(ys, 0, 1)
 
 # %% ../../nbs/34_models.rnn.ipynb #6e6575c1
 class RNNEncoderDecoder(nnx.Module):
     "LSTM/GRU encoder-decoder with Luong attention; same call, `start` and `step` as `EncoderDecoder`."
+
     is_encoder_decoder = True
+
     def __init__(self, config: RNNConfig, *, rngs: nnx.Rngs):
         self.config = c = config
         Cell = nnx.LSTMCell if c.cell == 'lstm' else nnx.GRUCell
@@ -79,9 +95,11 @@ class RNNEncoderDecoder(nnx.Module):
         self.dropout = nnx.Dropout(c.dropout_rate)
 
     @property
-    def output_embed(self) -> Embedder: return self.source_embed if self.target_embed is None else self.target_embed
+    def output_embed(self) -> Embedder:
+        return self.source_embed if self.target_embed is None else self.target_embed
 
-    def _drop(self, x, rngs): return self.dropout(x, deterministic=rngs is None, rngs=rngs)
+    def _drop(self, x, rngs):
+        return self.dropout(x, deterministic=rngs is None, rngs=rngs)
 
     def encode(self, src, src_mask=None, *, rngs: nnx.Rngs | None = None):
         "Encoder states (B, S, D) of `src` (B, S); `src_mask` defaults to `src != PAD_ID`."
@@ -100,8 +118,11 @@ class RNNEncoderDecoder(nnx.Module):
         new = []
         for cell, carry in zip(self.decoder_cells, carries):
             carry, h = run_cell(cell, carry, h, token_mask)
-            h = self._drop(h, rngs); new.append(carry)
-        context = dot_product_attention(h[:, :, None], memory_k, memory_v, padding_mask=memory_mask, scale=1.0)[:, :, 0]  # (B, T, D)
+            h = self._drop(h, rngs)
+            new.append(carry)
+        context = dot_product_attention(h[:, :, None], memory_k, memory_v, padding_mask=memory_mask, scale=1.0)[
+            :, :, 0
+        ]  # (B, T, D)
         out = jnp.tanh(self.combine(jnp.concatenate([h, context], -1)))
         return self.output_embed.attend(self._drop(out, rngs)), new
 
@@ -111,7 +132,8 @@ class RNNEncoderDecoder(nnx.Module):
 
     def __call__(self, src, tgt_in, *, src_mask=None, tgt_mask=None, rngs: nnx.Rngs | None = None):
         "Logits (B, T, V) for `tgt_in` (B, T) given `src` (B, S), teacher-forced."
-        sizes = check_shape(src, 'B S', 'src'); check_shape(tgt_in, 'B T', 'tgt_in', B=sizes['B'])
+        sizes = check_shape(src, 'B S', 'src')
+        check_shape(tgt_in, 'B T', 'tgt_in', B=sizes['B'])
         src_mask = src != PAD_ID if src_mask is None else jnp.asarray(src_mask, bool)
         k, v = self._memory(src, src_mask, rngs)
         carries = [_zero_carry(cell, sizes['B']) for cell in self.decoder_cells]
@@ -126,12 +148,17 @@ def start(self: RNNEncoderDecoder, src, src_mask, max_new_tokens: int, dtype=jnp
     src_mask = src != PAD_ID if src_mask is None else jnp.asarray(src_mask, bool)
     k, v = self._memory(src, src_mask)
     carries = [_zero_carry(cell, src.shape[0]) for cell in self.decoder_cells]
-    return {'carries': carries, 'memory_k': k, 'memory_v': v, 'memory_mask': src_mask}, jnp.full((src.shape[0],), BOS_ID, jnp.int32)
+    return {'carries': carries, 'memory_k': k, 'memory_v': v, 'memory_mask': src_mask}, jnp.full(
+        (src.shape[0],), BOS_ID, jnp.int32
+    )
+
 
 @patch
 def step(self: RNNEncoderDecoder, tokens, cache: dict, token_mask=None):
     "Feed target `tokens` (B, T); returns logits (B, T, V) and the updated cache."
     check_shape(tokens, 'B T', 'tokens', B=cache['memory_mask'].shape[0])
     token_mask = jnp.ones(tokens.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool)
-    logits, carries = self._decode(tokens, token_mask, cache['carries'], cache['memory_k'], cache['memory_v'], cache['memory_mask'])
+    logits, carries = self._decode(
+        tokens, token_mask, cache['carries'], cache['memory_k'], cache['memory_v'], cache['memory_mask']
+    )
     return logits, dict(cache, carries=carries)

@@ -25,18 +25,23 @@ __all__ = ['PACKAGE', 'LEGACY_CLASSES', 'class_path', 'resolve_class', 'save_mod
 # %% ../../nbs/29_models.saving.ipynb #990ca6ef
 PACKAGE = 'transformers_howfar'
 
+
 def class_path(cls: type) -> str:
     "`cls` as `module:Class`, the way a model directory names it."
     return f'{cls.__module__}:{cls.__qualname__}'
+
 
 def resolve_class(path: str, field: str = 'class') -> type:
     "The class named `module:Class`, imported only from this package's own modules."
     module, _, name = str(path).partition(':')
     if not name or not (module == PACKAGE or module.startswith(PACKAGE + '.')) or not name.isidentifier():
         raise ValueError(f"model.json: {field} expected 'transformers_howfar.<module>:<Class>', got {path!r}")
-    try: cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError): raise ValueError(f'model.json: {field} {path!r} names no class of this package') from None
-    if not isinstance(cls, type): raise ValueError(f'model.json: {field} {path!r} is not a class')
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise ValueError(f'model.json: {field} {path!r} names no class of this package') from None
+    if not isinstance(cls, type):
+        raise ValueError(f'model.json: {field} {path!r} is not a class')
     return cls
 
 # %% ../../nbs/29_models.saving.ipynb #879fb3f4
@@ -63,52 +68,81 @@ def save_model(model: nnx.Module, path, tokenizer=None, *, overwrite: bool = Fal
 
 # %% ../../nbs/29_models.saving.ipynb #1e4cd542
 LEGACY_CLASSES = {  # model.json version 1 named classes without their module
-    'LM': 'models.lm:LM', 'LMConfig': 'models.lm:LMConfig', 'Bert': 'models.bert:Bert', 'BertConfig': 'models.bert:BertConfig',
-    'EncoderDecoder': 'models.transformer:EncoderDecoder', 'TransformerConfig': 'models.transformer:TransformerConfig',
-    'RNNEncoderDecoder': 'models.rnn:RNNEncoderDecoder', 'RNNConfig': 'models.rnn:RNNConfig',
-    'AdditionLM': 'scratchpad:AdditionLM', 'AdditionConfig': 'scratchpad:AdditionConfig'}
+    'LM': 'models.lm:LM',
+    'LMConfig': 'models.lm:LMConfig',
+    'Bert': 'models.bert:Bert',
+    'BertConfig': 'models.bert:BertConfig',
+    'EncoderDecoder': 'models.transformer:EncoderDecoder',
+    'TransformerConfig': 'models.transformer:TransformerConfig',
+    'RNNEncoderDecoder': 'models.rnn:RNNEncoderDecoder',
+    'RNNConfig': 'models.rnn:RNNConfig',
+    'AdditionLM': 'scratchpad:AdditionLM',
+    'AdditionConfig': 'scratchpad:AdditionConfig',
+}
+
 
 def model_dir(path) -> Path:
     "The model directory at `path`: `path` itself, or the `model/` folder a finished training run leaves."
     path = Path(path)
-    if (path / 'model.json').exists(): return path
-    if (path / 'model' / 'model.json').exists(): return path / 'model'
-    hint = '; it is a run directory without a finished model: pass --step, or train it to the end' if (path / 'config.json').exists() else ''
+    if (path / 'model.json').exists():
+        return path
+    if (path / 'model' / 'model.json').exists():
+        return path / 'model'
+    hint = (
+        '; it is a run directory without a finished model: pass --step, or train it to the end'
+        if (path / 'config.json').exists()
+        else ''
+    )
     raise FileNotFoundError(f'path: no model.json in {path}{hint}')
 
-def read_model_config(path, classes: tuple[type, type] | None = None  # (model class, config class) from outside the package
-                      ) -> tuple[type, Config]:
+
+def read_model_config(
+    path,
+    classes: tuple[type, type] | None = None,  # (model class, config class) from outside the package
+) -> tuple[type, Config]:
     "The model class and the config saved in the model directory `path`."
     path = model_dir(path)
     meta = json.loads((path / 'model.json').read_text())
     if meta.get('format') != 'transformers_howfar.model':
         raise ValueError(f"path: {path}/model.json is not a transformers_howfar model (format {meta.get('format')!r})")
     names = [meta.get('class'), meta.get('config_class')]
-    if meta.get('version') == 1: names = [f'{PACKAGE}.{LEGACY_CLASSES[n]}' if n in LEGACY_CLASSES else n for n in names]
+    if meta.get('version') == 1:
+        names = [f'{PACKAGE}.{LEGACY_CLASSES[n]}' if n in LEGACY_CLASSES else n for n in names]
     if classes is not None:
         if [class_path(c) for c in classes] != names:
-            raise ValueError(f'classes: {path} holds a {names[0]} with a {names[1]}, got {[class_path(c) for c in classes]}')
+            raise ValueError(
+                f'classes: {path} holds a {names[0]} with a {names[1]}, got {[class_path(c) for c in classes]}'
+            )
         model_cls, config_cls = classes
-    else: model_cls, config_cls = resolve_class(names[0]), resolve_class(names[1], 'config_class')
-    if not issubclass(config_cls, Config): raise ValueError(f'model.json: config_class {names[1]!r} is not a Config')
+    else:
+        model_cls, config_cls = resolve_class(names[0]), resolve_class(names[1], 'config_class')
+    if not issubclass(config_cls, Config):
+        raise ValueError(f'model.json: config_class {names[1]!r} is not a Config')
     return model_cls, config_cls.from_dict(meta['config'])
 
-def load(path, classes: tuple[type, type] | None = None  # (model class, config class) for a model defined outside the package
-         ) -> nnx.Module:
+
+def load(
+    path,
+    classes: tuple[type, type] | None = None,  # (model class, config class) for a model defined outside the package
+) -> nnx.Module:
     "The model saved in the directory `path` (or the model a finished run left there), with its parameters."
     path = model_dir(path).absolute()
     model_cls, config = read_model_config(path, classes)
     abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    if jax.tree.leaves(rest):  # state that is not a parameter (an RNG stream's key and count) is made as the constructor makes it
+    if jax.tree.leaves(
+        rest
+    ):  # state that is not a parameter (an RNG stream's key and count) is made as the constructor makes it
         rest = nnx.split(model_cls(config, rngs=nnx.Rngs(0)), nnx.Param, ...)[2]
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(path / 'params', params.to_pure_dict())
     params.replace_by_pure_dict(restored)
     return nnx.merge(graphdef, params, rest)
 
+
 def load_tokenizer(path):
     "The tokenizer saved with the model in `path`, or None when there is none."
     from transformers_howfar.data.tokenizer import load_tokenizer as _load
+
     path = model_dir(path)
     return _load(path / 'tokenizer') if (path / 'tokenizer').exists() else None

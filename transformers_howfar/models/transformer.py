@@ -26,6 +26,7 @@ __all__ = ['TransformerConfig', 'EncoderDecoder', 'seq2seq_loss']
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig(Config):
     "Sizes and options of an encoder-decoder Transformer."
+
     vocab_size: int = 8000  # source vocabulary (and target, unless target_vocab_size is set)
     target_vocab_size: int = 0  # 0 means vocab_size
     share_embeddings: bool = True  # one table for source, target and output (needs equal vocabularies)
@@ -45,43 +46,75 @@ class TransformerConfig(Config):
     shared_layers: bool = False
 
     def validate(self):
-        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len'): check_positive(f, getattr(self, f))
-        for f in ('target_vocab_size', 'n_kv_heads', 'n_decoder_layers'): check_positive(f, getattr(self, f), allow_zero=True)
-        check_divisible('d_model', self.d_model, self.n_heads, 'n_heads'); check_divisible('n_heads', self.n_heads, self.kv_heads, 'n_kv_heads')
+        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len'):
+            check_positive(f, getattr(self, f))
+        for f in ('target_vocab_size', 'n_kv_heads', 'n_decoder_layers'):
+            check_positive(f, getattr(self, f), allow_zero=True)
+        check_divisible('d_model', self.d_model, self.n_heads, 'n_heads')
+        check_divisible('n_heads', self.n_heads, self.kv_heads, 'n_kv_heads')
         if self.share_embeddings and self.output_vocab_size != self.vocab_size:
-            raise ValueError(f'share_embeddings: expected equal vocabularies, got vocab_size = {self.vocab_size}, target_vocab_size = {self.target_vocab_size}')
-        check_range('dropout_rate', self.dropout_rate, 0, 1, inclusive_high=False); check_range('label_smoothing', self.label_smoothing, 0, 1, inclusive_high=False)
+            raise ValueError(
+                f'share_embeddings: expected equal vocabularies, got vocab_size = {self.vocab_size}, '
+                f'target_vocab_size = {self.target_vocab_size}'
+            )
+        check_range('dropout_rate', self.dropout_rate, 0, 1, inclusive_high=False)
+        check_range('label_smoothing', self.label_smoothing, 0, 1, inclusive_high=False)
         if isinstance(self.attention, str) or not self.attention:
             raise ValueError(f'attention: expected a non-empty tuple of attention types, got {self.attention!r}')
-        for kind in self.attention: get_attention(kind)
-        check_choice('position', self.position, POSITIONS); check_choice('norm', self.norm, ('pre', 'post')); check_choice('activation', self.activation, ACTIVATIONS)
+        for kind in self.attention:
+            get_attention(kind)
+        check_choice('position', self.position, POSITIONS)
+        check_choice('norm', self.norm, ('pre', 'post'))
+        check_choice('activation', self.activation, ACTIVATIONS)
+
     @property
-    def output_vocab_size(self) -> int: return self.target_vocab_size or self.vocab_size
+    def output_vocab_size(self) -> int:
+        return self.target_vocab_size or self.vocab_size
+
     @property
-    def decoder_layers(self) -> int: return self.n_decoder_layers or self.n_layers
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers or self.n_layers
+
     @property
-    def kv_heads(self) -> int: return self.n_kv_heads or self.n_heads
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
     @property
-    def d_head(self) -> int: return self.d_model // self.n_heads
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
     @classmethod
-    def tiny(cls): return cls(vocab_size=32, d_model=32, d_ff=64, n_heads=4, n_layers=2, max_len=32, dropout_rate=0.0)
+    def tiny(cls):
+        return cls(vocab_size=32, d_model=32, d_ff=64, n_heads=4, n_layers=2, max_len=32, dropout_rate=0.0)
 
 # %% ../../nbs/30_models.transformer.ipynb #54392604
 class EncoderDecoder(nnx.Module):
     "Encoder-decoder Transformer (Vaswani et al. 2017) with tied output embeddings and a KV cache for decoding."
+
     is_encoder_decoder = True
+
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.config = c = config
         emb = lambda V: Embedder(V, c.d_model, c.max_len, c.position, dropout_rate=c.dropout_rate, rngs=rngs)
         self.source_embed = emb(c.vocab_size)
         self.target_embed = None if c.share_embeddings else emb(c.output_vocab_size)
-        common = dict(shared=c.shared_layers, norm=c.norm, n_kv_heads=c.kv_heads, rotary=c.position == 'rotary',
-                      activation=c.activation, dropout_rate=c.dropout_rate, rngs=rngs)
+        common = dict(
+            shared=c.shared_layers,
+            norm=c.norm,
+            n_kv_heads=c.kv_heads,
+            rotary=c.position == 'rotary',
+            activation=c.activation,
+            dropout_rate=c.dropout_rate,
+            rngs=rngs,
+        )
         self.encoder = Stack(c.n_layers, c.attention, c.d_model, c.n_heads, c.d_ff, **common)
-        self.decoder = Stack(c.decoder_layers, ('full',), c.d_model, c.n_heads, c.d_ff, causal=True, cross=True, **common)
+        self.decoder = Stack(
+            c.decoder_layers, ('full',), c.d_model, c.n_heads, c.d_ff, causal=True, cross=True, **common
+        )
 
     @property
-    def output_embed(self) -> Embedder: return self.source_embed if self.target_embed is None else self.target_embed
+    def output_embed(self) -> Embedder:
+        return self.source_embed if self.target_embed is None else self.target_embed
 
     def encode(self, src, src_mask=None, *, rngs: nnx.Rngs | None = None):
         "Memory (B, S, D) of source tokens `src` (B, S); `src_mask` defaults to `src != PAD_ID`."
@@ -91,11 +124,14 @@ class EncoderDecoder(nnx.Module):
 
     def __call__(self, src, tgt_in, *, src_mask=None, tgt_mask=None, rngs: nnx.Rngs | None = None):
         "Logits (B, T, V) for the target inputs `tgt_in` (B, T) given `src` (B, S), in one pass (training, scoring)."
-        sizes = check_shape(src, 'B S', 'src'); check_shape(tgt_in, 'B T', 'tgt_in', B=sizes['B'])
+        sizes = check_shape(src, 'B S', 'src')
+        check_shape(tgt_in, 'B T', 'tgt_in', B=sizes['B'])
         src_mask = src != PAD_ID if src_mask is None else src_mask
         memory = self.encode(src, src_mask, rngs=rngs)
         x = self.output_embed(tgt_in, rngs=rngs)
-        x = self.decoder(x, memories=self.decoder.memories(memory), memory_mask=src_mask, padding_mask=tgt_mask, rngs=rngs)
+        x = self.decoder(
+            x, memories=self.decoder.memories(memory), memory_mask=src_mask, padding_mask=tgt_mask, rngs=rngs
+        )
         return self.output_embed.attend(x)
 
 # %% ../../nbs/30_models.transformer.ipynb #5343da0d
@@ -104,8 +140,12 @@ def init_cache(self: EncoderDecoder, batch: int, length: int, dtype=jnp.float32)
     c = self.config
     if c.position == 'learned' and length > c.max_len:
         raise ValueError(f'length: expected at most max_len = {c.max_len} with learned positions, got {length}')
-    return {'layers': [KVCache.zeros(batch, length, c.kv_heads, c.d_head, dtype) for _ in range(c.decoder_layers)],
-            'position': jnp.zeros((batch,), jnp.int32), 'valid': jnp.zeros((batch, length), bool)}
+    return {
+        'layers': [KVCache.zeros(batch, length, c.kv_heads, c.d_head, dtype) for _ in range(c.decoder_layers)],
+        'position': jnp.zeros((batch,), jnp.int32),
+        'valid': jnp.zeros((batch, length), bool),
+    }
+
 
 @patch
 def start(self: EncoderDecoder, src, src_mask, max_new_tokens: int, dtype=jnp.float32):
@@ -116,6 +156,7 @@ def start(self: EncoderDecoder, src, src_mask, max_new_tokens: int, dtype=jnp.fl
     cache.update(memories=self.decoder.memories(self.encode(src, src_mask)), memory_mask=src_mask)
     return cache, jnp.full((src.shape[0],), BOS_ID, jnp.int32)
 
+
 @patch
 def step(self: EncoderDecoder, tokens, cache: dict, token_mask=None):
     "Feed target `tokens` (B, T) through the cache; returns logits (B, T, V) and the updated cache."
@@ -124,14 +165,26 @@ def step(self: EncoderDecoder, tokens, cache: dict, token_mask=None):
     positions = jnp.maximum(cache['position'][:, None] + jnp.cumsum(token_mask, 1) - 1, 0)
     valid = jax.lax.dynamic_update_slice(cache['valid'], token_mask, (0, cache['layers'][0].index))
     x = self.output_embed(tokens, positions)
-    x, layers = self.decoder(x, positions=positions, padding_mask=valid, memories=cache['memories'],
-                             memory_mask=cache['memory_mask'], caches=cache['layers'])
-    return self.output_embed.attend(x), dict(cache, layers=layers, valid=valid, position=cache['position'] + token_mask.sum(1))
+    x, layers = self.decoder(
+        x,
+        positions=positions,
+        padding_mask=valid,
+        memories=cache['memories'],
+        memory_mask=cache['memory_mask'],
+        caches=cache['layers'],
+    )
+    return self.output_embed.attend(x), dict(
+        cache, layers=layers, valid=valid, position=cache['position'] + token_mask.sum(1)
+    )
 
 # %% ../../nbs/30_models.transformer.ipynb #40309700
 def seq2seq_loss(label_smoothing: float = 0.1) -> Callable:
     "Translation loss of an encoder-decoder on `src`, `src_mask`, `tgt_in`, `tgt_out`, `tgt_mask`."
+
     def loss_fn(model, batch, rngs):
-        logits = model(batch['src'], batch['tgt_in'], src_mask=batch['src_mask'] > 0, tgt_mask=batch['tgt_mask'] > 0, rngs=rngs)
+        logits = model(
+            batch['src'], batch['tgt_in'], src_mask=batch['src_mask'] > 0, tgt_mask=batch['tgt_mask'] > 0, rngs=rngs
+        )
         return cross_entropy(logits, batch['tgt_out'], batch['tgt_mask'], label_smoothing)
+
     return loss_fn

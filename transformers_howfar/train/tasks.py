@@ -17,15 +17,23 @@ from flax import nnx
 from ..models.bert import Bert, BertConfig, classify_loss, mlm_loss
 from ..core import Config, check_choice, check_positive, check_range, derive_key, make_key
 from ..data.sources import SOURCES, load_split
-from ..data.batches import classification_batches, encode_documents, encode_pairs, lm_batches, mlm_batches, seq2seq_batches, duplication_batches
+from transformers_howfar.data.batches import (
+    classification_batches,
+    encode_documents,
+    encode_pairs,
+    lm_batches,
+    mlm_batches,
+    seq2seq_batches,
+    duplication_batches,
+)
 from ..models.lm import LM, LMConfig
 from ..models.reformer import ReformerConfig, ReformerLM, reformer_loss
 from ..models.saving import save_model
 from ..models.rnn import RNNConfig, RNNEncoderDecoder
 from ..data.tokenizer import NUM_SPECIAL, CharTokenizer, SentencePieceTokenizer
-from ..layers.losses import cross_entropy
 from ..scratchpad import AdditionConfig, AdditionLM, addition_batches, addition_loss
-from .trainer import Trainer, TrainConfig, read_metrics
+from .trainer import Trainer, TrainConfig
+from .metrics import read_metrics
 from ..models.lm import lm_loss
 from ..models.transformer import EncoderDecoder, TransformerConfig, seq2seq_loss
 
@@ -40,12 +48,14 @@ __all__ = ['TOY_ALPHABET', 'TranslateTask', 'TranslateRNNTask', 'build_translate
 @dataclasses.dataclass
 class Task:
     "What a task builder returns: the model, its loss, the data and the expected shape of every batch array."
+
     model: nnx.Module
     loss_fn: Callable  # loss_fn(model, batch, rngs) -> (loss, metrics); rngs is None for evaluation
     train_data: Iterator  # batches; resumable if it has get_state/set_state
     eval_data: Callable[[], Iterable] | None = None  # returns a fresh iterable of held-out batches
     batch_shapes: Mapping[str, tuple] | None = None
     tokenizer: Any = None  # what turns text into the model's ids; saved with the model when the run finishes
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
@@ -57,10 +67,19 @@ class TaskSpec:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.replace('_', '').replace('-', '').isalnum():
             raise ValueError(f'name: expected a short name such as "lm", got {self.name!r}')
-        if not self.presets: raise ValueError('presets: expected at least one preset, e.g. {"tiny": (ModelConfig.tiny(), TrainConfig.tiny())}')
+        if not self.presets:
+            raise ValueError(
+                'presets: expected at least one preset, e.g. {"tiny": (ModelConfig.tiny(), TrainConfig.tiny())}'
+            )
         for p, pair in self.presets.items():
-            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], Config) and isinstance(pair[1], TrainConfig)):
+            if not (
+                isinstance(pair, tuple)
+                and len(pair) == 2
+                and isinstance(pair[0], Config)
+                and isinstance(pair[1], TrainConfig)
+            ):
                 raise ValueError(f'presets[{p!r}]: expected (model Config, TrainConfig), got {pair!r}')
+
 
 def resolve_config(task: str, preset: str, overrides=()) -> tuple[Config, TrainConfig]:
     "The preset's (model config, train config) with `key=value` overrides applied to the config that has the key."
@@ -71,82 +90,121 @@ def resolve_config(task: str, preset: str, overrides=()) -> tuple[Config, TrainC
     to_model, to_train = [], []
     for a in overrides:
         key = a.split('=', 1)[0]
-        if key.startswith(('model.', 'train.')): (to_model if key.startswith('model.') else to_train).append(a.split('.', 1)[1])
+        if key.startswith(('model.', 'train.')):
+            (to_model if key.startswith('model.') else to_train).append(a.split('.', 1)[1])
         elif key in model.field_names() and key in train.field_names():
             raise ValueError(f'override {a!r}: both configs have {key!r}; write model.{key}=... or train.{key}=...')
-        elif key in model.field_names(): to_model.append(a)
-        elif key in train.field_names(): to_train.append(a)
-        else: raise ValueError(f"override {a!r}: expected 'key=value' with a key of {type(model).__name__} "
-                               f'{model.field_names()} or TrainConfig {train.field_names()}')
+        elif key in model.field_names():
+            to_model.append(a)
+        elif key in train.field_names():
+            to_train.append(a)
+        else:
+            raise ValueError(
+                f"override {a!r}: expected 'key=value' with a key of {type(model).__name__} "
+                f'{model.field_names()} or TrainConfig {train.field_names()}'
+            )
     return model.override(to_model), train.override(to_train)
 
 # %% ../../nbs/43_train.tasks.ipynb #22189bcb
 _WORDS = 'the a cat dog bird sees likes chases small big red blue quickly home'.split()
 
+
 def toy_corpus(kind: str, n: int = 400, seed: int = 0):
     "A small generated corpus: 'text' documents, 'pairs' (sentence, its words reversed) or 'labelled' (has 'cat')."
     rng = np.random.default_rng(seed)
     sentences = [' '.join(rng.choice(_WORDS, rng.integers(3, 8))) for _ in range(n)]
-    if kind == 'text': return [sentences[i:i + 4] for i in range(0, n, 4)]
-    if kind == 'pairs': return [(s, ' '.join(s.split()[::-1])) for s in sentences]
+    if kind == 'text':
+        return [sentences[i : i + 4] for i in range(0, n, 4)]
+    if kind == 'pairs':
+        return [(s, ' '.join(s.split()[::-1])) for s in sentences]
     return sentences, np.array(['cat' in s.split() for s in sentences], np.int32), ['no cat', 'cat']
+
 
 TOY_ALPHABET = 'abcdefghijklmnopqrstuvwxyz .\n'  # 7 special ids + 29 characters = 36
 
+
 def _text(corpus: str, kind: str, which: str):
     "Training or validation items of `corpus`."
-    if corpus == 'toy': return toy_corpus(kind, seed=0 if which == 'train' else 1)
-    if corpus in SOURCES: return load_split(corpus, which)
+    if corpus == 'toy':
+        return toy_corpus(kind, seed=0 if which == 'train' else 1)
+    if corpus in SOURCES:
+        return load_split(corpus, which)
     from transformers_howfar.data.sources import load_documents, load_labelled, load_pairs
-    if not Path(corpus).exists(): raise FileNotFoundError(f"corpus: expected 'toy', a source in {sorted(SOURCES)} or a file, got {corpus!r}")
+
+    if not Path(corpus).exists():
+        raise FileNotFoundError(f"corpus: expected 'toy', a source in {sorted(SOURCES)} or a file, got {corpus!r}")
     return {'text': load_documents, 'pairs': load_pairs, 'labelled': load_labelled}[kind](corpus)
+
 
 def make_tokenizer(corpus: str, lines, vocab_size: int):
     "A character tokenizer for the toy corpus, else SentencePiece of `vocab_size` trained on `lines`."
     if corpus == 'toy':
         tok = CharTokenizer(TOY_ALPHABET)
-        if tok.vocab_size > vocab_size: raise ValueError(f'vocab_size: expected at least {tok.vocab_size} for the toy corpus, got {vocab_size}')
+        if tok.vocab_size > vocab_size:
+            raise ValueError(f'vocab_size: expected at least {tok.vocab_size} for the toy corpus, got {vocab_size}')
         return tok
     return SentencePieceTokenizer.train(lines, vocab_size)
 
 # %% ../../nbs/43_train.tasks.ipynb #f9d9f233
-def _model_key(train: TrainConfig): return nnx.Rngs(params=derive_key(make_key(train.seed), 'params'))
+def _model_key(train: TrainConfig):
+    return nnx.Rngs(params=derive_key(make_key(train.seed), 'params'))
+
 
 def _family_config(config, base):
     "The model-family part of a task config (what `save_model` stores)."
     return base(**{f: getattr(config, f) for f in base.field_names()})
 
+
 @dataclasses.dataclass(frozen=True)
 class LMTask(LMConfig):
     "An LM trained on `corpus` in windows of `seq_len` tokens."
+
     corpus: str = 'wikipedia'
     seq_len: int = 128
+
     def validate(self):
-        super().validate(); check_positive('seq_len', self.seq_len)
-        if self.position == 'learned' and self.seq_len > self.max_len: raise ValueError(f'seq_len: expected at most max_len = {self.max_len}, got {self.seq_len}')
+        super().validate()
+        check_positive('seq_len', self.seq_len)
+        if self.position == 'learned' and self.seq_len > self.max_len:
+            raise ValueError(f'seq_len: expected at most max_len = {self.max_len}, got {self.seq_len}')
+
 
 def _language_model_task(config, train: TrainConfig, model: nnx.Module, loss_fn: Callable) -> Task:
     "A decoder-only `model` trained with `loss_fn` on `config.corpus` in windows of `config.seq_len` tokens."
     docs, valid = _text(config.corpus, 'text', 'train'), _text(config.corpus, 'text', 'valid')
-    tok = make_tokenizer(config.corpus, ['\n'.join(d) if not isinstance(d, str) else d for d in docs], config.vocab_size)
+    tok = make_tokenizer(
+        config.corpus, ['\n'.join(d) if not isinstance(d, str) else d for d in docs], config.vocab_size
+    )
     data = lambda d, seed: lm_batches(encode_documents(d, tok), config.seq_len, train.batch_size, seed=seed)
-    return Task(model, loss_fn, data(docs, train.seed), lambda: data(valid, 0),
-                {k: (train.batch_size, config.seq_len) for k in ('inputs', 'targets', 'loss_mask')}, tokenizer=tok)
+    return Task(
+        model,
+        loss_fn,
+        data(docs, train.seed),
+        lambda: data(valid, 0),
+        {k: (train.batch_size, config.seq_len) for k in ('inputs', 'targets', 'loss_mask')},
+        tokenizer=tok,
+    )
+
 
 def build_lm(config: LMTask, train: TrainConfig) -> Task:
     "The `lm` task: `LM` on `config.corpus`."
     model = LM(_family_config(config, LMConfig), rngs=_model_key(train))
     return _language_model_task(config, train, model, lm_loss(train.label_smoothing))
 
+
 @dataclasses.dataclass(frozen=True)
 class ReformerLMTask(ReformerConfig):
     "A ReformerLM trained on `corpus` in windows of `seq_len` tokens."
+
     corpus: str = 'wikipedia'
     seq_len: int = 1024
+
     def validate(self):
         super().validate()
         check_positive('seq_len', self.seq_len)
-        if self.seq_len > self.max_len: raise ValueError(f'seq_len: expected at most max_len = {self.max_len}, got {self.seq_len}')
+        if self.seq_len > self.max_len:
+            raise ValueError(f'seq_len: expected at most max_len = {self.max_len}, got {self.seq_len}')
+
 
 def build_reformer_lm(config: ReformerLMTask, train: TrainConfig) -> Task:
     "The `reformer_lm` task: `ReformerLM` (LSH attention, reversible layers) on `config.corpus`."
@@ -157,41 +215,79 @@ def build_reformer_lm(config: ReformerLMTask, train: TrainConfig) -> Task:
 @dataclasses.dataclass(frozen=True)
 class MLMTask(BertConfig):
     "BERT masked-LM pre-training on `corpus` (`[CLS] A [SEP] B [SEP]` windows of `seq_len`)."
+
     corpus: str = 'wikipedia'
     seq_len: int = 128
     mask_rate: float = 0.15
+
     def validate(self):
-        super().validate(); check_range('mask_rate', self.mask_rate, 0, 1)
-        if not 5 <= self.seq_len <= self.max_len: raise ValueError(f'seq_len: expected 5..max_len = {self.max_len}, got {self.seq_len}')
+        super().validate()
+        check_range('mask_rate', self.mask_rate, 0, 1)
+        if not 5 <= self.seq_len <= self.max_len:
+            raise ValueError(f'seq_len: expected 5..max_len = {self.max_len}, got {self.seq_len}')
+
 
 def build_mlm(config: MLMTask, train: TrainConfig) -> Task:
     docs, valid = _text(config.corpus, 'text', 'train'), _text(config.corpus, 'text', 'valid')
-    tok = make_tokenizer(config.corpus, ['\n'.join(d) if not isinstance(d, str) else d for d in docs], config.vocab_size)
+    tok = make_tokenizer(
+        config.corpus, ['\n'.join(d) if not isinstance(d, str) else d for d in docs], config.vocab_size
+    )
     model = Bert(_family_config(config, BertConfig), rngs=_model_key(train))
-    data = lambda d, seed: mlm_batches(encode_documents(d, tok), config.seq_len, train.batch_size, config.vocab_size, seed=seed, mask_rate=config.mask_rate)
-    task = Task(model, mlm_loss(train.label_smoothing), data(docs, train.seed), lambda: data(valid, 0),
-                {k: (train.batch_size, config.seq_len) for k in ('inputs', 'targets', 'loss_mask', 'segments', 'attention_mask')})
+    data = lambda d, seed: mlm_batches(
+        encode_documents(d, tok),
+        config.seq_len,
+        train.batch_size,
+        config.vocab_size,
+        seed=seed,
+        mask_rate=config.mask_rate,
+    )
+    task = Task(
+        model,
+        mlm_loss(train.label_smoothing),
+        data(docs, train.seed),
+        lambda: data(valid, 0),
+        {
+            k: (train.batch_size, config.seq_len)
+            for k in ('inputs', 'targets', 'loss_mask', 'segments', 'attention_mask')
+        },
+    )
     task.tokenizer = tok
     return task
+
 
 @dataclasses.dataclass(frozen=True)
 class ClassifyTask(BertConfig):
     "Sequence classification of `corpus` (labelled text) from [CLS], sequences cut to `seq_len`."
+
     corpus: str = 'rotten_tomatoes'
     seq_len: int = 128
+
     def validate(self):
         super().validate()
-        if not 2 <= self.seq_len <= self.max_len: raise ValueError(f'seq_len: expected 2..max_len = {self.max_len}, got {self.seq_len}')
+        if not 2 <= self.seq_len <= self.max_len:
+            raise ValueError(f'seq_len: expected 2..max_len = {self.max_len}, got {self.seq_len}')
+
 
 def build_classify(config: ClassifyTask, train: TrainConfig) -> Task:
-    (texts, labels, names), (vtexts, vlabels, _) = _text(config.corpus, 'labelled', 'train'), _text(config.corpus, 'labelled', 'valid')
-    if len(names) > config.n_classes: raise ValueError(f'n_classes: {config.corpus} has {len(names)} classes, the config {config.n_classes}')
+    (texts, labels, names), (vtexts, vlabels, _) = (
+        _text(config.corpus, 'labelled', 'train'),
+        _text(config.corpus, 'labelled', 'valid'),
+    )
+    if len(names) > config.n_classes:
+        raise ValueError(f'n_classes: {config.corpus} has {len(names)} classes, the config {config.n_classes}')
     tok = make_tokenizer(config.corpus, list(texts), config.vocab_size)
     model = Bert(_family_config(config, BertConfig), rngs=_model_key(train))
     rows = lambda t: [np.asarray(tok.encode(x), np.int32) for x in t]
-    task = Task(model, classify_loss(train.label_smoothing), classification_batches(rows(texts), labels, train.batch_size, config.seq_len, seed=train.seed, drop_remainder=True),
-                lambda: classification_batches(rows(vtexts), vlabels, train.batch_size, config.seq_len, shuffle=False, epochs=1,
-                                              drop_remainder=True))  # the trainer takes whole batches only
+    task = Task(
+        model,
+        classify_loss(train.label_smoothing),
+        classification_batches(
+            rows(texts), labels, train.batch_size, config.seq_len, seed=train.seed, drop_remainder=True
+        ),
+        lambda: classification_batches(
+            rows(vtexts), vlabels, train.batch_size, config.seq_len, shuffle=False, epochs=1, drop_remainder=True
+        ),
+    )  # the trainer takes whole batches only
     task.tokenizer = tok
     return task
 
@@ -200,136 +296,281 @@ def _translate_task(base):
     @dataclasses.dataclass(frozen=True)
     class TranslateTask(base):
         "Translation of `corpus` pairs, both sides cut to `seq_len` tokens, one joint tokenizer."
+
         corpus: str = 'libreoffice_en_fr'
         seq_len: int = 64
+
         def validate(self):
-            super().validate(); check_positive('seq_len', self.seq_len)
-            if self.seq_len > self.max_len: raise ValueError(f'seq_len: expected at most max_len = {self.max_len}, got {self.seq_len}')
+            super().validate()
+            check_positive('seq_len', self.seq_len)
+            if self.seq_len > self.max_len:
+                raise ValueError(f'seq_len: expected at most max_len = {self.max_len}, got {self.seq_len}')
+
     TranslateTask.__name__ = TranslateTask.__qualname__ = f'Translate{base.__name__.replace("Config", "")}Task'
     return TranslateTask
 
+
 TranslateTask, TranslateRNNTask = _translate_task(TransformerConfig), _translate_task(RNNConfig)
+
 
 def _build_translate(model_cls, base):
     def build(config, train: TrainConfig) -> Task:
         pairs, valid = _text(config.corpus, 'pairs', 'train'), _text(config.corpus, 'pairs', 'valid')
-        tok = make_tokenizer(config.corpus, [s for p in pairs for s in p], config.vocab_size)  # joint, for shared embeddings
+        tok = make_tokenizer(
+            config.corpus, [s for p in pairs for s in p], config.vocab_size
+        )  # joint, for shared embeddings
         enc = lambda p: encode_pairs(p, tok, max_src_len=config.seq_len, max_tgt_len=config.seq_len)
         model = model_cls(_family_config(config, base), rngs=_model_key(train))
         smoothing = train.label_smoothing or config.label_smoothing
-        task = Task(model, seq2seq_loss(smoothing), seq2seq_batches(enc(pairs), train.batch_size, seed=train.seed, drop_remainder=True),
-                    lambda: seq2seq_batches(enc(valid), train.batch_size, shuffle=False, epochs=1, drop_remainder=True))  # whole batches only
+        task = Task(
+            model,
+            seq2seq_loss(smoothing),
+            seq2seq_batches(enc(pairs), train.batch_size, seed=train.seed, drop_remainder=True),
+            lambda: seq2seq_batches(enc(valid), train.batch_size, shuffle=False, epochs=1, drop_remainder=True),
+        )  # whole batches only
         task.tokenizer = tok
         return task
+
     return build
 
-build_translate, build_translate_rnn = _build_translate(EncoderDecoder, TransformerConfig), _build_translate(RNNEncoderDecoder, RNNConfig)
+
+build_translate, build_translate_rnn = (
+    _build_translate(EncoderDecoder, TransformerConfig),
+    _build_translate(RNNEncoderDecoder, RNNConfig),
+)
 
 # %% ../../nbs/43_train.tasks.ipynb #324c07bb
 _tiny_train = TrainConfig.tiny()
-_small_train = TrainConfig(steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=200, log_every=25, eval_every=250, checkpoint_every=500)
+_small_train = TrainConfig(
+    steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=200, log_every=25, eval_every=250, checkpoint_every=500
+)
+
+
 def _tiny(task_cls, base, **extra):
     "The family's tiny config on the toy corpus (36 character ids)."
     return task_cls.from_dict({**base.tiny().to_dict(), 'vocab_size': 36, 'corpus': 'toy', 'seq_len': 32, **extra})
-LM_TASK = TaskSpec('lm', build_lm, {
-    'tiny': (_tiny(LMTask, LMConfig), _tiny_train),
-    'small': (LMTask(vocab_size=8000, d_model=256, d_ff=1024, n_heads=4, n_layers=4, max_len=256, seq_len=256), _small_train),
-}, help='decoder-only language model (GPT style)')
-REFORMER_LM = TaskSpec('reformer_lm', build_reformer_lm, {
-    'tiny': (_tiny(ReformerLMTask, ReformerConfig, max_len=64, axial_shape=(8, 8)), _tiny_train),
-    'small': (ReformerLMTask(vocab_size=8000, d_model=256, d_ff=1024, n_heads=4, n_layers=4, max_len=1024, seq_len=1024,
-                             axial_shape=(32, 32), axial_dims=(128, 128), attention=('lsh',), lsh_chunk=64),
-              _small_train.replace(batch_size=8)),
-}, help='Reformer language model: LSH attention, reversible layers, chunked feed-forward')
-MLM = TaskSpec('mlm', build_mlm, {
-    'tiny': (_tiny(MLMTask, BertConfig), _tiny_train),
-    'small': (MLMTask(vocab_size=8000, n_layers=4, seq_len=128), _small_train),
-}, help='BERT masked language modelling')
-CLASSIFY = TaskSpec('classify', build_classify, {
-    'tiny': (_tiny(ClassifyTask, BertConfig), _tiny_train),
-    'small': (ClassifyTask(vocab_size=8000, n_layers=4, seq_len=64), _small_train.replace(steps=1000)),
-}, help='sequence classification from [CLS] (BERT)')
-TRANSLATE = TaskSpec('translate', build_translate, {
-    'tiny': (_tiny(TranslateTask, TransformerConfig), _tiny_train),
-    'small': (TranslateTask(vocab_size=8000, d_model=256, d_ff=1024, n_heads=4, n_layers=3, max_len=128, seq_len=64, norm='pre'), _small_train),
-}, help='encoder-decoder Transformer translation')
-TRANSLATE_RNN = TaskSpec('translate_rnn', build_translate_rnn, {
-    'tiny': (_tiny(TranslateRNNTask, RNNConfig), _tiny_train),
-    'small': (TranslateRNNTask(vocab_size=8000, d_model=256, n_layers=2, max_len=128, seq_len=64), _small_train),
-}, help='LSTM encoder-decoder with attention, the baseline for translate')
+
+
+LM_TASK = TaskSpec(
+    'lm',
+    build_lm,
+    {
+        'tiny': (_tiny(LMTask, LMConfig), _tiny_train),
+        'small': (
+            LMTask(vocab_size=8000, d_model=256, d_ff=1024, n_heads=4, n_layers=4, max_len=256, seq_len=256),
+            _small_train,
+        ),
+    },
+    help='decoder-only language model (GPT style)',
+)
+REFORMER_LM = TaskSpec(
+    'reformer_lm',
+    build_reformer_lm,
+    {
+        'tiny': (_tiny(ReformerLMTask, ReformerConfig, max_len=64, axial_shape=(8, 8)), _tiny_train),
+        'small': (
+            ReformerLMTask(
+                vocab_size=8000,
+                d_model=256,
+                d_ff=1024,
+                n_heads=4,
+                n_layers=4,
+                max_len=1024,
+                seq_len=1024,
+                axial_shape=(32, 32),
+                axial_dims=(128, 128),
+                attention=('lsh',),
+                lsh_chunk=64,
+            ),
+            _small_train.replace(batch_size=8),
+        ),
+    },
+    help='Reformer language model: LSH attention, reversible layers, chunked feed-forward',
+)
+MLM = TaskSpec(
+    'mlm',
+    build_mlm,
+    {
+        'tiny': (_tiny(MLMTask, BertConfig), _tiny_train),
+        'small': (MLMTask(vocab_size=8000, n_layers=4, seq_len=128), _small_train),
+    },
+    help='BERT masked language modelling',
+)
+CLASSIFY = TaskSpec(
+    'classify',
+    build_classify,
+    {
+        'tiny': (_tiny(ClassifyTask, BertConfig), _tiny_train),
+        'small': (ClassifyTask(vocab_size=8000, n_layers=4, seq_len=64), _small_train.replace(steps=1000)),
+    },
+    help='sequence classification from [CLS] (BERT)',
+)
+TRANSLATE = TaskSpec(
+    'translate',
+    build_translate,
+    {
+        'tiny': (_tiny(TranslateTask, TransformerConfig), _tiny_train),
+        'small': (
+            TranslateTask(
+                vocab_size=8000, d_model=256, d_ff=1024, n_heads=4, n_layers=3, max_len=128, seq_len=64, norm='pre'
+            ),
+            _small_train,
+        ),
+    },
+    help='encoder-decoder Transformer translation',
+)
+TRANSLATE_RNN = TaskSpec(
+    'translate_rnn',
+    build_translate_rnn,
+    {
+        'tiny': (_tiny(TranslateRNNTask, RNNConfig), _tiny_train),
+        'small': (TranslateRNNTask(vocab_size=8000, d_model=256, n_layers=2, max_len=128, seq_len=64), _small_train),
+    },
+    help='LSTM encoder-decoder with attention, the baseline for translate',
+)
 
 # %% ../../nbs/43_train.tasks.ipynb #61da1439
 @dataclasses.dataclass(frozen=True)
 class DuplicateConfig(LMConfig):
     "`lm.LM` on the duplication task `<sep> w <sep> w` of `data.duplication_batches`."
+
     word_length: int = 8  # |w|; sequences have 2·word_length + 1 positions
     n_symbols: int = 8  # w is drawn from ids NUM_SPECIAL .. NUM_SPECIAL + n_symbols - 1
-    def validate(self):
-        super().validate(); check_positive('word_length', self.word_length); check_positive('n_symbols', self.n_symbols)
-        if self.max_len < self.seq_len: raise ValueError(f'max_len: expected at least 2 * word_length + 1 = {self.seq_len}, got {self.max_len}')
-        if self.vocab_size < NUM_SPECIAL + self.n_symbols:
-            raise ValueError(f'vocab_size: expected at least NUM_SPECIAL + n_symbols = {NUM_SPECIAL + self.n_symbols}, got {self.vocab_size}')
-    @property
-    def seq_len(self) -> int: return 2 * self.word_length + 1
 
+    def validate(self):
+        super().validate()
+        check_positive('word_length', self.word_length)
+        check_positive('n_symbols', self.n_symbols)
+        if self.max_len < self.seq_len:
+            raise ValueError(f'max_len: expected at least 2 * word_length + 1 = {self.seq_len}, got {self.max_len}')
+        if self.vocab_size < NUM_SPECIAL + self.n_symbols:
+            raise ValueError(
+                f'vocab_size: expected at least NUM_SPECIAL + n_symbols = {NUM_SPECIAL + self.n_symbols}, got '
+                f'{self.vocab_size}'
+            )
+
+    @property
+    def seq_len(self) -> int:
+        return 2 * self.word_length + 1
 
 # %% ../../nbs/43_train.tasks.ipynb #0ab711cb
 def _build_synthetic(batches: Callable):
     "A task builder: `lm.LM` trained on the resumable iterator `batches(model_config, batch_size, seed)`."
+
     def build(model_config, train_config) -> Task:
         B, seed = train_config.batch_size, train_config.seed
         model = LM(model_config, rngs=nnx.Rngs(params=derive_key(make_key(seed), 'params')))
-        return Task(model, lm_loss(train_config.label_smoothing), batches(model_config, B, seed),
-                    lambda: batches(model_config, B, seed + 10**6),
-                    {k: (B, model_config.seq_len) for k in ('inputs', 'targets', 'loss_mask')})
+        return Task(
+            model,
+            lm_loss(train_config.label_smoothing),
+            batches(model_config, B, seed),
+            lambda: batches(model_config, B, seed + 10**6),
+            {k: (B, model_config.seq_len) for k in ('inputs', 'targets', 'loss_mask')},
+        )
+
     return build
+
 
 _small = dict(d_model=128, d_ff=512, n_heads=4, n_layers=2, dropout_rate=0.0)
 _fast = dict(log_every=25, eval_every=250, checkpoint_every=250, eval_batches=8)
-DUPLICATE = TaskSpec('duplicate', _build_synthetic(lambda c, B, seed: duplication_batches(B, c.word_length, c.n_symbols, seed)), {
-    'tiny': (DuplicateConfig(vocab_size=12, d_model=32, d_ff=64, n_heads=2, n_layers=1, max_len=9, dropout_rate=0.0,
-                             word_length=4, n_symbols=5), TrainConfig.tiny()),
-    'small': (DuplicateConfig(vocab_size=24, max_len=17, word_length=8, n_symbols=16, **_small),
-              TrainConfig(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=100, **_fast)),
-}, help="Reformer's duplication task <sep> w <sep> w with lm.LM")
-
+DUPLICATE = TaskSpec(
+    'duplicate',
+    _build_synthetic(lambda c, B, seed: duplication_batches(B, c.word_length, c.n_symbols, seed)),
+    {
+        'tiny': (
+            DuplicateConfig(
+                vocab_size=12,
+                d_model=32,
+                d_ff=64,
+                n_heads=2,
+                n_layers=1,
+                max_len=9,
+                dropout_rate=0.0,
+                word_length=4,
+                n_symbols=5,
+            ),
+            TrainConfig.tiny(),
+        ),
+        'small': (
+            DuplicateConfig(vocab_size=24, max_len=17, word_length=8, n_symbols=16, **_small),
+            TrainConfig(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=100, **_fast),
+        ),
+    },
+    help="Reformer's duplication task <sep> w <sep> w with lm.LM",
+)
 
 # %% ../../nbs/43_train.tasks.ipynb #06d3f718
 def build_addition(model_config: AdditionConfig, train_config: TrainConfig) -> Task:
     "The `addition` task: `AdditionLM`, its loss, training batches and held-out (teacher-forced) batches."
     B, seed, T = train_config.batch_size, train_config.seed, model_config.seq_len
     model = AdditionLM(model_config, rngs=nnx.Rngs(params=derive_key(make_key(seed), 'params')))
-    return Task(model, addition_loss, addition_batches(model_config, B, seed), lambda: addition_batches(model_config, B, seed + 10**6),
-                {'inputs': (B, T), 'targets': (B, T), 'loss_mask': (B, T), 'slots': (B, T, 4)})
+    return Task(
+        model,
+        addition_loss,
+        addition_batches(model_config, B, seed),
+        lambda: addition_batches(model_config, B, seed + 10**6),
+        {'inputs': (B, T), 'targets': (B, T), 'loss_mask': (B, T), 'slots': (B, T, 4)},
+    )
+
 
 SMALL = dict(d_model=64, d_ff=256, n_heads=4, n_layers=2)
-SMALL_TRAIN = TrainConfig(steps=2000, batch_size=32, learning_rate=3e-3, warmup_steps=100, log_every=50, eval_every=0,
-                          checkpoint_every=250, eval_batches=4, progress=False)
-ADDITION = TaskSpec('addition', build_addition, {
-    'tiny': (AdditionConfig.tiny(), TrainConfig.tiny()),
-    'small': (AdditionConfig(**SMALL), SMALL_TRAIN),
-}, help='a+b in direct, reversed or scratchpad format (format=...), with LM or digit-slot positions (position=..., digit_codes=...)')
+SMALL_TRAIN = TrainConfig(
+    steps=2000,
+    batch_size=32,
+    learning_rate=3e-3,
+    warmup_steps=100,
+    log_every=50,
+    eval_every=0,
+    checkpoint_every=250,
+    eval_batches=4,
+    progress=False,
+)
+ADDITION = TaskSpec(
+    'addition',
+    build_addition,
+    {'tiny': (AdditionConfig.tiny(), TrainConfig.tiny()), 'small': (AdditionConfig(**SMALL), SMALL_TRAIN)},
+    help='a+b in direct, reversed or scratchpad format (format=...), with LM or digit-slot positions (position=..., '
+         'digit_codes=...)',
+)
 
 # %% ../../nbs/43_train.tasks.ipynb #9d5e498f
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (LM_TASK, REFORMER_LM, MLM, CLASSIFY, TRANSLATE, TRANSLATE_RNN, DUPLICATE, ADDITION)}
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec for spec in (LM_TASK, REFORMER_LM, MLM, CLASSIFY, TRANSLATE, TRANSLATE_RNN, DUPLICATE, ADDITION)
+}
 
 # %% ../../nbs/43_train.tasks.ipynb #cc820cc4
-def train_task(task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, fresh: bool = False) -> tuple[Trainer, dict]:
-    "Build `task` with `preset` and `overrides`, train it in `run_dir` (resuming what is there) and return the trainer and summary."
+def train_task(
+    task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, fresh: bool = False
+) -> tuple[Trainer, dict]:
+    """Build `task` with `preset` and `overrides`, train it in `run_dir` (resuming what is there) and return the
+    trainer and summary."""
     model_config, train_config = resolve_config(task, preset, overrides)
     run_dir = Path(run_dir or Path('runs') / f'{task}-{preset}')
     if fresh:
-        for name in ('checkpoints', 'plots', 'model'): shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ('metrics.jsonl', 'config.json'): (run_dir / name).unlink(missing_ok=True)
+        for name in ('checkpoints', 'plots', 'model'):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ('metrics.jsonl', 'config.json'):
+            (run_dir / name).unlink(missing_ok=True)
     if (run_dir / 'config.json').exists():
         old = json.loads((run_dir / 'config.json').read_text())
         if old['task'] != task or old['model']['config'] != model_config.to_dict():
-            raise ValueError(f"run_dir: {run_dir} holds a run of {old['task']!r} with another model config; "
-                             'pass --fresh to start it over, or choose another --run-dir')
+            raise ValueError(
+                f"run_dir: {run_dir} holds a run of {old['task']!r} with another model config; "
+                'pass --fresh to start it over, or choose another --run-dir'
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / 'config.json').write_text(json.dumps({
-        'task': task, 'preset': preset, 'overrides': list(overrides),
-        'model': {'class': type(model_config).__name__, 'config': model_config.to_dict()}, 'train': train_config.to_dict()}, indent=1))
+    (run_dir / 'config.json').write_text(
+        json.dumps(
+            {
+                'task': task,
+                'preset': preset,
+                'overrides': list(overrides),
+                'model': {'class': type(model_config).__name__, 'config': model_config.to_dict()},
+                'train': train_config.to_dict(),
+            },
+            indent=1,
+        )
+    )
     built = TASKS[task].build(model_config, train_config)
     trainer = Trainer(built.model, built.loss_fn, train_config, run_dir=run_dir, batch_shapes=built.batch_shapes)
     summary = trainer.fit(built.train_data, built.eval_data)
@@ -337,9 +578,11 @@ def train_task(task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, f
         save_model(trainer.model, run_dir / 'model', tokenizer=built.tokenizer, overwrite=True)
     return trainer, summary
 
+
 @dataclasses.dataclass
 class Run:
     "A run directory loaded back: its configs, the model at a checkpoint, and its metrics."
+
     path: Path
     task: str
     model_config: Config
@@ -349,16 +592,22 @@ class Run:
     metrics: list
     tokenizer: Any = None
 
+
 def load_run(run_dir, step: int | None = None) -> Run:
     "Rebuild the model of a run directory from its `config.json` and load checkpoint `step` (default the newest)."
     run_dir = Path(run_dir)
-    if not (run_dir / 'config.json').exists(): raise FileNotFoundError(f'run_dir: no config.json in {run_dir}')
+    if not (run_dir / 'config.json').exists():
+        raise FileNotFoundError(f'run_dir: no config.json in {run_dir}')
     d = json.loads((run_dir / 'config.json').read_text())
     check_choice('task', d['task'], sorted(TASKS))
     spec = TASKS[d['task']]
     model_cls = next((type(m) for m, _ in spec.presets.values() if type(m).__name__ == d['model']['class']), None)
-    if model_cls is None: raise ValueError(f"config.json: task {d['task']!r} has no preset with a {d['model']['class']} config")
-    model_config, train_config = model_cls.from_dict(d['model']['config']), TrainConfig.from_dict(d['train']).replace(progress=False)
+    if model_cls is None:
+        raise ValueError(f"config.json: task {d['task']!r} has no preset with a {d['model']['class']} config")
+    model_config, train_config = (
+        model_cls.from_dict(d['model']['config']),
+        TrainConfig.from_dict(d['train']).replace(progress=False),
+    )
     built = spec.build(model_config, train_config)
     trainer = Trainer(built.model, built.loss_fn, train_config, run_dir=run_dir)
     step = trainer.restore(step=step)

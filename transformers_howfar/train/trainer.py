@@ -21,9 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..core import (
     Config, check_choice, check_divisible, check_positive, check_range, derive_key, make_key)
-from ..layers.losses import cross_entropy
 from .checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
-from .metrics import FitProgress, MetricsLog, plot_metrics, read_metrics, summarize_metrics
+from .metrics import FitProgress, MetricsLog, plot_metrics, summarize_metrics
 
 # %% auto #0
 __all__ = ['TrainConfig', 'make_schedule', 'make_optimizer', 'sam_gradient', 'make_mesh', 'param_spec', 'state_shardings',

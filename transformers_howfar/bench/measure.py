@@ -137,16 +137,22 @@ REFERENCES = (
 
 
 def run_reference(
-    script: str, args: dict, python: str | None = None, timeout: float = 900, cpus=None, folder=None
-) -> dict:  # default `REFERENCES`
-    "Run `folder/script` under `python` (default `$HOWFAR_TORCH_PYTHON`) with `args` as JSON; its result or an `error`."
+    script: str,  # a file in `folder`
+    args: dict,  # passed to the script as one JSON argument
+    python: str | None = None,  # the interpreter; default `$HOWFAR_TORCH_PYTHON`
+    timeout: float = 900,
+    cpus=None,  # CPU cores to pin the script to (before its libraries start threads), or None
+    env: dict | None = None,  # extra environment variables, such as OMP_NUM_THREADS
+    folder=None,  # default `REFERENCES`
+) -> dict:
+    "Run `folder/script` under `python` with `args` as JSON; the result it printed, or an `error`."
     path = Path(folder or REFERENCES) / script
     if not path.is_file():
         raise ValueError(f'script: expected a file in {path.parent}, got {script!r}')
     python = python or os.environ.get('HOWFAR_TORCH_PYTHON')
     if not python:
         return {'error': 'python: no interpreter given and HOWFAR_TORCH_PYTHON is not set'}
-    return run_child([python, str(path), json.dumps(args)], timeout=timeout, cpus=cpus)
+    return run_child([python, str(path), json.dumps(args)], timeout=timeout, env=env, cpus=cpus)
 
 # %% ../../nbs/50_bench.measure.ipynb #54a2f2dd
 def memory_first_options(backend: str | None = None) -> dict:

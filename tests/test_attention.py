@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from transformers_howfar.layers.attention import (ATTENTION, FullPattern, KVCache, MultiHeadAttention, attention_weights,
-                                           blockwise_attention, dot_product_attention, format_attention_options, get_attention,
-                                           memory_efficient_attention, parse_attention_options, register_attention)
+from transformers_howfar.layers.attention import (ATTENTION, KVCache, MultiHeadAttention, attention_weights,
+                                                  dot_product_attention, format_attention_options, get_attention,
+                                                  parse_attention_options, register_attention)
+from transformers_howfar.layers.blockwise import FullPattern, blockwise_attention, memory_efficient_attention
 
 
 def rand(*shape, seed=0):
@@ -249,3 +250,14 @@ def test_attention_options_reach_the_kind():
     mask = (t[None, :] <= t[:, None]) & (t[None, :] // 4 >= t[:, None] // 4 - 1)  # own block and the one before
     q, k, v = layer.q(x), layer.k(x), layer.v(x)
     np.testing.assert_allclose(layer(x), layer.out(dot_product_attention(q, k, v, mask=mask[None, None])), atol=1e-5)
+
+
+def test_builtin_kinds_load_their_module_in_a_fresh_process():
+    "A process that imports only layers.attention gets every built-in kind by name: the table imports its module."
+    code = ('import sys\nfrom transformers_howfar.layers.attention import get_attention\n'
+            "assert 'transformers_howfar.layers.blockwise' not in sys.modules\n"
+            "print(get_attention('chunked').fn.__module__)\n"
+            "for name in ('local', 'memory_compressed', 'sparse', 'ssmax', 'lsh'): get_attention(name)")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ['transformers_howfar.layers.blockwise']

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformers_howfar.layers.attention import AttentionPattern, MultiHeadAttention, dot_product_attention, get_attention
+from transformers_howfar.layers.attention import MultiHeadAttention, dot_product_attention, get_attention
+from transformers_howfar.layers.blockwise import AttentionPattern
 from transformers_howfar.layers.variants import (KVCompression, LocalPattern, SparsePattern, SSMaxScale, compress_kv, local_attention,
                                                     memory_compressed_attention, sparse_attention, ssmax_attention, visible_keys)
 

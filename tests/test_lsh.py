@@ -1,7 +1,6 @@
-"Tests of transformers_howfar.layers.lsh: hashing, LSH attention against its O(T²) reference, gradients, causality, module, CLI."
+"Tests of transformers_howfar.layers.lsh: hashing, LSH attention against its O(T²) reference, gradients, causality, module."
 import json
 import math
-from pathlib import Path
 import subprocess
 import sys
 
@@ -15,8 +14,9 @@ from hypothesis import given, settings, strategies as st
 from jax.test_util import check_grads
 
 from transformers_howfar.core import make_key
-from transformers_howfar.layers.lsh import (LSHSelfAttention, _plan_lengths, auto_buckets, collision_probability, hash_vectors,
-                                     lsh_attention, lsh_multiplicity, lsh_sort_orders, shared_qk_attention)
+from transformers_howfar.layers.lsh import (LSHSelfAttention, auto_buckets, collision_probability, hash_vectors,
+                                     lsh_attention, lsh_block_plan, lsh_multiplicity, lsh_sort_orders,
+                                     shared_qk_attention)
 
 
 def _data(B=2, T=100, N=2, H=8, dtype=jnp.float32, seed=1):
@@ -28,8 +28,8 @@ def _reference_check(T, C, R, causal, correct, pad, nb, block, B=2, N=2, H=8, gr
     pm = (jnp.arange(T)[None] < jnp.array([T] + [max(1, T - 29)] * (B - 1))[:, None]) if pad else None
     kw = dict(key=make_key(3), n_rounds=R, chunk_length=C, n_buckets=nb, causal=causal, correct_duplicates=correct,
               padding_mask=pm, dense_threshold=0, block_length=block)
-    _, _, Tp = _plan_lengths(T, C, block)
-    _, undos = lsh_sort_orders(qk, key=make_key(3), n_rounds=R, n_buckets=nb, Tp=Tp, padding_mask=pm)
+    _, _, padded_length = lsh_block_plan(T, C, block)
+    _, undos = lsh_sort_orders(qk, key=make_key(3), n_rounds=R, n_buckets=nb, padded_length=padded_length, padding_mask=pm)
     M = lsh_multiplicity(undos, C, T, B, N, correct)
     real = 1.0 if pm is None else pm[:, :, None, None]
     f = lambda a, b: lsh_attention(a, b, **kw) * real
@@ -149,13 +149,14 @@ REGRESSION_BUCKETS = [[1, 1, 5, 2, 1, 7], [0, 0, 4, 4, 2, 3]]
 
 def test_sort_path_for_large_bucket_counts_is_stable():
     "Above 2^31 the argsort path is used; both paths give the same (bucket, position) order."
-    from transformers_howfar.layers.lsh import _slice_orders
     x = jax.random.normal(make_key(0), (96, 8))
     valid = jnp.arange(96) < 90
-    small = _slice_orders(x, valid, 0, make_key(1), (4, 4), 2, 96)  # the combined-key sort path
+    # one slice (B = N = 1, slice 0) through the combined-key sort path
+    orders, _ = lsh_sort_orders(x[None, :, None], key=make_key(1), n_rounds=2, n_buckets=(4, 4), padded_length=96,
+                                padding_mask=valid[None])
     b = hash_vectors(x, (4, 4), jax.random.fold_in(make_key(1), 0), 2)
     b = jnp.where(valid[None], b, 16)
-    np.testing.assert_array_equal(small[0], jnp.argsort(b, axis=-1, stable=True))
+    np.testing.assert_array_equal(orders[0], jnp.argsort(b, axis=-1, stable=True))
 
 
 def test_collision_probability_two_buckets_theory():
@@ -239,22 +240,13 @@ def test_module_under_jit():
     assert losses[-1] < losses[0]
 
 
-def test_cli_bench_quick(tmp_path):
-    howfar = str(Path(sys.executable).parent / 'howfar')
-    out = subprocess.run([howfar, 'bench'], capture_output=True, text=True)
-    assert 'lsh' in out.stdout, out.stderr
-    out = subprocess.run([howfar, 'bench', 'lsh', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    records = json.loads((tmp_path / 'lsh.json').read_text())
-    lsh = [r for r in records if r['metric'] == 'seconds' and r['config']['attention'] == 'lsh']
-    assert lsh and all(r['value'] is not None and r['value'] > 0 for r in lsh)
-
 
 SHARDED = '''
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
-from transformers_howfar.layers.lsh import lsh_attention, heads_mesh, lsh_layer_step
+from transformers_howfar.layers.lsh import lsh_attention, heads_mesh
+from transformers_howfar.bench.lsh import lsh_layer_step
 assert len(jax.devices()) == 2, jax.devices()
 qk, v = jax.random.normal(jax.random.key(1), (2, 300, 3, 8)), jax.random.normal(jax.random.key(2), (2, 300, 3, 8))
 pad = jnp.arange(300)[None] < jnp.array([[300], [250]])

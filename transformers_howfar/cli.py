@@ -18,8 +18,8 @@ from .decoding import beam_search, generate, left_pad
 from .data.tokenizer import EOS_ID
 from .models.saving import load, load_tokenizer
 from .bench.measure import make_record, matmul_benchmark, read_records, write_records
-from .layers.variants import attention_benchmark
-from .layers.lsh import lsh_benchmark
+from .bench.attention import attention_benchmark
+from .bench.lsh import lsh_benchmark
 from .models.reformer import (longcontext_experiment, memory_benchmark, million_benchmark,
                                                  profile_benchmark, reformer_pytorch_benchmark)
 from .bench.train import train_benchmark
@@ -297,7 +297,7 @@ def run_experiment_command(args) -> int:
 def _time_attention(T: int, kind: str, key) -> float:
     "Seconds for one forward+backward of causal attention over T tokens (B=1, 4 heads of 64), after compiling."
     import time, jax, jax.numpy as jnp
-    from transformers_howfar.layers.attention import memory_efficient_attention
+    from transformers_howfar.layers.blockwise import memory_efficient_attention
     from transformers_howfar.layers.lsh import lsh_attention
 
     qk, v = (jax.random.normal(k, (1, T, 4, 64), jnp.float32) for k in jax.random.split(key))

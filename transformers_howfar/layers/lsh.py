@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
-import subprocess
-import tempfile
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +17,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ..core import check_divisible, check_positive, check_shape, derive_key, machine_info
-from ..bench.measure import make_record, run_isolated, time_call
-from .attention import dot_product_attention, register_attention
+from ..core import check_divisible, check_positive, check_shape, derive_key
+from .attention import register_attention
 
 # %% auto #0
-__all__ = ['SELF_VALUE', 'MASK_VALUE', 'HEADS_AXIS', 'SHARDED_ENV', 'hash_vectors', 'collision_probability', 'auto_buckets',
-           'shared_qk_scores', 'shared_qk_attention', 'lsh_sort_orders', 'heads_mesh', 'heads_devices', 'lsh_attention',
-           'lsh_multiplicity', 'lsh_attention_kind', 'LSHKeys', 'LSHSelfAttention', 'lsh_layer_step', 'torch_reference',
-           'lsh_reference_comparison', 'lsh_benchmark']
+__all__ = ['SELF_VALUE', 'MASK_VALUE', 'HEADS_AXIS', 'hash_vectors', 'collision_probability', 'auto_buckets', 'shared_qk_scores',
+           'shared_qk_attention', 'lsh_block_plan', 'lsh_sort_orders', 'heads_mesh', 'heads_devices', 'lsh_attention',
+           'lsh_multiplicity', 'lsh_attention_kind', 'LSHKeys', 'LSHSelfAttention']
 
 # %% ../../nbs/24_layers.lsh.ipynb #950f5382
 SELF_VALUE = -1e5  # a token attends to itself only when nothing else is visible (paper, Sec. 2.2)
@@ -99,15 +94,18 @@ def shared_qk_scores(qk):
 def shared_qk_attention(
     qk, v,  # (B, T, N, H) shared queries/keys and values
     *, causal: bool = False, padding_mask=None,  # (B, T) booleans, True = a real token
-    multiplicity=None,  # (B, N, T, T) counts: how often key j is in query i's candidate set (None: every key once)
+    multiplicity=None,  # (B, N, T, T): how often key j is in query i's candidate set (None: every key once)
 ) -> jax.Array:  # (B, T, N, H)
-    "Dense shared-QK attention with the LSH masks: self only as a last resort, masked keys finite. O(T²) reference."
-    d = check_shape(qk, 'B T N H', 'qk'); check_shape(v, 'B T N H', 'v', **d)
+    "Dense shared-QK attention with the LSH masks: self only as a last resort, masked keys finite; O(T²)."
+    d = check_shape(qk, 'B T N H', 'qk')
+    check_shape(v, 'B T N H', 'v', **d)
     T = d['T']
     s = shared_qk_scores(qk)
     s = jnp.where(jnp.eye(T, dtype=bool), SELF_VALUE, s)
     ok = jnp.ones((T, T), bool) if not causal else jnp.tril(jnp.ones((T, T), bool))
-    if padding_mask is not None: ok = ok & jnp.asarray(check_shape(padding_mask, 'B T', 'padding_mask', **d) and padding_mask, bool)[:, None, None, :]
+    if padding_mask is not None:
+        check_shape(padding_mask, 'B T', 'padding_mask', **d)
+        ok = ok & jnp.asarray(padding_mask, bool)[:, None, None, :]
     s = jnp.where(ok, s, MASK_VALUE)
     if multiplicity is not None:
         s = jnp.where(multiplicity > 0, s + jnp.log(jnp.maximum(multiplicity, 1)), -jnp.inf)
@@ -115,164 +113,206 @@ def shared_qk_attention(
     return jnp.einsum('bnts,bsnh->btnh', w, v.astype(jnp.float32)).astype(v.dtype)
 
 # %% ../../nbs/24_layers.lsh.ipynb #8bf38246
-def _round_up(n, m): return -(-n // m) * m
+def lsh_block_plan(length: int, chunk_length: int, block_length: int) -> tuple[int, int, int]:
+    "`(n_blocks, chunks_per_block, padded_length)`: whole chunks, in blocks of about `block_length` tokens."
+    n_chunks = -(-length // chunk_length)
+    n_blocks = -(-n_chunks // max(1, block_length // chunk_length))
+    chunks_per_block = -(-n_chunks // n_blocks)
+    return n_blocks, chunks_per_block, n_blocks * chunks_per_block * chunk_length
 
-def _plan_lengths(T, chunk_length, block_length):
-    "Padded length `Tp = n_blocks · bc · C` with blocks of about `block_length` tokens."
-    nc = -(-T // chunk_length)
-    n_blocks = -(-nc // max(1, block_length // chunk_length))
-    bc = -(-nc // n_blocks)
-    return n_blocks, bc, n_blocks * bc * chunk_length
-
-def _slice_orders(x, valid, slice_id, key, fs, R, Tp):
+def _sort_orders_of_slice(vectors, valid, slice_id, key, factors, n_rounds, padded_length):
     "Sort orders `(R, Tp)` of one slice and their inverses: stable argsort by bucket (invalid tokens last)."
-    b = hash_vectors(x, fs, jax.random.fold_in(key, slice_id), R)  # (R, Tp)
-    b = jnp.where(valid[None], b, math.prod(fs))
-    if (math.prod(fs) + 1) * Tp < 2**31:  # one int32 key bucket·Tp + position: a plain sort, several times faster
-        perm = jnp.sort(b * Tp + jnp.arange(Tp, dtype=jnp.int32), axis=-1) % Tp
+    n_buckets = math.prod(factors)
+    buckets = hash_vectors(vectors, factors, jax.random.fold_in(key, slice_id), n_rounds)  # (R, Tp)
+    buckets = jnp.where(valid[None], buckets, n_buckets)
+    positions = jnp.arange(padded_length, dtype=jnp.int32)
+    if (n_buckets + 1) * padded_length < 2**31:  # one int32 key bucket·Tp + position: a plain sort, much faster
+        order = jnp.sort(buckets * padded_length + positions, axis=-1) % padded_length
     else:  # stable argsort by bucket: ties keep position order
-        perm = jnp.argsort(b, axis=-1, stable=True).astype(jnp.int32)
-    undo = jnp.zeros_like(perm).at[jnp.arange(R)[:, None], perm].set(jnp.arange(Tp, dtype=jnp.int32)[None])
-    return perm, undo
+        order = jnp.argsort(buckets, axis=-1, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[jnp.arange(n_rounds)[:, None], order].set(positions[None])
+    return order, inverse
 
-def _to_slices(x, Tp):
+def _to_slices(x, padded_length):
     "(B, T, N, H) → (B·N, Tp, H), zero-padded."
     B, T, N, H = x.shape
     x = x.transpose(0, 2, 1, 3).reshape(B * N, T, H)
-    return jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0)))
+    return jnp.pad(x, ((0, 0), (0, padded_length - T), (0, 0)))
 
-def _valid_slices(padding_mask, B, T, N, Tp):
+def _valid_slices(padding_mask, B, T, N, padded_length):
+    "(B·N, Tp) booleans: real tokens of each slice."
     valid = jnp.ones((B, T), bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
-    valid = jnp.pad(valid, ((0, 0), (0, Tp - T)))
-    return jnp.repeat(valid, N, axis=0)  # (B·N, Tp), slice b·N + n
+    valid = jnp.pad(valid, ((0, 0), (0, padded_length - T)))
+    return jnp.repeat(valid, N, axis=0)  # slice b·N + n
 
 # %% ../../nbs/24_layers.lsh.ipynb #4872bbe3
-def _slices_orders(xs, valid, ids, key, fs, R, Tp, batch_size):
-    "Sort orders `(S, R, Tp)` of slices `xs (S, Tp, H)`; slice `ids` pick the rotations, so any subset hashes as in the whole."
-    return jax.lax.map(lambda a: _slice_orders(*a, key, fs, R, Tp), (jax.lax.stop_gradient(xs), valid, ids), batch_size=batch_size)
+def _sort_orders(slices, valid, slice_ids, key, factors, n_rounds, padded_length, batch_size):
+    "Sort orders `(S, R, Tp)` of `slices (S, Tp, H)`; `slice_ids` pick the rotations (a subset hashes as in the whole)."
+    def one_slice(args): return _sort_orders_of_slice(*args, key, factors, n_rounds, padded_length)
+    return jax.lax.map(one_slice, (jax.lax.stop_gradient(slices), valid, slice_ids), batch_size=batch_size)
 
-def lsh_sort_orders(qk, *, key, n_rounds: int, n_buckets, Tp: int, padding_mask=None, batch_size: int = 1):
+def lsh_sort_orders(qk, *, key, n_rounds: int, n_buckets, padded_length: int, padding_mask=None, batch_size: int = 1):
     "Sort orders and inverses `(B·N, R, Tp)` of every (batch, head) slice; no gradient flows through them."
     B, T, N, H = qk.shape
-    return _slices_orders(_to_slices(qk.astype(jnp.float32), Tp), _valid_slices(padding_mask, B, T, N, Tp),
-                          jnp.arange(B * N, dtype=jnp.int32), key, _factors(n_buckets), n_rounds, Tp, batch_size)
+    return _sort_orders(_to_slices(qk.astype(jnp.float32), padded_length),
+                        _valid_slices(padding_mask, B, T, N, padded_length), jnp.arange(B * N, dtype=jnp.int32), key,
+                        _factors(n_buckets), n_rounds, padded_length, batch_size)
 
 # %% ../../nbs/24_layers.lsh.ipynb #867508ea
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     "Static settings of one LSH attention call (hashable: it keys the custom VJP)."
-    chunk: int; block: int; n_blocks: int; rounds: int; causal: bool; correct: bool; scale: float; eps: float = 1e-6
+    chunk_length: int  # C
+    chunks_per_block: int  # chunks processed together (bc)
+    n_blocks: int
+    n_rounds: int  # R
+    causal: bool
+    correct_duplicates: bool
+    scale: float  # 1/sqrt(H)
+    eps: float = 1e-6
 
-def _normalize(x, p):
-    "Keys: unit length times the 1/sqrt(H) scale."
-    return x * (jax.lax.rsqrt((x * x).sum(-1, keepdims=True) + p.eps) * p.scale)
+def _unit_keys(queries, plan):
+    "Keys of shared-QK attention: the queries at unit length, times the 1/sqrt(H) scale."
+    return queries * (jax.lax.rsqrt((queries * queries).sum(-1, keepdims=True) + plan.eps) * plan.scale)
 
-def _normalize_vjp(x, dk, p):
-    r = jax.lax.rsqrt((x * x).sum(-1, keepdims=True) + p.eps)
-    return p.scale * (dk * r - x * (r ** 3) * (x * dk).sum(-1, keepdims=True))
+def _unit_keys_vjp(queries, d_keys, plan):
+    "Gradient with respect to the queries, given the gradient `d_keys` of `_unit_keys(queries)`."
+    r = jax.lax.rsqrt((queries * queries).sum(-1, keepdims=True) + plan.eps)
+    return plan.scale * (d_keys * r - queries * (r ** 3) * (queries * d_keys).sum(-1, keepdims=True))
 
-def _take_rows(x, idx):
-    "`x[idx]` for a float32 `(T, H)` array, moving pairs of columns as complex64: XLA's CPU gather costs per element."
-    if x.dtype != jnp.float32 or x.shape[-1] % 2: return jnp.take(x, idx, axis=0, mode='clip')
+def _take_rows(x, rows):
+    "`x[rows]` for a float32 `(T, H)` array, moving pairs of columns as complex64: XLA's CPU gather costs per element."
+    if x.dtype != jnp.float32 or x.shape[-1] % 2: return jnp.take(x, rows, axis=0, mode='clip')
     h = x.shape[-1] // 2
-    y = jnp.take(jax.lax.complex(x[:, :h], x[:, h:]), idx, axis=0, mode='clip')
+    y = jnp.take(jax.lax.complex(x[:, :h], x[:, h:]), rows, axis=0, mode='clip')
     return jnp.concatenate([jnp.real(y), jnp.imag(y)], axis=-1)
 
 # %% ../../nbs/24_layers.lsh.ipynb #7a493c1d
-def _round_inputs(qk, v, valid, perm, p):
-    "One round's sorted queries, keys (with a dummy chunk before the first), values, positions and validity."
-    C, Tp = p.chunk, qk.shape[0]
-    pad = lambda x, fill: jnp.concatenate([jnp.full((C,) + x.shape[1:], fill, x.dtype), x])
-    sq = _take_rows(qk, perm)
-    return sq, pad(_normalize(sq, p), 0), pad(_take_rows(v, perm), 0), perm, pad(perm, Tp), pad(valid[perm], False)
+class _SortedRound(NamedTuple):
+    "One round's tokens in bucket order; keys, values and what describes them get a dummy chunk in front."
+    queries: jax.Array  # (Tp, H)
+    keys: jax.Array  # (C + Tp, H): unit length times 1/sqrt(H)
+    values: jax.Array  # (C + Tp, H)
+    positions: jax.Array  # (Tp,) original position of each query
+    key_positions: jax.Array  # (C + Tp,) original positions; the dummy chunk's are Tp
+    key_valid: jax.Array  # (C + Tp,) False for padding and the dummy chunk
 
-def _split_win(xw, p):
-    "A block window `(bc+1)·C` rows → keys `(bc, 2C, ...)`: previous chunk then own chunk."
-    C, bc = p.chunk, p.block
-    xw = xw.reshape((bc + 1, C) + xw.shape[1:])
-    return jnp.concatenate([xw[:-1], xw[1:]], axis=1)
+def _sort_round(qk, v, valid, order, plan) -> _SortedRound:
+    "The queries, keys, values, positions and validity of one slice in one round's `order`."
+    C, padded_length = plan.chunk_length, qk.shape[0]
+    def in_front(x, fill): return jnp.concatenate([jnp.full((C,) + x.shape[1:], fill, x.dtype), x])
+    queries = _take_rows(qk, order)
+    return _SortedRound(queries, in_front(_unit_keys(queries, plan), 0), in_front(_take_rows(v, order), 0), order,
+                        in_front(order, padded_length), in_front(valid[order], False))
 
-def _block_scores(q, k_win, qpos, kpos_win, kval_win, cnt, p):
+def _windows(rows, plan):
+    "A block's `(bc+1)·C` rows → windows `(bc, 2C, ...)`: the previous chunk, then the own chunk."
+    C, bc = plan.chunk_length, plan.chunks_per_block
+    rows = rows.reshape((bc + 1, C) + rows.shape[1:])
+    return jnp.concatenate([rows[:-1], rows[1:]], axis=1)
+
+def _block_scores(queries, keys, positions, key_positions, key_valid, counts, plan):
     "Scores `(bc, C, 2C)` of a block's queries against their own and the previous chunk's keys, masked."
-    s = jnp.einsum('nch,ndh->ncd', q, k_win)
-    if cnt is not None: s = s - jnp.log(cnt)
-    s = jnp.where(kpos_win[:, None, :] == qpos[:, :, None], SELF_VALUE, s)
-    ok = kval_win[:, None, :]
-    if p.causal: ok = ok & (kpos_win[:, None, :] <= qpos[:, :, None])
-    return jnp.where(ok, s, MASK_VALUE)
+    s = jnp.einsum('nch,ndh->ncd', queries, keys)
+    if counts is not None: s = s - jnp.log(counts)
+    s = jnp.where(key_positions[:, None, :] == positions[:, :, None], SELF_VALUE, s)
+    visible = key_valid[:, None, :]
+    if plan.causal: visible = visible & (key_positions[:, None, :] <= positions[:, :, None])
+    return jnp.where(visible, s, MASK_VALUE)
 
-def _counts(chunk_of, qpos, kpos_win):
+def _candidate_counts(chunk_of, positions, key_positions):
     "In how many rounds each key falls in the query's window (own or previous chunk): `(bc, C, 2C)`."
-    cq = chunk_of[:, qpos][:, :, :, None]  # (R, bc, C, 1)
-    ck = chunk_of[:, kpos_win][:, :, None, :]  # (R, bc, 1, 2C)
-    return ((ck == cq) | (ck == cq - 1)).sum(0).astype(jnp.float32)
+    query_chunk = chunk_of[:, positions][:, :, :, None]  # (R, bc, C, 1)
+    key_chunk = chunk_of[:, key_positions][:, :, None, :]  # (R, bc, 1, 2C)
+    return ((key_chunk == query_chunk) | (key_chunk == query_chunk - 1)).sum(0).astype(jnp.float32)
 
-def _block(b, sq, skp, svp, spos, sposp, svalp, chunk_of, p):
-    "Block `b`: queries `(bc, C, H)`, key/value windows `(bc, 2C, H)` and the masked scores `(bc, C, 2C)`."
-    C, bc, H = p.chunk, p.block, sq.shape[-1]
-    start = b * bc * C
-    q = jax.lax.dynamic_slice_in_dim(sq, start, bc * C).reshape(bc, C, H)
-    qpos = jax.lax.dynamic_slice_in_dim(spos, start, bc * C).reshape(bc, C)
-    win = lambda x: _split_win(jax.lax.dynamic_slice_in_dim(x, start, (bc + 1) * C), p)
-    kw, vw, kpos, kval = win(skp), win(svp), win(sposp), win(svalp)
-    cnt = None if chunk_of is None else jnp.maximum(_counts(chunk_of, qpos, kpos), 1.0)
-    return q, kw, vw, qpos, _block_scores(q, kw, qpos, kpos, kval, cnt, p)
+def _chunk_of(inverses, plan):
+    "`(R, Tp + 1)` chunk of each position per round (the dummy position Tp in none), or None without the correction."
+    if not plan.correct_duplicates: return None
+    return jnp.concatenate([inverses // plan.chunk_length, jnp.full((plan.n_rounds, 1), -2, inverses.dtype)], 1)
+
+class _Block(NamedTuple):
+    "One block of a sorted round: `bc` chunks of queries, their windows of keys and values, and the scores."
+    queries: jax.Array  # (bc, C, H)
+    keys: jax.Array  # (bc, 2C, H)
+    values: jax.Array  # (bc, 2C, H)
+    scores: jax.Array  # (bc, C, 2C), masked
+
+def _attention_block(index, sorted_round: _SortedRound, chunk_of, plan) -> _Block:
+    "Block `index` of a sorted round."
+    C, bc, H = plan.chunk_length, plan.chunks_per_block, sorted_round.queries.shape[-1]
+    start = index * bc * C
+    queries = jax.lax.dynamic_slice_in_dim(sorted_round.queries, start, bc * C).reshape(bc, C, H)
+    positions = jax.lax.dynamic_slice_in_dim(sorted_round.positions, start, bc * C).reshape(bc, C)
+    def window(x): return _windows(jax.lax.dynamic_slice_in_dim(x, start, (bc + 1) * C), plan)
+    keys, values = window(sorted_round.keys), window(sorted_round.values)
+    key_positions, key_valid = window(sorted_round.key_positions), window(sorted_round.key_valid)
+    counts = None if chunk_of is None else jnp.maximum(_candidate_counts(chunk_of, positions, key_positions), 1.0)
+    scores = _block_scores(queries, keys, positions, key_positions, key_valid, counts, plan)
+    return _Block(queries, keys, values, scores)
 
 # %% ../../nbs/24_layers.lsh.ipynb #608d523b
-def _slice_forward(qk, v, valid, perms, undos, p):
+def _slice_forward(qk, v, valid, orders, inverses, plan):
     "Output `(Tp, H)`, score maximum and normaliser `(Tp,)` of one (batch, head) slice, all rounds combined."
-    Tp, H = qk.shape
-    chunk_of = None if not p.correct else jnp.concatenate([undos // p.chunk, jnp.full((p.rounds, 1), -2, undos.dtype)], 1)
+    padded_length, H = qk.shape
+    chunk_of = _chunk_of(inverses, plan)
     def one_round(carry, r):
         o_acc, m_acc, l_acc = carry
-        sq, skp, svp, spos, sposp, svalp = _round_inputs(qk, v, valid, perms[r], p)
-        def one_block(b):
-            q, kw, vw, qpos, s = _block(b, sq, skp, svp, spos, sposp, svalp, chunk_of, p)
-            m = s.max(-1, keepdims=True)
-            e = jnp.exp(s - m)
+        sorted_round = _sort_round(qk, v, valid, orders[r], plan)
+        def one_block(index):
+            block = _attention_block(index, sorted_round, chunk_of, plan)
+            m = block.scores.max(-1, keepdims=True)
+            e = jnp.exp(block.scores - m)
             l = e.sum(-1, keepdims=True)
-            return jnp.einsum('ncd,ndh->nch', e, vw) / l, m[..., 0], l[..., 0]  # divide the (C, H) output, not the (C, 2C) weights
-        o, m, l = jax.lax.map(one_block, jnp.arange(p.n_blocks))
-        o, m, l = _take_rows(o.reshape(Tp, H), undos[r]), m.reshape(Tp)[undos[r]], l.reshape(Tp)[undos[r]]
+            o = jnp.einsum('ncd,ndh->nch', e, block.values) / l  # divide the (C, H) output, not the (C, 2C) weights
+            return o, m[..., 0], l[..., 0]
+        o, m, l = jax.lax.map(one_block, jnp.arange(plan.n_blocks))
+        unsort = inverses[r]
+        o = _take_rows(o.reshape(padded_length, H), unsort)
+        m, l = m.reshape(padded_length)[unsort], l.reshape(padded_length)[unsort]
         # combine rounds keeping max and sum apart: m + log(l) would lose digits next to the -1e5 self score
         m_new = jnp.maximum(m_acc, m)
         a, b = l_acc * jnp.exp(m_acc - m_new), l * jnp.exp(m - m_new)
         o_acc = (o_acc * a[:, None] + o * b[:, None]) / (a + b)[:, None]
         return (o_acc, m_new, a + b), None
-    init = (jnp.zeros((Tp, H), jnp.float32), jnp.full((Tp,), -jnp.inf, jnp.float32), jnp.zeros((Tp,), jnp.float32))
-    (o, m, l), _ = jax.lax.scan(one_round, init, jnp.arange(p.rounds))
+    init = (jnp.zeros((padded_length, H), jnp.float32), jnp.full((padded_length,), -jnp.inf, jnp.float32),
+            jnp.zeros((padded_length,), jnp.float32))
+    (o, m, l), _ = jax.lax.scan(one_round, init, jnp.arange(plan.n_rounds))
     return o, m, l
 
 # %% ../../nbs/24_layers.lsh.ipynb #3e73e23a
-def _slice_backward(qk, v, valid, perms, undos, o, m, l, do, p):
+def _slice_backward(qk, v, valid, orders, inverses, o, m, l, d_out, plan):
     "Gradients of one slice: each round recomputes its scores; weights use the normaliser of all rounds."
-    Tp, H = qk.shape
-    C = p.chunk
-    delta = (do * o).sum(-1)  # rowsum(dO * O)
-    chunk_of = None if not p.correct else jnp.concatenate([undos // C, jnp.full((p.rounds, 1), -2, undos.dtype)], 1)
+    padded_length, H = qk.shape
+    C, bc = plan.chunk_length, plan.chunks_per_block
+    delta = (d_out * o).sum(-1)  # rowsum(dO * O)
+    chunk_of = _chunk_of(inverses, plan)
     def shift_add(w):  # (nc, 2C, H): previous-chunk halves belong to the chunk before
         own, prev = w[:, C:], w[:, :C]
-        return (own + jnp.concatenate([prev[1:], jnp.zeros_like(prev[:1])])).reshape(Tp, H)
+        return (own + jnp.concatenate([prev[1:], jnp.zeros_like(prev[:1])])).reshape(padded_length, H)
     def one_round(carry, r):
-        dqk_acc, dv_acc = carry
-        perm, undo = perms[r], undos[r]
-        sq, skp, svp, spos, sposp, svalp = _round_inputs(qk, v, valid, perm, p)
-        sdo, sm, sl_, sdelta = _take_rows(do, perm), m[perm], l[perm], delta[perm]
-        def one_block(b):
-            q, kw, vw, qpos, s = _block(b, sq, skp, svp, spos, sposp, svalp, chunk_of, p)
-            sl = lambda x: jax.lax.dynamic_slice_in_dim(x, b * p.block * C, p.block * C).reshape((p.block, C) + x.shape[1:])
-            do_b, m_b, l_b, delta_b = sl(sdo), sl(sm), sl(sl_), sl(sdelta)
-            pr = jnp.exp(s - m_b[..., None]) / l_b[..., None]  # (bc, C, 2C) weights within the softmax of all rounds
-            dv = jnp.einsum('ncd,nch->ndh', pr, do_b)
-            ds = pr * (jnp.einsum('nch,ndh->ncd', do_b, vw) - delta_b[..., None])
-            return jnp.einsum('ncd,ndh->nch', ds, kw), jnp.einsum('ncd,nch->ndh', ds, q), dv
-        dq, dk, dv = jax.lax.map(one_block, jnp.arange(p.n_blocks))
-        nc = p.n_blocks * p.block
-        dqk = dq.reshape(Tp, H) + _normalize_vjp(sq, shift_add(dk.reshape(nc, 2 * C, H)), p)  # still in sorted order
-        return (dqk_acc + _take_rows(dqk, undo), dv_acc + _take_rows(shift_add(dv.reshape(nc, 2 * C, H)), undo)), None
-    zeros = jnp.zeros((Tp, H), jnp.float32)
-    (dqk, dv), _ = jax.lax.scan(one_round, (zeros, zeros), jnp.arange(p.rounds))
-    return dqk, dv
+        d_qk_acc, d_v_acc = carry
+        order, unsort = orders[r], inverses[r]
+        sorted_round = _sort_round(qk, v, valid, order, plan)
+        sorted_d_out, sorted_m, sorted_l, sorted_delta = _take_rows(d_out, order), m[order], l[order], delta[order]
+        def one_block(index):
+            block = _attention_block(index, sorted_round, chunk_of, plan)
+            def rows(x): return jax.lax.dynamic_slice_in_dim(x, index * bc * C, bc * C).reshape((bc, C) + x.shape[1:])
+            d_out_b, m_b, l_b, delta_b = rows(sorted_d_out), rows(sorted_m), rows(sorted_l), rows(sorted_delta)
+            p = jnp.exp(block.scores - m_b[..., None]) / l_b[..., None]  # (bc, C, 2C) in the softmax of all rounds
+            d_values = jnp.einsum('ncd,nch->ndh', p, d_out_b)
+            d_scores = p * (jnp.einsum('nch,ndh->ncd', d_out_b, block.values) - delta_b[..., None])
+            d_queries = jnp.einsum('ncd,ndh->nch', d_scores, block.keys)
+            return d_queries, jnp.einsum('ncd,nch->ndh', d_scores, block.queries), d_values
+        d_queries, d_keys, d_values = jax.lax.map(one_block, jnp.arange(plan.n_blocks))
+        n_chunks = plan.n_blocks * bc
+        d_keys = shift_add(d_keys.reshape(n_chunks, 2 * C, H))
+        d_qk = d_queries.reshape(padded_length, H) + _unit_keys_vjp(sorted_round.queries, d_keys, plan)  # sorted order
+        d_v = shift_add(d_values.reshape(n_chunks, 2 * C, H))
+        return (d_qk_acc + _take_rows(d_qk, unsort), d_v_acc + _take_rows(d_v, unsort)), None
+    zeros = jnp.zeros((padded_length, H), jnp.float32)
+    (d_qk, d_v), _ = jax.lax.scan(one_round, (zeros, zeros), jnp.arange(plan.n_rounds))
+    return d_qk, d_v
 
 # %% ../../nbs/24_layers.lsh.ipynb #4bd2e70a
 HEADS_AXIS = 'heads'  # a mesh axis of this name shards LSH attention's (batch, head) slices
@@ -283,31 +323,34 @@ def heads_mesh():
     return None if m.empty or HEADS_AXIS not in m.axis_names or m.shape[HEADS_AXIS] == 1 else m
 
 def heads_devices(devices: int = 1):
-    "A context whose mesh spreads LSH slices over the first `devices` devices; for one device, a context that does nothing."
+    "A context whose mesh spreads LSH slices over the first `devices` devices (for one device, it does nothing)."
     check_positive('devices', devices)
     if devices > len(jax.devices()):
-        raise ValueError(f'devices: expected at most {len(jax.devices())} (more need XLA_FLAGS=--xla_force_host_platform_device_count), got {devices}')
-    return jax.set_mesh(Mesh(np.array(jax.devices()[:devices]), (HEADS_AXIS,))) if devices > 1 else contextlib.nullcontext()
+        raise ValueError(f'devices: expected at most {len(jax.devices())} '
+                         f'(more need XLA_FLAGS=--xla_force_host_platform_device_count), got {devices}')
+    if devices == 1: return contextlib.nullcontext()
+    return jax.set_mesh(Mesh(np.array(jax.devices()[:devices]), (HEADS_AXIS,)))
 
-def _slices_batch(p, n_slices):
-    return max(1, min(n_slices, (1 << 18) // max(1, p.n_blocks * p.block * p.chunk)))
+def _slices_per_batch(plan, n_slices):
+    "How many slices `lax.map` runs together: about 2^18 padded tokens."
+    return max(1, min(n_slices, (1 << 18) // max(1, plan.n_blocks * plan.chunks_per_block * plan.chunk_length)))
 
-def _core_fwd(p, qk, v, valid, perms, undos):
-    bs = _slices_batch(p, qk.shape[0])
-    o, m, l = jax.lax.map(lambda a: _slice_forward(*a, p), (qk, v, valid, perms, undos), batch_size=bs)
-    return o, (qk, v, valid, perms, undos, o, m, l)
+def _kernel_forward(plan, qk, v, valid, orders, inverses):
+    batch_size = _slices_per_batch(plan, qk.shape[0])
+    o, m, l = jax.lax.map(lambda a: _slice_forward(*a, plan), (qk, v, valid, orders, inverses), batch_size=batch_size)
+    return o, (qk, v, valid, orders, inverses, o, m, l)  # saved for the backward pass: inputs, output, m and l
 
-def _core_bwd(p, res, do):
-    bs = _slices_batch(p, res[0].shape[0])
-    dqk, dv = jax.lax.map(lambda a: _slice_backward(*a, p), res + (do,), batch_size=bs)
-    return dqk, dv, None, None, None
+def _kernel_backward(plan, saved, d_out):
+    batch_size = _slices_per_batch(plan, saved[0].shape[0])
+    d_qk, d_v = jax.lax.map(lambda a: _slice_backward(*a, plan), saved + (d_out,), batch_size=batch_size)
+    return d_qk, d_v, None, None, None
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lsh_core(p, qk, v, valid, perms, undos):
+def _lsh_kernel(plan, qk, v, valid, orders, inverses):
     "LSH attention of `(S, Tp, H)` slices given their sort orders `(S, R, Tp)`; memory linear in length."
-    return _core_fwd(p, qk, v, valid, perms, undos)[0]
+    return _kernel_forward(plan, qk, v, valid, orders, inverses)[0]
 
-_lsh_core.defvjp(_core_fwd, _core_bwd)
+_lsh_kernel.defvjp(_kernel_forward, _kernel_backward)
 
 # %% ../../nbs/24_layers.lsh.ipynb #9527bcdf
 def lsh_attention(
@@ -320,34 +363,40 @@ def lsh_attention(
     padding_mask=None,  # (B, T) booleans, True = a real token
     correct_duplicates: bool = False,  # subtract log(number of rounds a key is seen in), as in the paper
     dense_threshold: int | None = None,  # lengths up to this use exact dense attention (default: chunk_length)
-    block_length: int = 256,  # tokens processed together inside the kernel (memory/speed only; 256 keeps a block in cache)
+    block_length: int = 256,  # tokens processed together in the kernel (speed only; 256 keeps a block in cache)
     max_bucket_factor: int = 64,  # automatic bucket counts above this are split into factors
 ) -> jax.Array:  # (B, T, N, H), in the dtype of `v`; slices sharded over the ambient mesh's `heads` axis, if any
     "LSH attention (Kitaev, Kaiser, Levskaya 2020) in time O(T log T) and memory O(T) for forward and backward."
-    d = check_shape(qk, 'B T N H', 'qk'); check_shape(v, 'B T N H', 'v', **d)
+    d = check_shape(qk, 'B T N H', 'qk')
+    check_shape(v, 'B T N H', 'v', **d)
     B, T, N, H = d['B'], d['T'], d['N'], d['H']
-    check_positive('n_rounds', n_rounds); check_positive('chunk_length', chunk_length); check_positive('block_length', block_length)
+    for name, value in (('n_rounds', n_rounds), ('chunk_length', chunk_length), ('block_length', block_length)):
+        check_positive(name, value)
     if padding_mask is not None: check_shape(padding_mask, 'B T', 'padding_mask', **d)
     if T <= (chunk_length if dense_threshold is None else dense_threshold):
         return shared_qk_attention(qk, v, causal=causal, padding_mask=padding_mask)
-    n_blocks, bc, Tp = _plan_lengths(T, chunk_length, block_length)
-    fs = _factors(auto_buckets(T, chunk_length, max_bucket_factor) if n_buckets is None else n_buckets)
-    p = _Plan(chunk_length, bc, n_blocks, int(n_rounds), bool(causal), bool(correct_duplicates), 1 / math.sqrt(H))
-    def kernel(qs, vs, valid, ids, key):  # the slices of one device (all of them without a `heads` axis)
-        perms, undos = _slices_orders(qs, valid, ids, key, fs, int(n_rounds), Tp, _slices_batch(p, qs.shape[0]))
-        return _lsh_core(p, qs, vs, valid, perms, undos)
+    n_blocks, chunks_per_block, padded_length = lsh_block_plan(T, chunk_length, block_length)
+    factors = _factors(auto_buckets(T, chunk_length, max_bucket_factor) if n_buckets is None else n_buckets)
+    plan = _Plan(chunk_length, chunks_per_block, n_blocks, int(n_rounds), bool(causal), bool(correct_duplicates),
+                 1 / math.sqrt(H))
+    def kernel(qk_slices, v_slices, valid, slice_ids, key):  # the slices of one device (all, without a `heads` axis)
+        batch_size = _slices_per_batch(plan, qk_slices.shape[0])
+        orders, inverses = _sort_orders(qk_slices, valid, slice_ids, key, factors, int(n_rounds), padded_length,
+                                        batch_size)
+        return _lsh_kernel(plan, qk_slices, v_slices, valid, orders, inverses)
     mesh = heads_mesh()
     if mesh is not None:
         check_divisible('batch × heads', B * N, mesh.shape[HEADS_AXIS], f"the mesh's {HEADS_AXIS!r} axis")
-        s = P(HEADS_AXIS)
-        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(s, s, s, s, P()), out_specs=s, check_vma=False)
-    out = kernel(_to_slices(qk.astype(jnp.float32), Tp), _to_slices(v.astype(jnp.float32), Tp),
-                 _valid_slices(padding_mask, B, T, N, Tp), jnp.arange(B * N, dtype=jnp.int32), key)  # (B·N, Tp, H)
-    return out[:, :T].reshape(B, N, T, H).transpose(0, 2, 1, 3).astype(v.dtype)
+        by_heads = P(HEADS_AXIS)
+        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(by_heads,) * 4 + (P(),), out_specs=by_heads,
+                               check_vma=False)
+    out = kernel(_to_slices(qk.astype(jnp.float32), padded_length), _to_slices(v.astype(jnp.float32), padded_length),
+                 _valid_slices(padding_mask, B, T, N, padded_length), jnp.arange(B * N, dtype=jnp.int32), key)
+    return out[:, :T].reshape(B, N, T, H).transpose(0, 2, 1, 3).astype(v.dtype)  # from (B·N, Tp, H)
 
 # %% ../../nbs/24_layers.lsh.ipynb #777fa34b
 def lsh_multiplicity(undos, chunk_length: int, T: int, B: int, N: int, correct_duplicates: bool = False):
-    "From inverse sort orders `(B·N, R, Tp)`: `(B, N, T, T)` count of rounds in which key j shares or precedes query i's chunk."
+    "`(B, N, T, T)` rounds in which key j is in query i's chunk or the one before, from inverses `(B·N, R, Tp)`."
     c = undos[..., :T] // chunk_length  # (B·N, R, T) chunk of each token in each round
     m = ((c[..., None, :] == c[..., :, None]) | (c[..., None, :] == c[..., :, None] - 1)).sum(1)
     if correct_duplicates: m = (m > 0).astype(m.dtype)
@@ -365,7 +414,8 @@ def lsh_attention_kind(
     if key is None: raise ValueError('key: expected a PRNG key for the hash rotations (LSHKeys supplies one), got None')
     if bias is not None: raise ValueError('bias: LSH attention takes no additive bias, got one')
     if q_positions is not None or kv_positions is not None or q.shape[1] != k.shape[1]:
-        raise ValueError(f'q_positions: LSH attention is self-attention over a whole sequence (no KV cache), got T = {q.shape[1]}, S = {k.shape[1]}')
+        raise ValueError('q_positions: LSH attention is self-attention over a whole sequence (no KV cache), '
+                         f'got T = {q.shape[1]}, S = {k.shape[1]}')
     if v.shape[2] != q.shape[2]: v = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)  # grouped value heads
     return lsh_attention(q, v, key=key, causal=causal, padding_mask=padding_mask, **options)
 
@@ -375,7 +425,8 @@ class LSHKeys(nnx.Module):
         self.rngs = nnx.Rngs(lsh=rngs.params())
     def as_kwargs(self) -> dict: return {'key': self.rngs.lsh()}
 
-register_attention('lsh', lsh_attention_kind, 'LSH attention (Kitaev et al. 2020): shared QK, hash buckets, O(T log T)', LSHKeys)
+register_attention('lsh', lsh_attention_kind, 'LSH attention (Kitaev et al. 2020): shared QK, hash buckets, O(T log T)',
+                   LSHKeys)
 
 # %% ../../nbs/24_layers.lsh.ipynb #63fc100d
 class LSHSelfAttention(nnx.Module):
@@ -383,13 +434,16 @@ class LSHSelfAttention(nnx.Module):
     def __init__(self, d_model: int, n_heads: int, *, d_head: int | None = None, causal: bool = False,
                  n_rounds: int = 4, chunk_length: int = 64, n_buckets=None, correct_duplicates: bool = False,
                  dense_threshold: int | None = None, use_bias: bool = False, rngs: nnx.Rngs):
-        check_positive('d_model', d_model); check_positive('n_heads', n_heads); check_positive('n_rounds', n_rounds)
-        check_positive('chunk_length', chunk_length)
-        d_head = d_head or d_model // n_heads; check_positive('d_head', d_head)
+        for name, value in (('d_model', d_model), ('n_heads', n_heads), ('n_rounds', n_rounds),
+                            ('chunk_length', chunk_length)):
+            check_positive(name, value)
+        d_head = d_head or d_model // n_heads
+        check_positive('d_head', d_head)
         if n_buckets is not None: n_buckets = _factors(n_buckets)  # validated, and a hashable tuple
         # plain hashable fields (no dict): the graph definition must hash under nnx.jit and split/merge + jax.jit
         self.n_heads, self.d_head, self.causal, self.n_rounds = int(n_heads), int(d_head), bool(causal), int(n_rounds)
-        self.chunk_length, self.n_buckets, self.correct_duplicates = int(chunk_length), n_buckets, bool(correct_duplicates)
+        self.chunk_length, self.n_buckets = int(chunk_length), n_buckets
+        self.correct_duplicates = bool(correct_duplicates)
         self.dense_threshold = None if dense_threshold is None else int(dense_threshold)
         self.qk = nnx.LinearGeneral(d_model, (n_heads, d_head), use_bias=use_bias, rngs=rngs)
         self.v = nnx.LinearGeneral(d_model, (n_heads, d_head), use_bias=use_bias, rngs=rngs)
@@ -401,7 +455,8 @@ class LSHSelfAttention(nnx.Module):
                  n_rounds: int | None = None):  # hash rounds for this call (default: the layer's)
         "`x (B, T, D)` → `(B, T, D)`; the same call as `MultiHeadAttention` (self-attention only)."
         check_shape(x, 'B T D', 'x')
-        if context is not None or kv is not None: raise ValueError('context: LSH attention is self-attention, got a context')
+        if context is not None or kv is not None:
+            raise ValueError('context: LSH attention is self-attention, got a context')
         if cache is not None: raise ValueError('cache: LSH attention has no KV cache; decode with full attention')
         if bias is not None: raise ValueError('bias: LSH attention takes no additive bias, got one')
         return self.attend(*self.inputs(x), padding_mask=padding_mask, key=key, n_rounds=n_rounds)
@@ -410,139 +465,11 @@ class LSHSelfAttention(nnx.Module):
         "Shared query/keys and values `(B, T, N, H)` of `x (B, T, D)`."
         return self.qk(x), self.v(x)
 
-    def attend(self, qk, v, *, padding_mask=None, key: jax.Array | None = None, n_rounds: int | None = None) -> jax.Array:
+    def attend(self, qk, v, *, padding_mask=None, key: jax.Array | None = None,
+               n_rounds: int | None = None) -> jax.Array:
         "LSH attention of given `inputs`, through the output projection: `(B, T, D)`."
         key = self.hash_rngs.lsh() if key is None else key
         o = lsh_attention(qk, v, key=key, n_rounds=n_rounds or self.n_rounds, causal=self.causal,
                           padding_mask=padding_mask, chunk_length=self.chunk_length, n_buckets=self.n_buckets,
                           correct_duplicates=self.correct_duplicates, dense_threshold=self.dense_threshold)
         return self.out(o)
-
-# %% ../../nbs/24_layers.lsh.ipynb #70f29f58
-def lsh_layer_step(length: int, batch: int = 1, attention: str = 'lsh', n_rounds: int = 4, d_model: int = 256,
-                   n_heads: int = 4, chunk_length: int = 64, repeats: int = 2,
-                   devices: int = 1) -> dict:  # > 1: heads sharded over that many devices (`heads_devices`)
-    "Seconds for forward+backward of one self-attention layer (projections included); run it in its own process."
-    H = d_model // n_heads
-    ks = jax.random.split(jax.random.key(0), 5)
-    x = jax.random.normal(ks[0], (batch, length, d_model))
-    W = [jax.random.normal(k, (d_model, d_model)) / math.sqrt(d_model) for k in ks[1:4]]
-    cot = jax.random.normal(ks[4], (batch, length, d_model))
-    def layer(W, x, key):
-        qk = (x @ W[0]).reshape(batch, length, n_heads, H); v = (x @ W[1]).reshape(batch, length, n_heads, H)
-        if attention == 'lsh': o = lsh_attention(qk, v, key=key, n_rounds=n_rounds, chunk_length=chunk_length, causal=True)
-        else: o = dot_product_attention(qk, qk / jnp.linalg.norm(qk, axis=-1, keepdims=True), v, causal=True)
-        return ((o.reshape(batch, length, d_model) @ W[2]) * cot).sum()
-    step = jax.jit(jax.value_and_grad(layer, argnums=(0, 1)))
-    with heads_devices(devices):
-        value = float(step(W, x, jax.random.key(1))[0])  # compiles and warms up; equal on any number of devices
-        seconds = time_call(lambda: step(W, x, jax.random.key(1)), repeats=repeats, warmup=0)['min_s']
-    return {'seconds': seconds, 'value': value}
-
-# %% ../../nbs/24_layers.lsh.ipynb #aaf7b4fa
-_TORCH_REFERENCE = r'''
-import json, resource, sys, time
-import torch
-torch.set_num_threads(int(sys.argv[3]))
-impl, T = sys.argv[1], int(sys.argv[2])
-D, N, H, C, R = 256, 4, 64, 64, 4
-torch.manual_seed(0)
-if impl == 'hf':
-    from transformers import ReformerConfig
-    from transformers.models.reformer.modeling_reformer import ReformerAttention
-    cfg = ReformerConfig(hidden_size=D, num_attention_heads=N, attention_head_size=H, lsh_attn_chunk_length=C,
-                         num_hashes=R, num_buckets=None, is_decoder=True, attn_layers=['lsh'], lsh_num_chunks_before=1,
-                         lsh_num_chunks_after=0, max_position_embeddings=T, hidden_dropout_prob=0.0,
-                         lsh_attention_probs_dropout_prob=0.0, axial_pos_embds=False)
-    layer = ReformerAttention(cfg, layer_id=0).train()
-    run = lambda x: layer(x).hidden_states
-else:
-    from reformer_pytorch import LSHSelfAttention
-    layer = LSHSelfAttention(dim=D, heads=N, dim_head=H, bucket_size=C, n_hashes=R, causal=True).train()
-    run = lambda x: layer(x)
-x = torch.randn(1, T, D, requires_grad=True)
-cot = torch.randn(1, T, D)
-def step():
-    out = run(x); out.backward(cot); x.grad = None
-    for p in layer.parameters(): p.grad = None
-step()
-times = []
-for _ in range(2):
-    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
-versions = {'torch': torch.__version__}
-try:
-    import transformers; versions['transformers'] = transformers.__version__
-except Exception: pass
-print('@@RESULT@@' + json.dumps({'seconds': min(times), 'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 'versions': versions}))
-'''
-
-def torch_reference(impl: str, length: int, python: str, timeout: float = 900) -> dict:
-    "Time HF transformers' (`'hf'`) or reformer-pytorch's (`'reformer_pytorch'`) LSH layer with another Python."
-    with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as f: f.write(_TORCH_REFERENCE)
-    try:
-        proc = subprocess.run([python, f.name, impl, str(length), str(os.cpu_count() or 1)], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired: return {'error': f'timed out after {timeout} s'}
-    finally: os.unlink(f.name)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith('@@RESULT@@'): return json.loads(line[len('@@RESULT@@'):])
-    return {'error': ((proc.stderr or proc.stdout).strip().splitlines() or [''])[-1][-300:]}
-
-# %% ../../nbs/24_layers.lsh.ipynb #b8d8c245
-def _record(machine, config, result, records):
-    "Seconds, seconds per token and peak memory of one run (or its error) as records."
-    if 'error' in result:
-        records.append(make_record('lsh', {**config, 'error': result['error']}, 'seconds', None, 's', machine)); return
-    tokens = config['length'] * config.get('batch', 1)
-    records.append(make_record('lsh', config, 'seconds', result['seconds'], 's', machine))
-    records.append(make_record('lsh', config, 'us_per_token', 1e6 * result['seconds'] / tokens, 'us', machine))
-    records.append(make_record('lsh', config, 'peak_memory', result['peak_rss_gb'], 'GB', machine))
-
-SHARDED_ENV = {'XLA_FLAGS': f'--xla_force_host_platform_device_count={os.cpu_count() or 1}'}  # one CPU device per core
-
-def lsh_reference_comparison(length: int = 65536, repeats: int = 3, python: str | None = None, machine=None) -> list[dict]:
-    "Our layer (on one device, and with heads sharded over one device per core), HF transformers' and reformer-pytorch's, interleaved `repeats` times, and the ratios."
-    python = python or os.environ.get('HOWFAR_TORCH_PYTHON')
-    if not python: raise ValueError('python: expected a Python with torch, transformers and reformer-pytorch (or HOWFAR_TORCH_PYTHON), got none')
-    machine, records, runs = machine or machine_info(), [], {}
-    base = {'length': length, 'batch': 1, 'attention': 'lsh', 'n_rounds': 4, 'd_model': 256, 'n_heads': 4, 'chunk_length': 64,
-            'causal': True, 'threads': os.cpu_count() or 1, 'series': 'reference'}
-    n_dev = os.cpu_count() or 1
-    ours = [('transformers_howfar', 1)] + ([('transformers_howfar', n_dev)] if n_dev > 1 else [])
-    for rep in range(repeats):
-        for impl, devices in ours + [('hf', None), ('reformer_pytorch', None)]:
-            load = os.getloadavg()[0]
-            res = (run_isolated('transformers_howfar.layers.lsh:lsh_layer_step', {'length': length, 'devices': devices}, timeout=1800,
-                                env=SHARDED_ENV if devices and devices > 1 else None)
-                   if devices else torch_reference(impl, length, python))
-            _record(machine, {**base, 'implementation': impl, 'devices': devices, 'repeat': rep, 'load_average': round(load, 1),
-                              'versions': res.pop('versions', None)}, res, records)
-            runs.setdefault((impl, devices), []).append(res)
-    ok = {k: [r for r in v if 'error' not in r] for k, v in runs.items()}
-    median = lambda k, f: float(np.median([r[f] for r in ok[k]]))
-    if all(ok.values()):
-        best = min((('hf', None), ('reformer_pytorch', None)), key=lambda k: median(k, 'seconds'))
-        for k in ours:
-            cfg = {**base, 'implementation': 'transformers_howfar', 'devices': k[1], 'against': best[0], 'repeats': repeats}
-            records.append(make_record('lsh', cfg, 'speedup', median(best, 'seconds') / median(k, 'seconds'), 'x', machine))
-            records.append(make_record('lsh', cfg, 'memory_ratio', median(k, 'peak_rss_gb') / median(best, 'peak_rss_gb'), 'x', machine))
-    return records
-
-def lsh_benchmark(quick: bool = False) -> list[dict]:
-    "LSH attention layer forward+backward from 1K to 1M tokens, next to dense attention and PyTorch references."
-    machine, records = machine_info(), []
-    lengths = [1024] if quick else [2**k for k in (10, 12, 14, 16, 18, 20)]
-    dense_max = 1024 if quick else 16384  # (N, T, T) float32 scores and their gradient: 8.6 GB at 32K, too much beside others
-    for T in lengths:
-        for attention in ['lsh'] + (['dense'] if T <= dense_max else []):
-            cfg = {'length': T, 'batch': 1, 'attention': attention, 'n_rounds': 4, 'd_model': 256, 'n_heads': 4, 'chunk_length': 64, 'causal': True}
-            res = run_isolated('transformers_howfar.layers.lsh:lsh_layer_step', {'length': T, 'attention': attention, 'repeats': 1 if T >= 2**18 else 2}, timeout=1800)
-            _record(machine, {**cfg, 'implementation': 'transformers_howfar', 'series': 'length'}, res, records)
-    total = 2048 if quick else 65536
-    for T in ([1024] if quick else [1024, 4096, 16384, 65536]):
-        for attention, R in [('lsh', 1), ('lsh', 4), ('dense', 0)]:
-            if attention == 'dense' and T > dense_max: continue
-            res = run_isolated('transformers_howfar.layers.lsh:lsh_layer_step', {'length': T, 'batch': total // T, 'attention': attention, 'n_rounds': max(R, 1)}, timeout=1800)
-            _record(machine, {'length': T, 'batch': total // T, 'attention': attention, 'n_rounds': R, 'implementation': 'transformers_howfar', 'series': 'fixed_tokens'}, res, records)
-    if os.environ.get('HOWFAR_TORCH_PYTHON') and not quick:
-        records += lsh_reference_comparison(65536, repeats=3, machine=machine)
-    return records

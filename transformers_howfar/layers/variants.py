@@ -6,26 +6,20 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..core import check_choice, check_positive, check_shape, machine_info
-from .attention import (BIG, AttentionPattern, blockwise_attention, causal_mask, default_positions,
-                                           dot_product_attention, get_attention, register_attention)
-from ..bench.measure import make_record, run_isolated, time_call
+from ..core import check_choice, check_positive, check_shape
+from .attention import causal_mask, default_positions, dot_product_attention, register_attention
+from .blockwise import BIG, AttentionPattern, blockwise_attention
 
 # %% auto #0
-__all__ = ['ATTENTION_BENCH', 'LocalPattern', 'local_attention', 'compress_kv', 'memory_compressed_attention', 'KVCompression',
-           'SparsePattern', 'sparse_attention', 'visible_keys', 'ssmax_attention', 'SSMaxScale', 'attention_case',
-           'torch_case', 'attention_benchmark']
+__all__ = ['LocalPattern', 'local_attention', 'compress_kv', 'memory_compressed_attention', 'KVCompression', 'SparsePattern',
+           'sparse_attention', 'visible_keys', 'ssmax_attention', 'SSMaxScale']
 
 # %% ../../nbs/23_layers.variants.ipynb #11002572
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +50,12 @@ def local_attention(
 ) -> jax.Array:  # (B, T, N, H)
     "Blocked local attention (Liu et al. 2018): each block sees itself and its neighbouring blocks."
     check_positive('block_size', block_size)
-    check_positive('look_back', look_back, allow_zero=True); check_positive('look_ahead', look_ahead, allow_zero=True)
+    check_positive('look_back', look_back, allow_zero=True)
+    check_positive('look_ahead', look_ahead, allow_zero=True)
     pattern = LocalPattern(causal=causal, block_size=block_size, look_back=look_back, look_ahead=look_ahead)
     return blockwise_attention(q, k, v, pattern=pattern, padding_mask=padding_mask, bias=bias, q_positions=q_positions,
-                               kv_positions=kv_positions, scale=scale, dropout_rate=dropout_rate, dropout_key=dropout_key,
-                               block_q=block_size, block_kv=block_size)
+                               kv_positions=kv_positions, scale=scale, dropout_rate=dropout_rate,
+                               dropout_key=dropout_key, block_q=block_size, block_kv=block_size)
 
 # %% ../../nbs/23_layers.variants.ipynb #8a2aa971
 def compress_kv(
@@ -69,7 +64,8 @@ def compress_kv(
     *, stride: int = 3, padding_mask=None, kv_positions=None,  # (B, S) booleans, (S,) sorted ints
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # (B, S', K, H) summaries, (B, S') validity, (S',) positions
     "Strided convolution over length with kernel = stride: one summary per `stride` tokens."
-    d = check_shape(x, 'B S K H', 'x'); check_positive('stride', stride)
+    check_shape(x, 'B S K H', 'x')
+    check_positive('stride', stride)
     B, S, K, H = x.shape
     n = -(-S // stride)
     valid = jnp.ones((B, S), bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
@@ -81,7 +77,8 @@ def compress_kv(
         check_shape(kernel, f'{stride} K H H', 'kernel', K=K, H=H)
         y = jnp.einsum('bnrkh,rkhg->bnkg', x, kernel.astype(x.dtype))
     valid = jnp.pad(valid, ((0, 0), (0, n * stride - S))).reshape(B, n, stride).any(-1)
-    pos = jnp.concatenate([pos, pos[-1] + 1 + jnp.arange(n * stride - S, dtype=jnp.int32)])  # a short last window still ends at 3j+2
+    # a short last window still ends at 3j+2
+    pos = jnp.concatenate([pos, pos[-1] + 1 + jnp.arange(n * stride - S, dtype=jnp.int32)])
     pos = pos.reshape(n, stride)[:, -1]  # a summary's position: the last position of its window
     return y, valid, pos
 
@@ -136,13 +133,15 @@ class SparsePattern(AttentionPattern):
     def window(self, first_q, last_q, segment=0):
         high = last_q if self.causal else BIG
         if self.kind == 'fixed' and segment == 0:
-            return first_q // self.stride * self.stride, jnp.minimum(high, (last_q // self.stride + 1) * self.stride - 1)
+            own_block_end = (last_q // self.stride + 1) * self.stride - 1
+            return first_q // self.stride * self.stride, jnp.minimum(high, own_block_end)
         return -BIG, high
     def block_is_full(self, first_q, last_q, first_k, last_k, segment=0):
         if self.kind == 'strided': return jnp.bool_(False)
         l = self.stride
-        ok = ((first_k // l == last_k // l) & (first_q // l == last_q // l) & (first_k // l == first_q // l)) if segment == 0 \
-            else ((last_k // l < first_q // l) | (first_k // l > last_q // l))
+        if segment == 0:  # the keys' block, the queries' block and the same block
+            ok = (first_k // l == last_k // l) & (first_q // l == last_q // l) & (first_k // l == first_q // l)
+        else: ok = (last_k // l < first_q // l) | (first_k // l > last_q // l)
         return ok & (last_k <= first_q) if self.causal else ok
 
 # %% ../../nbs/23_layers.variants.ipynb #9e0c1e7c
@@ -154,14 +153,17 @@ def sparse_attention(
     scale: float | None = None, dropout_rate: float = 0.0, dropout_key=None, block_kv: int = 256,
 ) -> jax.Array:  # (B, T, N, H)
     "Fixed or strided sparse attention (Child et al. 2019), exact for its pattern."
-    check_choice('pattern', pattern, ('fixed', 'strided')); check_positive('stride', stride)
-    if pattern == 'fixed' and not 0 < summary <= stride: raise ValueError(f'summary: expected a number in [1, stride = {stride}], got {summary!r}')
+    check_choice('pattern', pattern, ('fixed', 'strided'))
+    check_positive('stride', stride)
+    if pattern == 'fixed' and not 0 < summary <= stride:
+        raise ValueError(f'summary: expected a number in [1, stride = {stride}], got {summary!r}')
     p = SparsePattern(causal=causal, kind=pattern, stride=stride, summary=summary)
     S = k.shape[1]
     if q_positions is None: q_positions = default_positions(q.shape[1], S - q.shape[1])  # before summaries lengthen k
     kw = dict(pattern=p, q_positions=q_positions, scale=scale, dropout_rate=dropout_rate, dropout_key=dropout_key)
     if pattern == 'strided':
-        return blockwise_attention(q, k, v, padding_mask=padding_mask, bias=bias, kv_positions=kv_positions, block_q=stride, block_kv=block_kv, **kw)
+        return blockwise_attention(q, k, v, padding_mask=padding_mask, bias=bias, kv_positions=kv_positions,
+                                   block_q=stride, block_kv=block_kv, **kw)
     idx = np.flatnonzero(np.arange(S) % stride >= stride - summary)  # summary keys, gathered once
     kv_pos = default_positions(S) if kv_positions is None else jnp.asarray(kv_positions, jnp.int32)
     pad = jnp.ones((k.shape[0], S), bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
@@ -171,7 +173,8 @@ def sparse_attention(
                                segments=(S, len(idx)), block_q=stride, block_kv=min(block_kv, stride), **kw)
 
 # %% ../../nbs/23_layers.variants.ipynb #d18b33fb
-def visible_keys(B: int, T: int, S: int, *, padding_mask=None, causal: bool = False, q_positions=None, kv_positions=None) -> jax.Array:
+def visible_keys(B: int, T: int, S: int, *, padding_mask=None, causal: bool = False, q_positions=None,
+                 kv_positions=None) -> jax.Array:
     "`(B, T)` number of keys each query may see (at least 1), under the causal and padding masks."
     if causal:
         qp = default_positions(T, S - T) if q_positions is None else q_positions
@@ -184,16 +187,18 @@ def visible_keys(B: int, T: int, S: int, *, padding_mask=None, causal: bool = Fa
 def ssmax_attention(
     q, k, v,  # (B, T, N, H), (B, S, K, H), (B, S, K, H)
     *, s=None,  # (K,) learned scale per key/value head (shared by its query group); None: 1/log(64) everywhere
-    padding_mask=None, causal: bool = False, q_positions=None, kv_positions=None, s_init: float | None = None, **options,
+    padding_mask=None, causal: bool = False, q_positions=None, kv_positions=None, s_init: float | None = None,
+    **options,
 ) -> jax.Array:  # (B, T, N, H)
     "Scalable-softmax attention (Nakanishi 2025): logits times `s · log n`, `n` the keys each query may see."
     B, T, N, _ = check_shape(q, 'B T N H', 'q').values()
     K = check_shape(k, 'B S K H', 'k', B=B)['K']
     s = jnp.full((K,), 1 / math.log(64.0)) if s is None else check_shape(s, 'K', 's', K=K) and s
-    n = visible_keys(B, T, k.shape[1], padding_mask=padding_mask, causal=causal, q_positions=q_positions, kv_positions=kv_positions)
+    n = visible_keys(B, T, k.shape[1], padding_mask=padding_mask, causal=causal, q_positions=q_positions,
+                     kv_positions=kv_positions)
     factor = jnp.log(n.astype(jnp.float32))[:, :, None] * jnp.repeat(s, N // K)[None, None]  # (B, T, N)
-    return dot_product_attention((q * factor[..., None]).astype(q.dtype), k, v, padding_mask=padding_mask, causal=causal,
-                                 q_positions=q_positions, kv_positions=kv_positions, **options)
+    return dot_product_attention((q * factor[..., None]).astype(q.dtype), k, v, padding_mask=padding_mask,
+                                 causal=causal, q_positions=q_positions, kv_positions=kv_positions, **options)
 
 class SSMaxScale(nnx.Module):
     "The learned `s` of scalable-softmax attention, one per key/value head."
@@ -204,86 +209,14 @@ class SSMaxScale(nnx.Module):
     def as_kwargs(self) -> dict: return {'s': self.s[...]}
 
 # %% ../../nbs/23_layers.variants.ipynb #a4d8733d
-register_attention('local', local_attention, 'blocks of block_size tokens seeing look_back blocks before (Liu et al. 2018)')
+register_attention('local', local_attention,
+                   'blocks of block_size tokens seeing look_back blocks before (Liu et al. 2018)')
 register_attention('memory_compressed', memory_compressed_attention,
                    'keys and values shortened by a strided convolution, kernel = stride = 3 (Liu et al. 2018)',
-                   make_params=lambda n_kv_heads, d_head, rngs, **options: KVCompression(n_kv_heads, d_head, rngs=rngs, **options))
+                   make_params=lambda n_kv_heads, d_head, rngs, **options:
+                       KVCompression(n_kv_heads, d_head, rngs=rngs, **options))
 register_attention('sparse', sparse_attention, 'fixed or strided sparse pattern (Child et al. 2019)')
-register_attention('ssmax', ssmax_attention, 'scalable softmax: logits times s·log(visible keys), s learned per head (Nakanishi 2025)',
-                   make_params=lambda n_kv_heads, d_head, rngs, **options: SSMaxScale(n_kv_heads, d_head, rngs=rngs, **options))
-
-
-# %% ../../nbs/23_layers.variants.ipynb #8a2faf8c
-def attention_case(kind: str, length: int, causal: bool = True, batch: int = 1, heads: int = 4, d_head: int = 64,
-                   repeats: int = 3, options: dict | None = None) -> dict:
-    "Seconds for forward + backward of one attention kind at one length (run it via `run_isolated`)."
-    rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.normal(size=(batch, length, heads, d_head)), jnp.float32) for _ in range(3))
-    if kind == 'jax_dense': fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-    else: fn = lambda q, k, v: get_attention(kind).fn(q, k, v, causal=causal, **(options or {}))
-    grad = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).sum(), (0, 1, 2)))
-    start = time.perf_counter(); compiled = grad.lower(q, k, v).compile(); compile_s = time.perf_counter() - start
-    t = time_call(compiled, q, k, v, repeats=repeats, warmup=1 if length <= 16384 else 0)
-    return {'seconds': t['min_s'], 'median_s': t['median_s'], 'compile_s': compile_s}
-
-# %% ../../nbs/23_layers.variants.ipynb #071260c6
-_TORCH_SCRIPT = r'''
-import json, resource, sys, time, torch
-import torch.nn.functional as F
-T, B, N, H, repeats, causal = *map(int, sys.argv[1:6]), sys.argv[6] == '1'
-torch.manual_seed(0)
-def make(t): return [torch.randn(B, N, t, H, requires_grad=True) for _ in range(3)]
-def step(q, k, v): F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
-step(*make(T if T <= 16384 else 256))  # warm-up, at the same size unless it is long (as for JAX)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-q, k, v = make(T); times = []
-for _ in range(repeats):
-    for x in (q, k, v): x.grad = None
-    t0 = time.perf_counter(); step(q, k, v); times.append(time.perf_counter() - t0)
-print('@@RESULT@@' + json.dumps({'seconds': min(times), 'median_s': sorted(times)[len(times) // 2], 'torch': torch.__version__,
-      'threads': torch.get_num_threads(), 'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 'baseline_rss_gb': base}))
-'''
-
-def torch_case(python: str, length: int, causal: bool = True, batch: int = 1, heads: int = 4, d_head: int = 64,
-               repeats: int = 3, timeout: float = 600) -> dict:
-    "PyTorch's fused CPU `scaled_dot_product_attention`, forward + backward, in the Python at `python`."
-    args = [python, '-c', _TORCH_SCRIPT, *map(str, (length, batch, heads, d_head, repeats, int(causal)))]
-    try: proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired: return {'error': f'timed out after {timeout} s'}
-    except OSError as e: return {'error': f'cannot run {python}: {e}'}
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith('@@RESULT@@'): return json.loads(line[len('@@RESULT@@'):])
-    return {'error': f'exit {proc.returncode}: ' + ((proc.stderr or proc.stdout).strip().splitlines() or [''])[-1][-300:]}
-
-# %% ../../nbs/23_layers.variants.ipynb #5b50dc82
-ATTENTION_BENCH = {  # label: (kind, lengths, options); the quadratic ones stop before they run out of time or memory
-    'jax_dense': ('jax_dense', [1024, 2048, 4096, 8192], {}),
-    'chunked': ('chunked', [1024, 4096, 16384, 65536], {}),
-    'chunked_128': ('chunked', [4096, 16384], {'block_q': 128, 'block_kv': 128}),  # block-size tuning
-    'chunked_512': ('chunked', [4096, 16384], {'block_q': 512, 'block_kv': 512}),
-    'local': ('local', [1024, 16384, 262144, 1048576], {}),
-    'memory_compressed': ('memory_compressed', [1024, 4096, 16384], {}),
-    'sparse': ('sparse', [1024, 4096, 16384, 65536], {}),
-    'torch_sdpa': ('torch_sdpa', [1024, 4096, 16384, 65536], {}),
-}
-
-def attention_benchmark(quick: bool = False, timeout: float = 600) -> list[dict]:
-    "Forward+backward time and peak memory against length for each attention kind, beside jax.nn and PyTorch."
-    machine, records = machine_info(), []
-    torch_python = os.environ.get('HOWFAR_TORCH_PYTHON')
-    cases = [(length, label, kind, options) for label, (kind, lengths, options) in ATTENTION_BENCH.items()
-             if (kind != 'torch_sdpa' or torch_python) and (not quick or label in ('jax_dense', 'chunked', 'local', 'torch_sdpa'))
-             for length in ([512] if quick else lengths)]
-    for length, label, kind, options in sorted(cases, key=lambda c: c[0]):  # by length: kinds compared at one length run close in time
-        repeats = 1 if quick or length > 16384 else (2 if length > 4096 else 3)
-        if kind == 'torch_sdpa': r = torch_case(torch_python, length, repeats=repeats, timeout=timeout)
-        else: r = run_isolated('transformers_howfar.layers.variants:attention_case',
-                               {'kind': kind, 'length': length, 'repeats': repeats, 'options': options}, timeout=timeout)
-        config = {'kind': label, 'length': length, 'options': options, 'batch': 1, 'heads': 4, 'd_head': 64, 'causal': True,
-                  'repeats': repeats, **{k: r[k] for k in ('torch', 'threads', 'error') if k in r}}
-        seconds = r.get('seconds')
-        records.append(make_record('attention', config, 'time', seconds, 's', machine))
-        records.append(make_record('attention', config, 'peak_memory', r.get('peak_rss_gb'), 'GB', machine))
-        records.append(make_record('attention', config, 'time_per_token', None if seconds is None else seconds / length * 1e6, 'us', machine))
-        print(f"{label:18s} {length:8d} {'-' if seconds is None else f'{seconds:.3f} s'} {r.get('peak_rss_gb') or 0:.2f} GB {r.get('error', '')}", flush=True)
-    return records
+register_attention('ssmax', ssmax_attention,
+                   'scalable softmax: logits times s·log(visible keys), s learned per head (Nakanishi 2025)',
+                   make_params=lambda n_kv_heads, d_head, rngs, **options:
+                       SSMaxScale(n_kv_heads, d_head, rngs=rngs, **options))

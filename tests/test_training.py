@@ -17,7 +17,8 @@ from flax import nnx
 
 from transformers_howfar.layers.losses import cross_entropy
 from transformers_howfar.data.batches import SyntheticBatches
-from transformers_howfar.train.tasks import TASKS, TaskSpec, load_run, resolve_config, train_task
+from transformers_howfar.train.tasks import TASKS, load_run, resolve_config, train_task
+from transformers_howfar.train.families import TaskSpec
 from transformers_howfar.train.checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
 from transformers_howfar.train.metrics import read_metrics
 from transformers_howfar.train.trainer import NonFiniteLoss, TrainConfig, Trainer, make_schedule, sam_gradient

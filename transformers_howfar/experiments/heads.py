@@ -27,7 +27,7 @@ from ..models.lm import LM, LMConfig
 from ..models.saving import load, load_tokenizer, save_model
 from ..train.trainer import Trainer, TrainConfig
 from ..models.lm import lm_loss
-from ..train.tasks import TOY_ALPHABET
+from ..train.families import TOY_ALPHABET
 from ..data.tokenizer import CLS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, SEP_ID, CharTokenizer
 
 # %% auto #0

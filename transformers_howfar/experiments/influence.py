@@ -23,7 +23,7 @@ from ..core import Config, check_choice, check_positive, machine_info
 from ..data.sources import load_split
 from ..data.batches import classification_batch, classification_batches
 from ..layers.losses import cross_entropy
-from ..train.tasks import make_tokenizer, toy_corpus
+from ..train.families import make_tokenizer, toy_corpus
 from ..train.trainer import Trainer, TrainConfig, make_schedule
 
 # %% auto #0

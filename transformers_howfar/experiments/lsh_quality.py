@@ -24,7 +24,7 @@ from ..core import Config, check_choice, check_positive, machine_info, make_key
 from ..data.sources import load_split
 from ..data.batches import encode_documents, lm_batches
 from ..models.reformer import ReformerConfig, ReformerLM, reformer_loss
-from ..train.tasks import make_tokenizer, toy_corpus
+from ..train.families import make_tokenizer, toy_corpus
 from ..train.trainer import Trainer, TrainConfig
 from ..train.metrics import read_metrics, summarize_metrics
 

@@ -30,7 +30,7 @@ from ..data.sources import load_split
 from ..data.batches import classification_batch, classification_batches, encode_documents, mlm_batches
 from ..models.saving import load, load_tokenizer, save_model
 from ..models.bert import classify_loss, mlm_loss
-from ..train.tasks import make_tokenizer, toy_corpus
+from ..train.families import make_tokenizer, toy_corpus
 from ..train.trainer import Trainer, TrainConfig
 
 # %% auto #0

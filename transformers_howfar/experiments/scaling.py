@@ -27,7 +27,7 @@ from ..layers.blocks import count_parameters
 from ..models.lm import LM, LMConfig
 from ..models.saving import load, load_tokenizer, save_model
 from ..models.lm import lm_loss
-from ..train.tasks import make_tokenizer, toy_corpus
+from ..train.families import make_tokenizer, toy_corpus
 from ..data.tokenizer import EOS_ID, SentencePieceTokenizer, load_tokenizer as load_tokenizer_dir
 from ..train.trainer import TrainConfig, Trainer
 from ..train.metrics import read_metrics

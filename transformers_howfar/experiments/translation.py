@@ -26,7 +26,7 @@ from ..data.batches import encode_pairs, seq2seq_batch, seq2seq_batches
 from ..decoding import beam_search, generate
 from ..models.rnn import RNNConfig, RNNEncoderDecoder
 from ..models.saving import save_model
-from ..train.tasks import TranslateRNNTask, TranslateTask, make_tokenizer, toy_corpus
+from ..train.families import TranslateRNNTask, TranslateTask, make_tokenizer, toy_corpus
 from ..models.transformer import seq2seq_loss
 from ..data.tokenizer import EOS_ID, PAD_ID
 from ..train.trainer import TrainConfig, Trainer

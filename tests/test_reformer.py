@@ -15,9 +15,9 @@ from flax import nnx
 from transformers_howfar.core import make_key
 from transformers_howfar.layers.losses import cross_entropy
 from transformers_howfar.layers.lsh import LSHSelfAttention
-from transformers_howfar.models.reformer import (AxialPositions, ReformerConfig, ReformerEncoderDecoder, ReformerLM, bench_config,
-                                          LONGCONTEXT_RUNS, longcontext_cost, longcontext_experiment, ngram_bits, reformer_loss,
-                                          reformer_pytorch_benchmark, train_longcontext)
+from transformers_howfar.models.reformer import AxialPositions, ReformerConfig, ReformerEncoderDecoder, ReformerLM, reformer_loss
+from transformers_howfar.bench.reformer import bench_config, reformer_pytorch_benchmark
+from transformers_howfar.experiments.longcontext import LONGCONTEXT_RUNS, longcontext_cost, longcontext_experiment, ngram_bits, train_longcontext
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,3 +198,14 @@ def test_ngram_bits_counts_the_previous_bytes():
     one, two, three = (ngram_bits(text, text[:60], n) for n in (1, 2, 3))
     assert one == pytest.approx(np.log2(3), abs=0.01) and three < two < one  # longer contexts predict better here
     with pytest.raises(ValueError, match='alpha'): ngram_bits(text, text, 2, alpha=0)
+
+
+def test_greedy_uncached_generation_is_the_argmax_of_full_passes():
+    from transformers_howfar.decoding import generate
+    model = ReformerLM(ReformerConfig.tiny().replace(attention=('lsh', 'full')), rngs=nnx.Rngs(3))
+    prompt = [[5, 6, 7, 8, 9, 10, 11]]
+    out = generate(model, prompt, 5, use_cache=False, stop_tokens=())
+    tokens = list(prompt[0])
+    for _ in range(5):  # one full pass per new token, the evaluation hash key fixed
+        tokens.append(int(jnp.argmax(model(jnp.array([tokens]))[0, -1])))
+    assert out.tolist() == [tokens[len(prompt[0]):]]

@@ -20,8 +20,8 @@ from .models.saving import load, load_tokenizer
 from .bench.measure import make_record, matmul_benchmark, read_records, write_records
 from .bench.attention import attention_benchmark
 from .bench.lsh import lsh_benchmark
-from .models.reformer import (longcontext_experiment, memory_benchmark, million_benchmark,
-                                                 profile_benchmark, reformer_pytorch_benchmark)
+from .experiments.longcontext import longcontext_experiment
+from .bench.reformer import memory_benchmark, million_benchmark, profile_benchmark, reformer_pytorch_benchmark
 from .bench.train import train_benchmark
 from .bench.generate import generate_benchmark
 from .experiments.scratchpad import scratchpad_experiment

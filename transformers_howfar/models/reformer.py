@@ -6,49 +6,43 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
-import subprocess
-import tempfile
-import time
-from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
-from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape, derive_key, make_key, machine_info
+from transformers_howfar.core import (
+    Config,
+    check_choice,
+    check_divisible,
+    check_positive,
+    check_range,
+    check_shape,
+    derive_key,
+    make_key,
+)
 from ..layers.attention import MultiHeadAttention, get_attention, parse_attention_options
-from ..layers.lsh import LSHSelfAttention, heads_devices
+from ..layers.lsh import LSHSelfAttention
 from ..layers.reversible import MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy
 from ..layers.blocks import FeedForward, ACTIVATIONS
-from ..bench.measure import check_cpus, make_record, memory_first_options, run_isolated, write_records, time_call
-from ..experiments.common import experiment_dir
-from ..data.sources import load_split
-from .lm import LM, LMConfig
-from ..data.batches import SyntheticBatches
-from ..train.trainer import TrainConfig, Trainer
-from ..train.metrics import read_metrics
-from .lm import lm_loss
 
 # %% auto #0
-__all__ = ['EVAL_HASH_KEY', 'MEMORY_GRID', 'SINGLE_THREAD_XLA', 'TORCH_GRID', 'LONGCONTEXT_RUNS', 'LONGCONTEXT_COSTS',
-           'ReformerConfig', 'AxialPositions', 'AttentionSublayer', 'FeedForwardSublayer', 'reformer_sublayers',
-           'ReformerLM', 'reformer_loss', 'ReformerEncoderDecoder', 'bench_config', 'training_step', 'memory_point',
-           'memory_benchmark', 'million_benchmark', 'torch_lm_step', 'torch_point', 'reformer_pytorch_benchmark',
-           'profile_step', 'profile_benchmark', 'byte_stream', 'ngram_bits', 'train_longcontext', 'longcontext_result',
-           'longcontext_cost', 'longcontext_experiment']
+__all__ = ['EVAL_HASH_KEY', 'ReformerConfig', 'AxialPositions', 'AttentionSublayer', 'FeedForwardSublayer', 'reformer_sublayers',
+           'ReformerLM', 'reformer_loss', 'ReformerEncoderDecoder']
 
 # %% ../../nbs/33_models.reformer.ipynb #2838a4d4
-_LSH_LAYER_OPTIONS = ('n_buckets', 'correct_duplicates', 'dense_threshold')  # of LSHSelfAttention, besides rounds and chunk
+_LSH_LAYER_OPTIONS = (
+    'n_buckets',
+    'correct_duplicates',
+    'dense_threshold',
+)  # of LSHSelfAttention, besides rounds and chunk
+
 
 @dataclasses.dataclass(frozen=True)
 class ReformerConfig(Config):
     "Sizes and options of a Reformer language model (and of each stack of the encoder-decoder)."
+
     vocab_size: int = 256
     d_model: int = 256
     d_ff: int = 1024
@@ -57,8 +51,11 @@ class ReformerConfig(Config):
     max_len: int = 65536  # longest sequence; at most the product of axial_shape
     axial_shape: tuple = (256, 256)  # position t is (t // A2, t % A2)
     axial_dims: tuple = (128, 128)  # widths of the two position tables; they sum to d_model
-    attention: tuple = ('lsh',)  # attention types cycled over the layers: lsh, full, chunked, local, memory_compressed, ...
-    attention_options: tuple = ()  # 'kind.option=value' strings for the self-attention layers, e.g. ('local.block_size=64',)
+    attention: tuple = (
+        'lsh',
+    )  # attention types cycled over the layers: lsh, full, chunked, local, memory_compressed, ...
+    # 'kind.option=value' strings for the self-attention layers, e.g. ('local.block_size=64',)
+    attention_options: tuple = ()
     n_rounds: int = 4  # LSH hash rounds
     lsh_chunk: int = 64  # LSH chunk length (a bucket holds about half a chunk)
     ff_chunk: int = 4096  # positions per feed-forward chunk
@@ -68,32 +65,70 @@ class ReformerConfig(Config):
     residual: str = 'reversible'  # 'reversible', 'ordinary' or 'remat' (same function, different memory)
 
     def validate(self):
-        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len', 'n_rounds', 'lsh_chunk', 'ff_chunk', 'loss_chunk'):
+        for f in (
+            'vocab_size',
+            'd_model',
+            'd_ff',
+            'n_heads',
+            'n_layers',
+            'max_len',
+            'n_rounds',
+            'lsh_chunk',
+            'ff_chunk',
+            'loss_chunk',
+        ):
             check_positive(f, getattr(self, f))
         check_divisible('d_model', self.d_model, self.n_heads, 'n_heads')
         if isinstance(self.attention, str) or not self.attention:
             raise ValueError(f'attention: expected a non-empty tuple of attention types, got {self.attention!r}')
-        for kind in self.attention: get_attention(kind)
+        for kind in self.attention:
+            get_attention(kind)
         check_divisible('n_layers', self.n_layers, len(self.attention), 'len(attention)')
         self.options_for('lsh')  # checks attention_options
-        if len(self.axial_shape) != 2 or len(self.axial_dims) != 2: raise ValueError(f'axial_shape: expected two factors and two widths, got {self.axial_shape} and {self.axial_dims}')
+        if len(self.axial_shape) != 2 or len(self.axial_dims) != 2:
+            raise ValueError(
+                f'axial_shape: expected two factors and two widths, got {self.axial_shape} and {self.axial_dims}'
+            )
         if self.axial_shape[0] * self.axial_shape[1] < self.max_len:
-            raise ValueError(f'axial_shape: expected a product of at least max_len = {self.max_len}, got {self.axial_shape}')
-        if sum(self.axial_dims) != self.d_model: raise ValueError(f'axial_dims: expected widths summing to d_model = {self.d_model}, got {self.axial_dims}')
+            raise ValueError(
+                f'axial_shape: expected a product of at least max_len = {self.max_len}, got {self.axial_shape}'
+            )
+        if sum(self.axial_dims) != self.d_model:
+            raise ValueError(f'axial_dims: expected widths summing to d_model = {self.d_model}, got {self.axial_dims}')
         check_range('dropout_rate', self.dropout_rate, 0, 1, inclusive_high=False)
-        check_choice('activation', self.activation, ACTIVATIONS); check_choice('residual', self.residual, MODES)
+        check_choice('activation', self.activation, ACTIVATIONS)
+        check_choice('residual', self.residual, MODES)
+
     def options_for(self, kind: str) -> dict:
-        "The self-attention options of `kind`; LSH layers take n_buckets, correct_duplicates and dense_threshold (rounds and chunk are fields)."
+        """The self-attention options of `kind`; LSH layers take n_buckets, correct_duplicates and dense_threshold
+        (rounds and chunk are fields)."""
         options = parse_attention_options(self.attention_options, self.attention)
         for name in options.get('lsh', {}):
             if name in ('n_rounds', 'chunk_length'):
-                raise ValueError(f"attention_options: lsh.{name} is set by the field {'n_rounds' if name == 'n_rounds' else 'lsh_chunk'}")
-            if name not in _LSH_LAYER_OPTIONS: raise ValueError(f'attention_options: the LSH layer takes {_LSH_LAYER_OPTIONS}, got lsh.{name}')
+                raise ValueError(
+                    f"attention_options: lsh.{name} is set by the field "
+                    f"{'n_rounds' if name == 'n_rounds' else 'lsh_chunk'}"
+                )
+            if name not in _LSH_LAYER_OPTIONS:
+                raise ValueError(f'attention_options: the LSH layer takes {_LSH_LAYER_OPTIONS}, got lsh.{name}')
         return options.get(kind, {})
+
     @classmethod
     def tiny(cls):
-        return cls(vocab_size=32, d_model=32, d_ff=64, n_heads=4, n_layers=2, max_len=256, axial_shape=(16, 16), axial_dims=(16, 16),
-                   attention=('lsh', 'full'), lsh_chunk=8, ff_chunk=16, loss_chunk=16)
+        return cls(
+            vocab_size=32,
+            d_model=32,
+            d_ff=64,
+            n_heads=4,
+            n_layers=2,
+            max_len=256,
+            axial_shape=(16, 16),
+            axial_dims=(16, 16),
+            attention=('lsh', 'full'),
+            lsh_chunk=8,
+            ff_chunk=16,
+            loss_chunk=16,
+        )
 
 # %% ../../nbs/33_models.reformer.ipynb #7bef930a
 class AxialPositions(nnx.Module):
@@ -112,38 +147,65 @@ class AxialPositions(nnx.Module):
 # %% ../../nbs/33_models.reformer.ipynb #5f245818
 EVAL_HASH_KEY = 0  # seed of the LSH hash key used when no key is given
 
+
 @nnx.remat
 def _lsh_inputs(norm, attention, x):
-    "LSH attention's shared query/keys and values of `LN(x)`, rematerialised: the backward pass recomputes them from `x` instead of keeping them."
+    """LSH attention's shared query/keys and values of `LN(x)`, rematerialised: the backward pass recomputes them from
+    `x` instead of keeping them."""
     return attention.inputs(norm(x))
+
 
 class AttentionSublayer(nnx.Module):
     "`dropout(attention(LN(x)))` for one attention type; self-attention, or cross-attention to `context` when `cross`."
+
     def __init__(self, c: ReformerConfig, kind: str, *, causal: bool, cross: bool = False, rngs: nnx.Rngs):
         self.norm = nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs)
         self.kind, self.cross = kind, cross
         options = {} if cross else c.options_for(kind)  # cross-attention is always plain full attention
-        if kind == 'lsh' and not cross:  # shared query/key projection (Reformer §2); we pass the hash key, so recomputation replays it
-            self.attention = LSHSelfAttention(c.d_model, c.n_heads, causal=causal, n_rounds=c.n_rounds, chunk_length=c.lsh_chunk, rngs=rngs, **options)
+        if (
+            kind == 'lsh' and not cross
+        ):  # shared query/key projection (Reformer §2); we pass the hash key, so recomputation replays it
+            self.attention = LSHSelfAttention(
+                c.d_model, c.n_heads, causal=causal, n_rounds=c.n_rounds, chunk_length=c.lsh_chunk, rngs=rngs, **options
+            )
         else:
-            self.attention = MultiHeadAttention(c.d_model, c.n_heads, attention='full' if cross else kind, attention_options=options,
-                                                causal=causal and not cross, dropout_rate=c.dropout_rate, rngs=rngs)
+            self.attention = MultiHeadAttention(
+                c.d_model,
+                c.n_heads,
+                attention='full' if cross else kind,
+                attention_options=options,
+                causal=causal and not cross,
+                dropout_rate=c.dropout_rate,
+                rngs=rngs,
+            )
         self.dropout = nnx.Dropout(c.dropout_rate)
 
     def __call__(self, x, *, key=None, context=None, aux=None):
         aux = aux or {}
         dropout_key = None if key is None else derive_key(key, 'dropout')
         if self.cross:
-            y = self.attention(self.norm(x), kv=self.attention.project_kv(context), padding_mask=aux.get('memory_mask'), dropout_key=dropout_key)
-        elif self.kind == 'lsh':  # an explicit hash key: the same buckets when the reversible backward recomputes this step
+            y = self.attention(
+                self.norm(x),
+                kv=self.attention.project_kv(context),
+                padding_mask=aux.get('memory_mask'),
+                dropout_key=dropout_key,
+            )
+        elif (
+            self.kind == 'lsh'
+        ):  # an explicit hash key: the same buckets when the reversible backward recomputes this step
             hash_key = make_key(EVAL_HASH_KEY) if key is None else derive_key(key, 'hash')
             qk, v = _lsh_inputs(self.norm, self.attention, x)
             y = self.attention.attend(qk, v, padding_mask=aux.get('padding_mask'), key=hash_key)
-        else: y = self.attention(self.norm(x), padding_mask=aux.get('padding_mask'), dropout_key=dropout_key)
-        return self.dropout(y, deterministic=key is None, rngs=None if key is None else nnx.Rngs(dropout=derive_key(key, 'output')))
+        else:
+            y = self.attention(self.norm(x), padding_mask=aux.get('padding_mask'), dropout_key=dropout_key)
+        return self.dropout(
+            y, deterministic=key is None, rngs=None if key is None else nnx.Rngs(dropout=derive_key(key, 'output'))
+        )
+
 
 class FeedForwardSublayer(nnx.Module):
     "`dropout(feed_forward(LN(x)))` applied `chunk` positions at a time (the (B, T, F) activation never exists)."
+
     def __init__(self, c: ReformerConfig, *, rngs: nnx.Rngs):
         self.norm = nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs)
         self.ff, self.chunk = FeedForward(c.d_model, c.d_ff, c.activation, c.dropout_rate, rngs=rngs), c.ff_chunk
@@ -151,34 +213,47 @@ class FeedForwardSublayer(nnx.Module):
 
     def __call__(self, x, *, key=None, context=None, aux=None):
         rngs = lambda k: None if k is None else nnx.Rngs(dropout=k)
-        y = chunked_apply(lambda h, k: self.ff(self.norm(h), rngs=rngs(k)), x, self.chunk, None if key is None else derive_key(key, 'ff'))
+        y = chunked_apply(
+            lambda h, k: self.ff(self.norm(h), rngs=rngs(k)),
+            x,
+            self.chunk,
+            None if key is None else derive_key(key, 'ff'),
+        )
         return self.dropout(y, deterministic=key is None, rngs=rngs(None if key is None else derive_key(key, 'output')))
+
 
 def reformer_sublayers(c: ReformerConfig, *, causal: bool, cross: bool = False, rngs: nnx.Rngs) -> list[nnx.Module]:
     "The steps of a stack, layer by layer: attention (of the layer's type), [cross-attention], feed-forward."
     steps = []
     for layer in range(c.n_layers):
         steps.append(AttentionSublayer(c, c.attention[layer % len(c.attention)], causal=causal, rngs=rngs))
-        if cross: steps.append(AttentionSublayer(c, 'full', causal=False, cross=True, rngs=rngs))
+        if cross:
+            steps.append(AttentionSublayer(c, 'full', causal=False, cross=True, rngs=rngs))
         steps.append(FeedForwardSublayer(c, rngs=rngs))
     return steps
 
 # %% ../../nbs/33_models.reformer.ipynb #718d082c
 class ReformerLM(nnx.Module):
     "Reformer language model: axial positions, reversible stack with per-layer attention types, chunked loss."
+
     def __init__(self, config: ReformerConfig, *, causal: bool = True, rngs: nnx.Rngs):
         self.config = c = config
-        self.token = nnx.Embed(c.vocab_size, c.d_model, embedding_init=nnx.initializers.normal(c.d_model ** -0.5), rngs=rngs)
+        self.token = nnx.Embed(
+            c.vocab_size, c.d_model, embedding_init=nnx.initializers.normal(c.d_model**-0.5), rngs=rngs
+        )
         self.positions = AxialPositions(c.axial_shape, c.axial_dims, c.max_len, rngs=rngs)
-        self.stack = ReversibleSequence(reformer_sublayers(c, causal=causal, rngs=rngs), period=2 * len(c.attention), mode=c.residual)
+        self.stack = ReversibleSequence(
+            reformer_sublayers(c, causal=causal, rngs=rngs), period=2 * len(c.attention), mode=c.residual
+        )
         self.final_norm = nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs)
 
     def hidden(self, tokens, *, positions=None, padding_mask=None, key=None, mode: str | None = None) -> jax.Array:
         "Final hidden states (B, T, D) of `tokens` (B, T); `key` drives dropout and LSH hashes (None: evaluation)."
         B, T = check_shape(tokens, 'B T', 'tokens').values()
-        if T > self.config.max_len: raise ValueError(f'tokens: length {T} exceeds max_len = {self.config.max_len}')
+        if T > self.config.max_len:
+            raise ValueError(f'tokens: length {T} exceeds max_len = {self.config.max_len}')
         positions = jnp.arange(T)[None] if positions is None else positions
-        x = self.token(tokens) * self.config.d_model ** 0.5 + self.positions(positions)  # (B, T, D)
+        x = self.token(tokens) * self.config.d_model**0.5 + self.positions(positions)  # (B, T, D)
         aux = {'padding_mask': padding_mask}
         x1, x2 = self.stack(x, x, key=key, aux=aux, mode=mode)
         return self.final_norm((x1 + x2) / 2)
@@ -191,30 +266,49 @@ class ReformerLM(nnx.Module):
         key = None if rngs is None else rngs.dropout()
         return self.logits(self.hidden(tokens, positions=positions, padding_mask=padding_mask, key=key))
 
+
 def reformer_loss(label_smoothing: float = 0.0) -> Callable:
-    "A trainer `loss_fn(model, batch, rngs)` for `inputs`/`targets`/`loss_mask` batches, with the chunked output layer and loss."
+    """A trainer `loss_fn(model, batch, rngs)` for `inputs`/`targets`/`loss_mask` batches, with the chunked output
+    layer and loss."""
+
     def loss_fn(model, batch, rngs):
         h = model.hidden(batch['inputs'], key=None if rngs is None else rngs.dropout())
-        return chunked_cross_entropy(h, model.logits, batch['targets'], batch.get('loss_mask'),
-                                     chunk_size=model.config.loss_chunk, label_smoothing=label_smoothing)
+        return chunked_cross_entropy(
+            h,
+            model.logits,
+            batch['targets'],
+            batch.get('loss_mask'),
+            chunk_size=model.config.loss_chunk,
+            label_smoothing=label_smoothing,
+        )
+
     return loss_fn
 
 # %% ../../nbs/33_models.reformer.ipynb #2d5833d7
 class ReformerEncoderDecoder(nnx.Module):
-    "Reversible encoder and decoder (self-attention, cross-attention, feed-forward per decoder layer), shared tied embeddings."
+    """Reversible encoder and decoder (self-attention, cross-attention, feed-forward per decoder layer), shared tied
+    embeddings."""
+
     def __init__(self, config: ReformerConfig, *, rngs: nnx.Rngs):
         self.config = c = config
-        self.token = nnx.Embed(c.vocab_size, c.d_model, embedding_init=nnx.initializers.normal(c.d_model ** -0.5), rngs=rngs)
+        self.token = nnx.Embed(
+            c.vocab_size, c.d_model, embedding_init=nnx.initializers.normal(c.d_model**-0.5), rngs=rngs
+        )
         self.positions = AxialPositions(c.axial_shape, c.axial_dims, c.max_len, rngs=rngs)
-        self.encoder = ReversibleSequence(reformer_sublayers(c, causal=False, rngs=rngs), period=2 * len(c.attention), mode=c.residual)
-        self.decoder = ReversibleSequence(reformer_sublayers(c, causal=True, cross=True, rngs=rngs), period=3 * len(c.attention), mode=c.residual)
+        self.encoder = ReversibleSequence(
+            reformer_sublayers(c, causal=False, rngs=rngs), period=2 * len(c.attention), mode=c.residual
+        )
+        self.decoder = ReversibleSequence(
+            reformer_sublayers(c, causal=True, cross=True, rngs=rngs), period=3 * len(c.attention), mode=c.residual
+        )
         self.encoder_norm = nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs)
         self.decoder_norm = nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs)
 
     def embed(self, tokens):
         T = check_shape(tokens, 'B T', 'tokens')['T']
-        if T > self.config.max_len: raise ValueError(f'tokens: length {T} exceeds max_len = {self.config.max_len}')
-        return self.token(tokens) * self.config.d_model ** 0.5 + self.positions(jnp.arange(T)[None])
+        if T > self.config.max_len:
+            raise ValueError(f'tokens: length {T} exceeds max_len = {self.config.max_len}')
+        return self.token(tokens) * self.config.d_model**0.5 + self.positions(jnp.arange(T)[None])
 
     def encode(self, source, source_mask=None, *, key=None) -> jax.Array:  # (B, S) -> (B, S, D)
         x1, x2 = self.encoder(*[self.embed(source)] * 2, key=key, aux={'padding_mask': source_mask})
@@ -225,340 +319,11 @@ class ReformerEncoderDecoder(nnx.Module):
         y1, y2 = self.decoder(*[self.embed(targets_in)] * 2, key=key, context=memory, aux=aux)
         return self.decoder_norm((y1 + y2) / 2)
 
-    def logits(self, hidden): return hidden @ self.token.embedding[...].T.astype(hidden.dtype)
+    def logits(self, hidden):
+        return hidden @ self.token.embedding[...].T.astype(hidden.dtype)
 
     def __call__(self, source, targets_in, *, source_mask=None, rngs: nnx.Rngs | None = None) -> jax.Array:
         "Logits (B, T, V) for decoder inputs `targets_in` (B, T) given `source` (B, S)."
         key = None if rngs is None else rngs.dropout()
         k_enc, k_dec = (None, None) if key is None else (derive_key(key, 'encoder'), derive_key(key, 'decoder'))
         return self.logits(self.decode(self.encode(source, source_mask, key=k_enc), targets_in, source_mask, key=k_dec))
-
-# %% ../../nbs/33_models.reformer.ipynb #9dc81362
-def _axial_shape(length: int) -> tuple[int, int]:
-    second = 2 ** int(np.ceil(np.log2(np.sqrt(length))))
-    return (-(-length // second), second)
-
-def bench_config(n_layers: int, length: int, residual: str = 'reversible', attention: str = 'lsh', d_model: int = 256, n_heads: int = 4) -> ReformerConfig:
-    "The benchmark model: reformer-pytorch's setting (width 256, 4 heads, chunk 64, 4 rounds, vocabulary 256, d_ff = 4 D)."
-    return ReformerConfig(vocab_size=256, d_model=d_model, d_ff=4 * d_model, n_heads=n_heads, n_layers=n_layers, max_len=length,
-                          axial_shape=_axial_shape(length), axial_dims=(d_model // 2, d_model // 2), attention=(attention,),
-                          ff_chunk=min(length, 4096), loss_chunk=min(length, 4096), residual=residual)
-
-def training_step(n_layers: int, length: int, residual: str = 'reversible', attention: str = 'lsh', d_model: int = 256,
-                  n_heads: int = 4, repeats: int = 1,
-                  devices: int = 1,  # > 1: LSH heads sharded over that many devices (`lsh.heads_devices`)
-                  low_memory: bool = True) -> dict:  # compile with `bench.memory_first_options`
-    "Seconds per Adam training step of `bench_config` on one random sequence (compiled ahead, then timed); run it in its own process for peak memory."
-    check_positive('repeats', repeats)
-    c = bench_config(n_layers, length, residual, attention, d_model, n_heads)
-    graphdef, params, rest = nnx.split(ReformerLM(c, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    optimizer, loss_fn = optax.adam(1e-4), reformer_loss()
-    def step(params, opt_state, batch, key):
-        loss_of = lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, nnx.Rngs(dropout=key))[0]
-        loss, grads = jax.value_and_grad(loss_of)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-    tokens = jax.random.randint(make_key(0), (1, length + 1), 0, c.vocab_size)
-    batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': jnp.ones((1, length), jnp.float32)}
-    opt_state, start = optimizer.init(params), time.perf_counter()
-    with heads_devices(devices):
-        step = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch, make_key(1)).compile(  # compiled apart from the timing
-            memory_first_options() if low_memory else None)
-        compile_s, times = time.perf_counter() - start, []
-        cpu = time.process_time()
-        for i in range(repeats):
-            start = time.perf_counter()
-            params, opt_state, loss = jax.block_until_ready(step(params, opt_state, batch, make_key(2 + i)))
-            times.append(time.perf_counter() - start)
-    return {'seconds': min(times), 'cpu_seconds': (time.process_time() - cpu) / repeats, 'compile_s': compile_s, 'loss': float(loss),
-            'load_average': os.getloadavg()[0]}
-
-# %% ../../nbs/33_models.reformer.ipynb #eacf64b5
-MEMORY_GRID = [(L, m, n) for L in (16384, 65536) for n in (2, 4, 8, 12) for m in MODES]  # (tokens, residual, layers)
-
-def memory_point(length: int, mode: str, n_layers: int, machine: dict | None = None) -> list[dict]:
-    "Records (peak memory, step time, compile time) of one grid point, measured in its own process."
-    config = {'length': length, 'residual': mode, 'n_layers': n_layers, 'attention': 'lsh', 'd_model': 256, 'n_heads': 4, 'n_rounds': 4}
-    r = run_isolated('transformers_howfar.models.reformer:training_step', {'n_layers': n_layers, 'length': length, 'residual': mode}, timeout=1800)
-    config.update({'error': r['error']} if 'error' in r else {'load_average': r.get('load_average'), 'loss': r.get('loss')})
-    machine = machine or machine_info()
-    return [make_record('memory', config, metric, r.get(key), unit, machine)
-            for metric, key, unit in (('peak_memory', 'peak_rss_gb', 'GB'), ('step_time', 'seconds', 's'), ('compile_time', 'compile_s', 's'))]
-
-def memory_benchmark(quick: bool = False) -> list[dict]:
-    "Peak memory and seconds of a ReformerLM training step against depth (2-12 layers, 16K and 64K tokens): reversible vs ordinary vs remat."
-    machine = machine_info()
-    grid = [(64, m, 1) for m in ('reversible', 'ordinary')] if quick else MEMORY_GRID
-    return [r for point in grid for r in memory_point(*point, machine=machine)]
-
-# %% ../../nbs/33_models.reformer.ipynb #8b1d93fc
-def million_benchmark(quick: bool = False) -> list[dict]:
-    "Seconds and peak memory of one ReformerLM training step on a single 1,048,576-token sequence (2 LSH layers, reversible)."
-    machine, length, n_layers = machine_info(), 4096 if quick else 2 ** 20, 2
-    config = {'length': length, 'residual': 'reversible', 'n_layers': n_layers, 'attention': 'lsh', 'd_model': 256, 'n_heads': 4, 'n_rounds': 4}
-    r = run_isolated('transformers_howfar.models.reformer:training_step', {'n_layers': n_layers, 'length': length}, timeout=3600)
-    config.update({'error': r['error']} if 'error' in r else {'load_average': r.get('load_average'), 'loss': r.get('loss')})
-    return [make_record('reformer_1m', config, metric, r.get(key), unit, machine)
-            for metric, key, unit in (('peak_memory', 'peak_rss_gb', 'GB'), ('step_time', 'seconds', 's'), ('compile_time', 'compile_s', 's'))]
-
-# %% ../../nbs/33_models.reformer.ipynb #33299421
-_TORCH_LM = r'''
-import json, os, resource, sys, time
-if sys.argv[5:]: os.sched_setaffinity(0, [int(c) for c in sys.argv[5].split(',')])  # before torch starts threads
-import torch, reformer_pytorch
-from reformer_pytorch import ReformerLM
-n_layers, T, threads, warmup = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-torch.set_num_threads(threads); torch.manual_seed(0)
-model = ReformerLM(num_tokens=256, dim=256, depth=n_layers, max_seq_len=T, heads=4, dim_head=64, bucket_size=64, n_hashes=4,
-                   causal=True, axial_position_emb=True).train()
-optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-tokens = torch.randint(0, 256, (1, T + 1))
-def step():
-    loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:])
-    optimizer.zero_grad(); loss.backward(); optimizer.step()
-    return loss.item()
-start = time.perf_counter()
-for _ in range(warmup): step()
-first = time.perf_counter() - start
-start, cpu = time.perf_counter(), time.process_time(); loss = step(); seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-print('@@RESULT@@' + json.dumps({'seconds': seconds, 'cpu_seconds': cpu, 'first_step_s': first, 'loss': loss, 'threads': threads,
-      'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-      'versions': {'torch': torch.__version__, 'reformer_pytorch': getattr(reformer_pytorch, '__version__', None)}}))
-'''
-
-SINGLE_THREAD_XLA = '--xla_cpu_multi_thread_eigen=false'  # XLA_FLAGS for single-threaded products; pin the process to one core too
-
-def torch_lm_step(n_layers: int, length: int, python: str, threads: int | None = None, warmup: int = 1, timeout: float = 1800,
-                  cpus=None) -> dict:  # CPU cores to pin the process to, or None
-    "Seconds and peak memory of a reformer-pytorch `ReformerLM` Adam step after `warmup` steps, run by the Python `python`."
-    threads, cpus = threads or os.cpu_count() or 1, check_cpus(cpus)
-    with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as f: f.write(_TORCH_LM)
-    try: proc = subprocess.run([python, f.name, str(n_layers), str(length), str(threads), str(warmup)] + ([','.join(map(str, cpus))] if cpus else []), capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, 'OMP_NUM_THREADS': str(threads)})
-    except subprocess.TimeoutExpired: return {'error': f'timed out after {timeout} s'}
-    finally: os.unlink(f.name)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith('@@RESULT@@'): return json.loads(line[len('@@RESULT@@'):])
-    if proc.returncode < 0: return {'error': f'killed by signal {-proc.returncode} (out of memory?)'}
-    return {'error': ((proc.stderr or proc.stdout).strip().splitlines() or [''])[-1][-300:]}
-
-TORCH_GRID = [(16384, 2, 1), (65536, 2, 1), (16384, 8, 1), (65536, 2, 2)]  # (tokens, layers, threads)
-
-def torch_point(length: int, n_layers: int, python: str, machine: dict | None = None, threads: int = 1) -> list[dict]:
-    "Step time and peak memory of ours, then reformer-pytorch's, ReformerLM at one (length, layers), each in its own process."
-    machine, records = machine or machine_info(), []
-    # one thread on one core; or one CPU device per thread, with the LSH heads sharded over them
-    env = {'XLA_FLAGS': SINGLE_THREAD_XLA if threads == 1 else f'--xla_force_host_platform_device_count={threads}'}
-    cpus = [min(os.sched_getaffinity(0))] if threads == 1 else None  # thread flags alone leave some of XLA's work parallel
-    for impl in ('transformers_howfar', 'reformer_pytorch'):
-        r = (run_isolated('transformers_howfar.models.reformer:training_step', {'n_layers': n_layers, 'length': length, 'devices': threads},
-                             timeout=3600, env=env, cpus=cpus)
-             if impl == 'transformers_howfar' else torch_lm_step(n_layers, length, python, threads, timeout=3600, cpus=cpus))
-        config = {'length': length, 'n_layers': n_layers, 'implementation': impl, 'residual': 'reversible', 'd_model': 256, 'n_heads': 4,
-                  'bucket': 64, 'n_rounds': 4, 'vocab_size': 256, 'threads': threads, 'cores': len(cpus or os.sched_getaffinity(0)), 'load_average': os.getloadavg()[0]}
-        config.update({'error': r['error']} if 'error' in r else {'loss': r.get('loss'), 'versions': r.get('versions')})
-        records += [make_record('reformer_pytorch', config, 'step_time', r.get('seconds'), 's', machine),
-                    make_record('reformer_pytorch', config, 'step_cpu_time', r.get('cpu_seconds'), 's', machine),
-                    make_record('reformer_pytorch', config, 'peak_memory', r.get('peak_rss_gb'), 'GB', machine)]
-    return records
-
-def reformer_pytorch_benchmark(quick: bool = False) -> list[dict]:
-    "ReformerLM training step here and in reformer-pytorch (`HOWFAR_TORCH_PYTHON`), interleaved: seconds and peak memory."
-    python = os.environ.get('HOWFAR_TORCH_PYTHON')
-    if not python: raise ValueError('HOWFAR_TORCH_PYTHON: expected the path of a Python with torch and reformer-pytorch, got nothing')
-    machine = machine_info()
-    return [r for L, n, threads in ([(512, 2, 1)] if quick else TORCH_GRID) for r in torch_point(L, n, python, machine, threads)]
-
-# %% ../../nbs/33_models.reformer.ipynb #173691c7
-def profile_step(length: int = 16384, n_layers: int = 2, repeats: int = 2) -> dict:
-    "Seconds of the parts of a reversible `bench_config` training step: LSH attention, feed-forward, loss, Adam, whole step."
-    c, key = bench_config(n_layers, length), make_key(1)
-    x = jax.random.normal(make_key(0), (1, length, c.d_model))
-    targets = jax.random.randint(make_key(2), (1, length), 0, c.vocab_size)
-    def part(module):
-        g, state = nnx.split(module)
-        return (lambda state, x: nnx.merge(g, state)(x, key=key)), state
-    attention, s_att = part(AttentionSublayer(c, 'lsh', causal=True, rngs=nnx.Rngs(0)))
-    ff, s_ff = part(FeedForwardSublayer(c, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(ReformerLM(c, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    batch = {'inputs': targets, 'targets': targets, 'loss_mask': jnp.ones((1, length), jnp.float32)}
-    loss_of = lambda p: reformer_loss()(nnx.merge(graphdef, p, rest), batch, nnx.Rngs(dropout=key))[0]
-    table = params['token']['embedding'][...]
-    optimizer = optax.adam(1e-4)
-    parts = {'attention_forward': (attention, s_att, x), 'attention_forward_backward': (lambda s, x: jax.vjp(attention, s, x)[1](x), s_att, x),
-             'ff_forward': (ff, s_ff, x), 'ff_forward_backward': (lambda s, x: jax.vjp(ff, s, x)[1](x), s_ff, x),
-             'loss_forward_backward': (jax.grad(lambda x, e: chunked_cross_entropy(x, lambda h: h @ e.T, targets, chunk_size=c.loss_chunk)[0], (0, 1)), x, table),
-             'adam_update': (lambda p, st: optax.apply_updates(p, optimizer.update(p, st, p)[0]), params, optimizer.init(params)),
-             'model_forward': (loss_of, params), 'model_forward_backward': (jax.grad(loss_of), params)}
-    return {name: time_call(jax.jit(f), *args, repeats=repeats)['min_s'] for name, (f, *args) in parts.items()} | {'load_average': os.getloadavg()[0]}
-
-def profile_benchmark(quick: bool = False) -> list[dict]:
-    "Seconds of the parts of a reversible ReformerLM training step (2 layers, 4K tokens; 512 when quick), in one process."
-    machine, length = machine_info(), 512 if quick else 4096
-    r = run_isolated('transformers_howfar.models.reformer:profile_step', {'length': length, 'n_layers': 2}, timeout=1800)
-    config = {'length': length, 'n_layers': 2, 'residual': 'reversible', 'attention': 'lsh', 'd_model': 256, 'n_heads': 4, 'n_rounds': 4}
-    if 'error' in r: return [make_record('reformer_profile', {**config, 'error': r['error']}, 'seconds', None, 's', machine)]
-    config['load_average'] = r.pop('load_average', None)
-    return [make_record('reformer_profile', {**config, 'part': name}, 'seconds', r[name], 's', machine) for name in r
-            if name not in ('peak_rss_gb', 'baseline_rss_gb')]
-
-# %% ../../nbs/33_models.reformer.ipynb #2fa5489e
-LONGCONTEXT_RUNS = {'reformer_16k': ('reformer', 16384, ('lsh',)),  # run: (model, context in bytes, attention of the layers in turn)
-                    'reformer_local_lsh_16k': ('reformer', 16384, ('local', 'lsh')), 'reformer_local_lsh_1k': ('reformer', 1024, ('local', 'lsh')),
-                    'transformer_1k': ('transformer', 1024, ('full',))}
-
-def byte_stream(which: str = 'train', sources=('wikipedia', 'brown'), data_dir=None) -> np.ndarray:
-    "The documents of one split of fetched text `sources` as one stream of UTF-8 bytes (documents apart by a blank line)."
-    docs = [doc for name in sources for doc in load_split(name, which, data_dir)]
-    return np.frombuffer('\n\n'.join('\n'.join(doc) for doc in docs).encode('utf-8'), np.uint8)
-
-def _longcontext_model(kind: str, length: int, quick: bool, attention=('lsh',)) -> tuple[nnx.Module, Callable]:
-    d, f = (32, 64) if quick else (128, 512)
-    if kind == 'transformer':
-        c = LMConfig(vocab_size=256, d_model=d, d_ff=f, n_heads=4, n_layers=2, max_len=length, dropout_rate=0.0, activation='relu')
-        return LM(c, rngs=nnx.Rngs(0)), lm_loss()
-    c = ReformerConfig(vocab_size=256, d_model=d, d_ff=f, n_heads=4, n_layers=2, max_len=length, axial_shape=_axial_shape(length),
-                       axial_dims=(d // 2, d // 2), attention=tuple(attention), n_rounds=2, ff_chunk=min(length, 4096), loss_chunk=min(length, 4096))
-    return ReformerLM(c, rngs=nnx.Rngs(0)), reformer_loss()
-
-def _byte_windows(stream: np.ndarray, starts, length: int) -> dict:
-    "Next-byte batches: `length` bytes from each start, and the bytes one position on as targets."
-    idx = np.asarray(starts)[:, None] + np.arange(length)
-    return {'inputs': stream[idx].astype(np.int32), 'targets': stream[idx + 1].astype(np.int32),
-            'loss_mask': np.ones(idx.shape, np.float32)}
-
-# %% ../../nbs/33_models.reformer.ipynb #c3a9e0f1
-def ngram_bits(train: np.ndarray, held_out: np.ndarray, n: int, alpha: float = 0.01) -> float:
-    "Held-out bits per byte of an add-`alpha` n-gram model of bytes counted on `train`: a count baseline (n = 2 is the bigram level)."
-    check_choice('n', n, range(1, 8)); check_positive('alpha', alpha)
-    if len(train) < n or len(held_out) < n: raise ValueError(f'train, held_out: expected at least n = {n} bytes each')
-    codes = lambda s, m: sum(np.asarray(s[j:len(s) - m + 1 + j], np.int64) << (8 * (m - 1 - j)) for j in range(m))  # m bytes as one integer
-    def counts(m, queries):
-        if m == 0: return np.full(len(queries), len(train) - n + 1)
-        keys, c = np.unique(codes(train, m), return_counts=True)
-        i = np.clip(np.searchsorted(keys, queries), 0, len(keys) - 1)
-        return np.where(keys[i] == queries, c[i], 0)
-    grams = codes(held_out, n)
-    contexts = grams >> 8 if n > 1 else np.zeros_like(grams)
-    p = (counts(n, grams) + alpha) / (counts(n - 1, contexts) + 256 * alpha)
-    return float(-np.mean(np.log2(p)))
-
-# %% ../../nbs/33_models.reformer.ipynb #e0dc831f
-def _longcontext_trainer(kind, length, attention, steps, tokens_per_step, eval_bytes, learning_rate, evals, quick, run_dir, progress=False):
-    model, loss_fn = _longcontext_model(kind, length, quick, attention)
-    batch = tokens_per_step // length
-    config = TrainConfig(steps=steps, batch_size=batch, optimizer='adamw', weight_decay=0.0, learning_rate=learning_rate,
-                         warmup_steps=max(1, steps // 10), final_lr_fraction=0.0, eval_every=max(1, steps // evals),
-                         eval_batches=eval_bytes // tokens_per_step, checkpoint_every=max(1, steps // evals),
-                         log_every=max(1, min(10, steps // evals)), keep_checkpoints=2, progress=progress)
-    shapes = {k: (batch, length) for k in ('inputs', 'targets', 'loss_mask')}
-    return Trainer(model, loss_fn, config, run_dir=run_dir, batch_shapes=shapes)
-
-def _longcontext_curve(records: list[dict]) -> list[dict]:
-    "Held-out (and latest training) bits per byte at each evaluation of a metrics log; a repeated step keeps its last record."
-    evals, train, curve = {r['step']: r for r in records if r['split'] == 'eval'}, [r for r in records if r['split'] == 'train'], []
-    for step, r in sorted(evals.items()):
-        last = [t for t in train if t['step'] <= step]
-        curve.append({'step': step, 'valid_bits': r['nll'] / np.log(2), 'train_bits': last[-1]['nll'] / np.log(2) if last else None})
-    return curve
-
-def train_longcontext(run: str, steps: int, tokens_per_step: int = 16384,
-                      eval_bytes: int = 131072,  # held-out bytes scored, from the start of the valid split
-                      learning_rate: float = 2e-3, evals: int = 10, quick: bool = False, data_dir=None,
-                      run_dir=None,  # folder for checkpoints and metrics.jsonl; None: a temporary one
-                      resume: bool = False,  # continue from run_dir's newest checkpoint instead of starting over
-                      progress: bool = False) -> dict:
-    "Train one `LONGCONTEXT_RUNS` model on byte windows of Wikipedia + Brown with the `Trainer`; held-out bits per byte and seconds."
-    kind, length, attention = LONGCONTEXT_RUNS[check_choice('run', run, list(LONGCONTEXT_RUNS))]
-    check_positive('steps', steps); check_positive('evals', evals)
-    if quick: length, tokens_per_step, eval_bytes = length // 64, tokens_per_step // 64, eval_bytes // 64
-    check_divisible('tokens_per_step', tokens_per_step, length, 'the context length')
-    check_divisible('eval_bytes', eval_bytes, tokens_per_step, 'tokens_per_step (evaluation batches have the training shape)')
-    train, valid = byte_stream('train', data_dir=data_dir), byte_stream('valid', data_dir=data_dir)
-    if len(valid) <= eval_bytes: raise ValueError(f'eval_bytes: expected fewer than the {len(valid)} held-out bytes, got {eval_bytes}')
-    if len(train) <= length + 1: raise ValueError(f'run: the training text has {len(train)} bytes, too few for a context of {length}')
-    settings = {'run': run, 'steps': steps, 'tokens_per_step': tokens_per_step, 'eval_bytes': eval_bytes, 'learning_rate': learning_rate,
-                'evals': evals, 'quick': quick}
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(run_dir) if run_dir else Path(tmp) / run
-        if not resume: shutil.rmtree(run_dir, ignore_errors=True)
-        saved = json.loads((run_dir / 'settings.json').read_text()) if (run_dir / 'settings.json').is_file() else None
-        for k in (settings if saved else []):  # a run goes on only with the settings it started with (its schedule depends on steps)
-            if saved.get(k) != settings[k]: raise ValueError(f'{k}: the run in {run_dir} started with {k} = {saved.get(k)!r}, got {settings[k]!r}; pass the same value to go on, or resume=False to start over')
-        run_dir.mkdir(parents=True, exist_ok=True); (run_dir / 'settings.json').write_text(json.dumps(settings))
-        trainer = _longcontext_trainer(kind, length, attention, steps, tokens_per_step, eval_bytes, learning_rate, evals, quick, run_dir, progress)
-        data = SyntheticBatches(lambda rng, b: _byte_windows(train, rng.integers(0, len(train) - length - 1, b), length),
-                                tokens_per_step // length)
-        held_out = lambda: (_byte_windows(valid, np.arange(s, s + tokens_per_step, length), length) for s in range(0, eval_bytes, tokens_per_step))
-        trainer.fit(data, held_out, resume=resume)
-        parameters = int(sum(x.size for x in jax.tree.leaves(nnx.state(trainer.model, nnx.Param))))
-        return longcontext_result(run, read_metrics(run_dir), parameters, tokens_per_step, eval_bytes, quick)
-
-def longcontext_result(run: str, records: list[dict], parameters: int, tokens_per_step: int = 16384, eval_bytes: int = 131072,
-                       quick: bool = False) -> dict:
-    "The result of a `train_longcontext` run from its metrics log `records`: held-out curve, seconds, median seconds per step."
-    kind, length, attention = LONGCONTEXT_RUNS[check_choice('run', run, list(LONGCONTEXT_RUNS))]
-    curve, windows = _longcontext_curve(records), [r for r in records if r['split'] == 'train']
-    if not curve or not windows: raise ValueError('records: expected the train and eval records of a metrics log, got none of one kind')
-    step_s = [tokens_per_step / r['tokens_per_s'] for r in windows[1:] or windows]  # per log window; the first includes compilation
-    return {'run': run, 'model': kind, 'context': length // (64 if quick else 1), 'attention': list(attention), 'steps': curve[-1]['step'],
-            'tokens_per_step': tokens_per_step, 'eval_bytes': eval_bytes, 'parameters': parameters, 'valid_bits_per_byte': curve[-1]['valid_bits'],
-            'curve': curve, 'seconds': max(r['seconds'] for r in records), 'median_step_s': float(np.median(step_s)),
-            'load_average': os.getloadavg()[0]}
-
-# %% ../../nbs/33_models.reformer.ipynb #b7c41e20
-def longcontext_cost(kind: str, length: int, attention=('lsh',), tokens_per_step: int = 16384, steps: int = 3) -> dict:
-    "Compile the long-context training step of `kind` ('reformer' or 'transformer') at `length` bytes: XLA's planned memory, and seconds per step where the plan fits in this machine's memory. Run it in its own process for peak memory."
-    check_choice('kind', kind, ['reformer', 'transformer']); check_positive('steps', steps)
-    check_divisible('tokens_per_step', tokens_per_step, length, 'length')
-    trainer = _longcontext_trainer(kind, length, attention, steps, tokens_per_step, tokens_per_step, 2e-3, 1, False, None)
-    stream = np.random.default_rng(0).integers(0, 256, tokens_per_step + 1, dtype=np.uint8)
-    batch, start = trainer._put(_byte_windows(stream, np.arange(0, tokens_per_step, length), length)), time.perf_counter()
-    step = trainer._train_step.lower(trainer.state, batch).compile()
-    m, compile_s = step.memory_analysis(), time.perf_counter() - start
-    plan = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 1e9
-    total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9
-    out = {'plan_gb': plan, 'machine_memory_gb': total, 'compile_s': compile_s, 'seconds': None, 'load_average': os.getloadavg()[0]}
-    if plan > 0.9 * total: return out  # would not fit: not run
-    state, times = trainer.state, []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = jax.block_until_ready(step(state, batch))
-        times.append(time.perf_counter() - start)
-    return {**out, 'seconds': float(np.median(times)), 'loss': float(metrics['loss'])}
-
-LONGCONTEXT_COSTS = ([('transformer', L, ('full',)) for L in (1024, 2048, 4096, 8192, 16384)] +  # (model, context, attention)
-                     [('reformer', L, ('local', 'lsh')) for L in (1024, 4096, 16384)] + [('reformer', 16384, ('lsh',))])
-
-def longcontext_experiment(quick: bool = False, steps: int = 500, out_dir='experiments/results', resume: bool = False,
-                           runs=tuple(LONGCONTEXT_RUNS),  # a subset lets separate processes train different runs
-                           costs: bool = True,  # also measure each model's step at `LONGCONTEXT_COSTS` lengths
-                           baselines=(1, 2, 3, 4)) -> list[dict]:  # n of the count n-gram baselines scored on the same held-out bytes
-    "ReformerLM at 16K and 1K bytes of context against a same-size Transformer at 1K on Wikipedia + Brown: held-out bits per byte; step time and memory against context length."
-    for run in runs: check_choice('runs', run, list(LONGCONTEXT_RUNS))
-    machine, records = machine_info(), []
-    for run in runs:
-        path = Path(out_dir) / f'reformer_longcontext_{run}.json'
-        done = json.loads(path.read_text())[0] if resume and not quick and path.is_file() else None
-        if done is not None and done['steps'] != steps:
-            raise ValueError(f"steps: {path} holds a finished run of {done['steps']} steps, got steps = {steps}; pass steps={done['steps']} to gather it, or delete the file to train again")
-        if done is not None: result = {'attention': list(LONGCONTEXT_RUNS[run][2]), **done}  # files written before runs named their attention lack it
-        else:  # trains, or goes on from the run's newest checkpoint
-            run_dir = None if quick else experiment_dir('reformer_longcontext') / run
-            result = train_longcontext(run, 3 if quick else steps, quick=quick, run_dir=run_dir, resume=resume)
-            if not quick: write_records(path, [result])
-        config = {k: result[k] for k in ('run', 'model', 'context', 'attention', 'steps', 'tokens_per_step', 'eval_bytes', 'parameters', 'load_average')}
-        records += [make_record('reformer_longcontext', {**config, 'curve': result['curve']}, 'valid_bits_per_byte', result['valid_bits_per_byte'], 'bits', machine),
-                    make_record('reformer_longcontext', config, 'train_seconds', result['seconds'], 's', machine),
-                    make_record('reformer_longcontext', config, 'step_seconds', result['median_step_s'], 's', machine)]
-    if baselines:
-        train, held_out = byte_stream('train'), byte_stream('valid')[:131072 // (64 if quick else 1) + 1]
-        records += [make_record('reformer_longcontext', {'model': f'{n}-gram', 'n': n, 'alpha': 0.01, 'eval_bytes': len(held_out) - 1},
-                                'ngram_bits_per_byte', ngram_bits(train, held_out, n), 'bits', machine) for n in baselines]
-    for kind, length, attention in (LONGCONTEXT_COSTS if costs and not quick else []):
-        r = run_isolated('transformers_howfar.models.reformer:longcontext_cost', {'kind': kind, 'length': length, 'attention': attention}, timeout=1800)
-        config = {'model': kind, 'context': length, 'attention': list(attention), 'tokens_per_step': 16384,
-                  **({'error': r['error']} if 'error' in r else {'load_average': r['load_average'], 'compile_s': r['compile_s']})}
-        records += [make_record('reformer_longcontext', config, metric, r.get(key), 'GB' if 'memory' in metric else 's', machine)
-                    for metric, key in (('cost_step_seconds', 'seconds'), ('cost_peak_memory', 'peak_rss_gb'), ('cost_planned_memory', 'plan_gb'))]
-    return records

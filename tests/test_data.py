@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transformers_howfar.data import batches as B, sources as D
+from transformers_howfar.data import batches as B, loaders as L, sources as D
 from transformers_howfar.data.tokenizer import BOS_ID, CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, CharTokenizer, SentencePieceTokenizer
 
 FIXTURES = Path(__file__).parent / 'fixtures'
@@ -44,23 +44,23 @@ def test_fetch_is_idempotent(fetched):
 @pytest.mark.parametrize('name', list(D.SOURCES))
 def test_real_splits_are_fixed_and_disjoint(fetched, name):
     src = D.SOURCES[name]
-    parts = {w: D.load_split(name, w) for w in ('train', 'valid', 'test')}
+    parts = {w: L.load_split(name, w) for w in ('train', 'valid', 'test')}
     if src.kind == 'labelled':
         parts = {w: p[0] for w, p in parts.items()}
     key = (lambda d: '\n'.join(d)) if src.kind == 'text' else (lambda x: x[0] if isinstance(x, tuple) else x)
     sets = {w: {key(x) for x in p} for w, p in parts.items()}
     assert len(parts['valid']) == src.splits['valid'] and len(parts['test']) == src.splits['test']
     assert not sets['train'] & sets['valid'] and not sets['train'] & sets['test'] and not sets['valid'] & sets['test']
-    assert repr(D.load_split(name, 'test')) == repr(D.load_split(name, 'test'))  # same split every time
+    assert repr(L.load_split(name, 'test')) == repr(L.load_split(name, 'test'))  # same split every time
 
 
 def test_real_text_is_clean(fetched):
-    wiki = '\n'.join(p for d in D.load_documents('wikipedia') for p in d)
+    wiki = '\n'.join(p for d in L.load_documents('wikipedia') for p in d)
     for markup in ('[[', ']]', '{{', '}}', '<ref', '&amp;', "'''"):
         assert markup not in wiki, markup
-    brown = D.load_documents('brown')
+    brown = L.load_documents('brown')
     assert brown[0][0].startswith('The Fulton County Grand Jury said Friday') and '/at' not in brown[0][0]
-    pairs = D.load_pairs('libreoffice_en_fr')
+    pairs = L.load_pairs('libreoffice_en_fr')
     assert all(e != f and e and f and '\t' not in e + f for e, f in pairs)
     ratio = np.median([len(f) / len(e) for e, f in pairs])
     assert 1.05 < ratio < 1.4  # French is a little longer than English
@@ -75,9 +75,9 @@ def test_cli_data_list_and_fetch(fetched):
 
 
 def test_sentencepiece_on_real_text(fetched):
-    lines = [p for d in D.load_split('brown', 'train')[:100] for p in d]
+    lines = [p for d in L.load_split('brown', 'train')[:100] for p in d]
     sp = SentencePieceTokenizer.train(lines, vocab_size=2000)
-    held = [p for d in D.load_split('brown', 'valid') for p in d][:500]
+    held = [p for d in L.load_split('brown', 'valid') for p in d][:500]
     assert all(sp.decode(sp.encode(s)) == s for s in held)
     per_word = sum(len(sp.encode(s)) for s in held) / sum(len(s.split()) for s in held)
     assert 1.1 < per_word < 2.5
@@ -113,24 +113,24 @@ def test_missing_client_is_named(monkeypatch, tmp_path):
 
 def test_not_fetched_message(tmp_path):
     with pytest.raises(FileNotFoundError, match='run `howfar data fetch brown`'):
-        D.load_documents('brown', tmp_path)
+        L.load_documents('brown', tmp_path)
 
 
 # --- loaders of the user's own files ---
 
 def test_user_files():
-    assert [len(d) for d in D.load_documents(FIXTURES / 'documents.txt')] == [2, 1, 1]
-    assert D.load_pairs(FIXTURES / 'pairs.tsv') == D.load_pairs(FIXTURES / 'pairs.csv', header=True)
-    texts, labels, names = D.load_labelled(FIXTURES / 'labelled.csv', header=True)
+    assert [len(d) for d in L.load_documents(FIXTURES / 'documents.txt')] == [2, 1, 1]
+    assert L.load_pairs(FIXTURES / 'pairs.tsv') == L.load_pairs(FIXTURES / 'pairs.csv', header=True)
+    texts, labels, names = L.load_labelled(FIXTURES / 'labelled.csv', header=True)
     assert texts[1] == 'Dull, long, and pointless.' and labels.tolist() == [1, 0, 1] and names == ['negative', 'positive']
 
 
 def test_split_properties():
     items = [f'item {i % 90}' for i in range(100)]  # 10 duplicates
-    s = D.split(items, valid=7, test=9, seed=3)
+    s = L.split(items, valid=7, test=9, seed=3)
     assert (len(s['train']), len(s['valid']), len(s['test'])) == (74, 7, 9)
     assert set(s['train']) | set(s['valid']) | set(s['test']) == set(items)
-    assert D.split(items, 7, 9, seed=3) == s and D.split(items, 7, 9, seed=4) != s
+    assert L.split(items, 7, 9, seed=3) == s and L.split(items, 7, 9, seed=4) != s
 
 
 # --- iterators: deterministic and resumable ---
@@ -253,7 +253,7 @@ def test_copy_and_reverse(reverse):
 
 
 def test_classification_real_tokenizer():
-    texts, labels, names = D.load_labelled(FIXTURES / 'labelled.csv', header=True)
+    texts, labels, names = L.load_labelled(FIXTURES / 'labelled.csv', header=True)
     rows = B.encode_documents(texts, CharTokenizer(''.join(sorted(set(''.join(texts))))))
     b = next(B.classification_batches(rows, labels, batch_size=3, max_len=12, seed=0, shuffle=False))
     assert b['inputs'].shape == (3, 12) and (b['inputs'][:, 0] == CLS_ID).all()
@@ -266,7 +266,7 @@ def test_classification_real_tokenizer():
     (lambda: B.mlm_batches(_docs(), 4, 2, 300), 'seq_len: expected at least 5'),
     (lambda: B.mlm_batches(_docs(), 16, 2, 300, mask_rate=1.5), 'mask_rate: expected a number in [0, 1]'),
     (lambda: B.duplication_batches(0, 3), 'batch_size: expected a number > 0'),
-    (lambda: D.load_split('imdb'), "name: expected one of"),
+    (lambda: L.load_split('imdb'), "name: expected one of"),
 ])
 def test_errors(call, message):
     with pytest.raises(ValueError) as e:

@@ -12,7 +12,7 @@ from flax import nnx
 
 from transformers_howfar.experiments.duplication import (PAPER_TABLE2, TRAIN_MODES, same_setup, accuracy_table, attention_options,
                                                  duplication_setup, evaluate_modes, mode_name, with_mode)
-from transformers_howfar.layers.lsh import shared_qk_attention
+from transformers_howfar.layers.hashing import shared_qk_attention
 from transformers_howfar.data.tokenizer import NUM_SPECIAL
 from transformers_howfar.train.tasks import TASKS, DuplicateConfig
 from transformers_howfar.train.trainer import TrainConfig

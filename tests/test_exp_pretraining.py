@@ -16,8 +16,9 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from transformers_howfar.models.bert import Bert, BertConfig
-from transformers_howfar.experiments.pretraining import (PretrainingConfig, bag_of_words, finetune, load_corpora, corpus_tokenizer,
-                                                 logistic_regression, mean_ci, predict_logistic, transfer_encoder, load_pretrained_bert)
+from transformers_howfar.experiments.common import bag_of_words, logistic_regression, mean_ci, predict_logistic
+from transformers_howfar.experiments.pretraining import (PretrainingConfig, corpus_tokenizer, finetune, load_corpora,
+                                                         load_pretrained_bert, transfer_encoder)
 from transformers_howfar.models.saving import save_model
 
 BIN = Path(sys.executable).parent

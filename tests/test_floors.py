@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'transformers_howfar'
 FLOORS = {'core': 0, 'data': 1, 'layers': 1, 'models': 2, 'scratchpad': 3, 'train': 4, 'decoding': 4,
-          'bench': 5, 'experiments': 6, 'cli': 7}
+          'bench': 5, 'experiments': 6, 'demo': 7, 'cli': 7}
 NEVER_BELOW_BENCH = ('bench', 'experiments', 'cli')  # what layers, models and training must never know of
 
 

@@ -14,9 +14,8 @@ from hypothesis import given, settings, strategies as st
 from jax.test_util import check_grads
 
 from transformers_howfar.core import make_key
-from transformers_howfar.layers.lsh import (LSHSelfAttention, auto_buckets, collision_probability, hash_vectors,
-                                     lsh_attention, lsh_block_plan, lsh_multiplicity, lsh_sort_orders,
-                                     shared_qk_attention)
+from transformers_howfar.layers.lsh import LSHSelfAttention, lsh_attention, lsh_block_plan, lsh_multiplicity, lsh_sort_orders
+from transformers_howfar.layers.hashing import auto_buckets, collision_probability, hash_vectors, shared_qk_attention
 
 
 def _data(B=2, T=100, N=2, H=8, dtype=jnp.float32, seed=1):

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import transformers_howfar
-from .core import machine_info
 from .data.sources import SOURCES, FetchError, cache_dir, fetch, list_sources
 from .train.trainer import NonFiniteLoss
 from .train.tasks import TASKS, load_run, train_task
 from .decoding import beam_search, generate, left_pad
 from .data.tokenizer import EOS_ID
 from .models.saving import load, load_tokenizer
-from .bench.measure import make_record, matmul_benchmark, read_records, write_records
+from .bench.measure import matmul_benchmark, read_records, write_records
 from .bench.attention import attention_benchmark
 from .bench.lsh import lsh_benchmark
 from .experiments.longcontext import longcontext_experiment
@@ -33,11 +32,12 @@ from .experiments.scaling import scaling_experiment
 from .experiments.heads import heads_experiment
 from .experiments.lsh_quality import lsh_quality_experiment
 from .experiments.influence import influence_experiment
+from .demo import add_demo_arguments, run_demo
 
 # %% auto #0
 __all__ = ['BENCHMARKS', 'EXPERIMENTS', 'COMMANDS', 'add_data_arguments', 'run_data_command', 'add_train_arguments',
            'run_train_command', 'add_generate_arguments', 'load_for_generation', 'generate_command', 'run_benchmark',
-           'run_bench_command', 'run_experiment_command', 'run_demo', 'add_demo_arguments', 'build_parser', 'main']
+           'run_bench_command', 'run_experiment_command', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #87f95c5b
 def add_data_arguments(p: argparse.ArgumentParser):
@@ -150,12 +150,8 @@ def add_generate_arguments(p: argparse.ArgumentParser):
     p.add_argument(
         '--no-cache', action='store_true', help='recompute the full pass at every step (decoder-only models)'
     )
-    p.add_argument(
-        '--step',
-        type=int,
-        default=None,
-        help='in a run directory: the checkpoint to load (default: the finished model, else the newest)',
-    )
+    p.add_argument('--step', type=int, default=None,
+                   help='in a run directory: the checkpoint to load (default: the finished model, else the newest)')
 
 
 def load_for_generation(path, step: int | None = None) -> tuple:
@@ -253,11 +249,8 @@ def _add_run_arguments(what: str, default_out: str, resume: bool = False):
         p.add_argument('--quick', action='store_true', help='a small version (seconds), as the tests run it')
         p.add_argument('--out', default=default_out, help='folder for NAME.json')
         if resume:
-            p.add_argument(
-                '--resume',
-                action='store_true',
-                help='keep what an interrupted run finished (for experiments that take `resume`)',
-            )
+            p.add_argument('--resume', action='store_true',
+                           help='keep what an interrupted run finished (for experiments that take `resume`)')
 
     return add
 
@@ -293,107 +286,18 @@ def run_experiment_command(args) -> int:
     _print_records(run_experiment(EXPERIMENTS[args.name], args.name, args.out, quick=args.quick, resume=args.resume))
     return 0
 
-# %% ../nbs/99_cli.ipynb #e654a069
-def _time_attention(T: int, kind: str, key) -> float:
-    "Seconds for one forward+backward of causal attention over T tokens (B=1, 4 heads of 64), after compiling."
-    import time, jax, jax.numpy as jnp
-    from transformers_howfar.layers.blockwise import memory_efficient_attention
-    from transformers_howfar.layers.lsh import lsh_attention
-
-    qk, v = (jax.random.normal(k, (1, T, 4, 64), jnp.float32) for k in jax.random.split(key))
-    if kind == 'lsh':
-        f = lambda a, b: lsh_attention(a, b, key=key, n_rounds=4, chunk_length=64, causal=True).sum()
-    else:
-        f = lambda a, b: memory_efficient_attention(a, a, b, causal=True).sum()
-    step = jax.jit(jax.grad(f, argnums=(0, 1)))
-    jax.block_until_ready(step(qk, v))
-    start = time.perf_counter()
-    jax.block_until_ready(step(qk, v))
-    return time.perf_counter() - start
-
-
-def run_demo(out_dir='demo_output', quick: bool = False) -> dict:
-    """The README's demonstration: train a Transformer on `0w0w`, then time LSH against exact attention; plots into
-    `out_dir`."""
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    from transformers_howfar.core import make_key
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
-    print(
-        f"machine: {info['cpu']} ({info['cpu_cores']} cores, {info['memory_gb']} GB), jax {info['jax']} on "
-        f"{info['platform']}"
-    )
-    preset, steps = ('tiny', 20) if quick else ('small', 300)
-    print(f'1. training a decoder-only Transformer on the duplication task 0w0w ({preset} preset, {steps} steps)...')
-    overrides = [f'steps={steps}'] + (['progress=false'] if quick else [])
-    _, summary = train_task('duplicate', preset, overrides, run_dir=out / 'duplicate', fresh=True)
-    accuracy = summary['eval']['accuracy'] if summary.get('eval') else summary['train']['accuracy']
-    print(
-        f"   held-out accuracy on the second copy: {accuracy:.1%} after {summary['step']} steps (loss curve: "
-        f"{out}/duplicate/plots/)"
-    )
-    lengths = [256, 1024] if quick else [1024, 4096, 16384]
-    records, key = [], make_key(0)
-    print('2. causal attention, forward+backward, 4 heads of 64:')
-    for T in lengths:
-        for kind in ('exact', 'lsh'):
-            t = _time_attention(T, kind, key)
-            records.append(
-                make_record(
-                    'demo_attention', {'length': T, 'attention': kind}, 'time_per_token', t / T * 1e6, 'us', info
-                )
-            )
-            print(f'   {kind:5s} T={T:6d}: {t:7.3f} s, {t / T * 1e6:7.1f} us per token')
-    write_records(out / 'attention.json', records)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind in ('exact', 'lsh'):
-        pts = [(r['config']['length'], r['value']) for r in records if r['config']['attention'] == kind]
-        ax.plot(*zip(*pts), marker='o', label=kind)
-    ax.set_xscale('log', base=2)
-    ax.set_xlabel('sequence length T')
-    ax.set_ylabel('microseconds per token')
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax.set_title('attention cost per token (forward+backward)')
-    fig.savefig(out / 'attention.png', dpi=100)
-    plt.close(fig)
-    print(f'wrote {out}/attention.json, {out}/attention.png and the training run in {out}/duplicate/')
-    return {'accuracy': accuracy, 'records': records, 'out_dir': str(out)}
-
-
-def add_demo_arguments(p: argparse.ArgumentParser):
-    p.add_argument('--out', default='demo_output', help='folder for the plots and results')
-    p.add_argument('--quick', action='store_true', help='a seconds-long version, as the tests run it')
-
 # %% ../nbs/99_cli.ipynb #16e0e216
 COMMANDS = {  # name -> (one-line help, argument adder, runner returning the exit status)
     'data': ('Fetch the real corpora into the cache folder, or list them.', add_data_arguments, run_data_command),
     'train': ('Train a task: howfar train TASK --preset NAME [key=value ...].', add_train_arguments, run_train_command),
-    'generate': (
-        'Generate from a saved model directory (sampling, greedy or beam search).',
-        add_generate_arguments,
-        lambda a: generate_command(a) and 0,
-    ),
-    'bench': (
-        'Run a benchmark and write benchmarks/results/NAME.json.',
-        _add_run_arguments('benchmark', 'benchmarks/results'),
-        run_bench_command,
-    ),
-    'experiment': (
-        'Run an experiment and write experiments/results/NAME.json.',
-        _add_run_arguments('experiment', 'experiments/results', resume=True),
-        run_experiment_command,
-    ),
-    'demo': (
-        "Run the README's demonstration and write its plots.",
-        add_demo_arguments,
-        lambda a: run_demo(a.out, a.quick) and 0,
-    ),
+    'generate': ('Generate from a saved model directory (sampling, greedy or beam search).', add_generate_arguments,
+                 lambda a: generate_command(a) and 0),
+    'bench': ('Run a benchmark and write benchmarks/results/NAME.json.',
+              _add_run_arguments('benchmark', 'benchmarks/results'), run_bench_command),
+    'experiment': ('Run an experiment and write experiments/results/NAME.json.',
+                   _add_run_arguments('experiment', 'experiments/results', resume=True), run_experiment_command),
+    'demo': ("Run the README's demonstration and write its plots.", add_demo_arguments,
+             lambda a: run_demo(a.out, a.quick) and 0),
 }
 
 

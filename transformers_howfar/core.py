@@ -22,19 +22,10 @@ __all__ = ['AXES', 'check_shape', 'check_positive', 'check_range', 'check_choice
            'derive_key', 'split_keys', 'use_init_signatures', 'machine_info']
 
 # %% ../nbs/00_core.ipynb #e92e3b43
-AXES: dict[str, str] = {
-    'B': 'batch',
-    'T': 'query length (time)',
-    'S': 'key/value length (source)',
-    'D': 'model width (d_model)',
-    'N': 'attention heads (n_heads)',
-    'H': 'head width (d_head)',
-    'F': 'feed-forward width (d_ff)',
-    'V': 'vocabulary (vocab_size)',
-    'C': 'chunk length',
-    'R': 'hash rounds',
-    'K': 'key/value heads (grouped attention)',
-}
+AXES: dict[str, str] = {'B': 'batch', 'T': 'query length (time)', 'S': 'key/value length (source)',
+                        'D': 'model width (d_model)', 'N': 'attention heads (n_heads)', 'H': 'head width (d_head)',
+                        'F': 'feed-forward width (d_ff)', 'V': 'vocabulary (vocab_size)', 'C': 'chunk length',
+                        'R': 'hash rounds', 'K': 'key/value heads (grouped attention)'}
 
 # %% ../nbs/00_core.ipynb #66c0e564
 def check_shape(
@@ -216,9 +207,7 @@ def machine_info() -> dict[str, Any]:
     "Processor, cores, memory, JAX devices and library versions, for benchmark and experiment records."
     import flax, optax
     devices = jax.devices()
-    return {
-        'cpu': _cpu_model(), 'cpu_cores': os.cpu_count(), 'memory_gb': _memory_gb(),
-        'platform': devices[0].platform, 'devices': [d.device_kind for d in devices],
-        'python': platform.python_version(), 'jax': jax.__version__, 'flax': flax.__version__,
-        'optax': optax.__version__, 'numpy': np.__version__,
-    }
+    return {'cpu': _cpu_model(), 'cpu_cores': os.cpu_count(), 'memory_gb': _memory_gb(),
+            'platform': devices[0].platform, 'devices': [d.device_kind for d in devices],
+            'python': platform.python_version(), 'jax': jax.__version__, 'flax': flax.__version__,
+            'optax': optax.__version__, 'numpy': np.__version__}

@@ -18,13 +18,8 @@ from ..core import check_positive, make_key, machine_info
 from ..layers.lsh import heads_devices
 from ..layers.reversible import MODES, chunked_cross_entropy
 from .measure import make_record, memory_first_options, run_isolated, run_reference, time_call
-from transformers_howfar.models.reformer import (
-    AttentionSublayer,
-    FeedForwardSublayer,
-    ReformerConfig,
-    ReformerLM,
-    reformer_loss,
-)
+from ..models.reformer import (AttentionSublayer, FeedForwardSublayer, ReformerConfig, ReformerLM,
+                                                 reformer_loss)
 
 # %% auto #0
 __all__ = ['MEMORY_GRID', 'SINGLE_THREAD_XLA', 'TORCH_GRID', 'axial_shape_for', 'bench_config', 'training_step', 'memory_point',
@@ -37,30 +32,14 @@ def axial_shape_for(length: int) -> tuple[int, int]:
     return (-(-length // second), second)
 
 
-def bench_config(
-    n_layers: int,
-    length: int,
-    residual: str = 'reversible',
-    attention: str = 'lsh',
-    d_model: int = 256,
-    n_heads: int = 4,
-) -> ReformerConfig:
+def bench_config(n_layers: int, length: int, residual: str = 'reversible', attention: str = 'lsh', d_model: int = 256,
+                 n_heads: int = 4) -> ReformerConfig:
     """The benchmark model: reformer-pytorch's setting (width 256, 4 heads, chunk 64, 4 rounds, vocabulary 256, d_ff =
     4 D)."""
-    return ReformerConfig(
-        vocab_size=256,
-        d_model=d_model,
-        d_ff=4 * d_model,
-        n_heads=n_heads,
-        n_layers=n_layers,
-        max_len=length,
-        axial_shape=axial_shape_for(length),
-        axial_dims=(d_model // 2, d_model // 2),
-        attention=(attention,),
-        ff_chunk=min(length, 4096),
-        loss_chunk=min(length, 4096),
-        residual=residual,
-    )
+    return ReformerConfig(vocab_size=256, d_model=d_model, d_ff=4 * d_model, n_heads=n_heads, n_layers=n_layers,
+                          max_len=length, axial_shape=axial_shape_for(length),
+                          axial_dims=(d_model // 2, d_model // 2), attention=(attention,), ff_chunk=min(length, 4096),
+                          loss_chunk=min(length, 4096), residual=residual)
 
 
 def training_step(
@@ -104,13 +83,8 @@ def training_step(
             start = time.perf_counter()
             params, opt_state, loss = jax.block_until_ready(step(params, opt_state, batch, make_key(2 + i)))
             times.append(time.perf_counter() - start)
-    return {
-        'seconds': min(times),
-        'cpu_seconds': (time.process_time() - cpu) / repeats,
-        'compile_s': compile_s,
-        'loss': float(loss),
-        'load_average': os.getloadavg()[0],
-    }
+    return {'seconds': min(times), 'cpu_seconds': (time.process_time() - cpu) / repeats, 'compile_s': compile_s,
+            'loss': float(loss), 'load_average': os.getloadavg()[0]}
 
 # %% ../../nbs/53_bench.reformer.ipynb #eacf64b5
 MEMORY_GRID = [(L, m, n) for L in (16384, 65536) for n in (2, 4, 8, 12) for m in MODES]  # (tokens, residual, layers)
@@ -118,31 +92,18 @@ MEMORY_GRID = [(L, m, n) for L in (16384, 65536) for n in (2, 4, 8, 12) for m in
 
 def memory_point(length: int, mode: str, n_layers: int, machine: dict | None = None) -> list[dict]:
     "Records (peak memory, step time, compile time) of one grid point, measured in its own process."
-    config = {
-        'length': length,
-        'residual': mode,
-        'n_layers': n_layers,
-        'attention': 'lsh',
-        'd_model': 256,
-        'n_heads': 4,
-        'n_rounds': 4,
-    }
-    r = run_isolated(
-        'transformers_howfar.bench.reformer:training_step',
-        {'n_layers': n_layers, 'length': length, 'residual': mode},
-        timeout=1800,
-    )
+    config = {'length': length, 'residual': mode, 'n_layers': n_layers, 'attention': 'lsh', 'd_model': 256,
+              'n_heads': 4, 'n_rounds': 4}
+    r = run_isolated('transformers_howfar.bench.reformer:training_step',
+                     {'n_layers': n_layers, 'length': length, 'residual': mode}, timeout=1800)
     config.update(
         {'error': r['error']} if 'error' in r else {'load_average': r.get('load_average'), 'loss': r.get('loss')}
     )
     machine = machine or machine_info()
     return [
         make_record('memory', config, metric, r.get(key), unit, machine)
-        for metric, key, unit in (
-            ('peak_memory', 'peak_rss_gb', 'GB'),
-            ('step_time', 'seconds', 's'),
-            ('compile_time', 'compile_s', 's'),
-        )
+        for metric, key, unit in (('peak_memory', 'peak_rss_gb', 'GB'), ('step_time', 'seconds', 's'),
+                                  ('compile_time', 'compile_s', 's'))
     ]
 
 
@@ -158,15 +119,8 @@ def million_benchmark(quick: bool = False) -> list[dict]:
     """Seconds and peak memory of one ReformerLM training step on a single 1,048,576-token sequence (2 LSH layers,
     reversible)."""
     machine, length, n_layers = machine_info(), 4096 if quick else 2**20, 2
-    config = {
-        'length': length,
-        'residual': 'reversible',
-        'n_layers': n_layers,
-        'attention': 'lsh',
-        'd_model': 256,
-        'n_heads': 4,
-        'n_rounds': 4,
-    }
+    config = {'length': length, 'residual': 'reversible', 'n_layers': n_layers, 'attention': 'lsh', 'd_model': 256,
+              'n_heads': 4, 'n_rounds': 4}
     r = run_isolated(
         'transformers_howfar.bench.reformer:training_step', {'n_layers': n_layers, 'length': length}, timeout=3600
     )
@@ -175,11 +129,8 @@ def million_benchmark(quick: bool = False) -> list[dict]:
     )
     return [
         make_record('reformer_1m', config, metric, r.get(key), unit, machine)
-        for metric, key, unit in (
-            ('peak_memory', 'peak_rss_gb', 'GB'),
-            ('step_time', 'seconds', 's'),
-            ('compile_time', 'compile_s', 's'),
-        )
+        for metric, key, unit in (('peak_memory', 'peak_rss_gb', 'GB'), ('step_time', 'seconds', 's'),
+                                  ('compile_time', 'compile_s', 's'))
     ]
 
 # %% ../../nbs/53_bench.reformer.ipynb #33299421
@@ -188,15 +139,8 @@ SINGLE_THREAD_XLA = (
 )
 
 
-def torch_lm_step(
-    n_layers: int,
-    length: int,
-    python: str,
-    threads: int | None = None,
-    warmup: int = 1,
-    timeout: float = 1800,
-    cpus=None,
-) -> dict:  # CPU cores to pin the process to, or None
+def torch_lm_step(n_layers: int, length: int, python: str, threads: int | None = None, warmup: int = 1,
+                  timeout: float = 1800, cpus=None) -> dict:  # CPU cores to pin the process to, or None
     "Seconds and peak memory of a reformer-pytorch `ReformerLM` Adam step after `warmup` steps, run by `python`."
     threads = threads or os.cpu_count() or 1
     args = {'n_layers': n_layers, 'length': length, 'threads': threads, 'warmup': warmup}
@@ -219,36 +163,19 @@ def torch_point(length: int, n_layers: int, python: str, machine: dict | None = 
     )  # thread flags alone leave some of XLA's work parallel
     for impl in ('transformers_howfar', 'reformer_pytorch'):
         r = (
-            run_isolated(
-                'transformers_howfar.bench.reformer:training_step',
-                {'n_layers': n_layers, 'length': length, 'devices': threads},
-                timeout=3600,
-                env=env,
-                cpus=cpus,
-            )
+            run_isolated('transformers_howfar.bench.reformer:training_step',
+                         {'n_layers': n_layers, 'length': length, 'devices': threads}, timeout=3600, env=env,
+                         cpus=cpus)
             if impl == 'transformers_howfar'
             else torch_lm_step(n_layers, length, python, threads, timeout=3600, cpus=cpus)
         )
-        config = {
-            'length': length,
-            'n_layers': n_layers,
-            'implementation': impl,
-            'residual': 'reversible',
-            'd_model': 256,
-            'n_heads': 4,
-            'bucket': 64,
-            'n_rounds': 4,
-            'vocab_size': 256,
-            'threads': threads,
-            'cores': len(cpus or os.sched_getaffinity(0)),
-            'load_average': os.getloadavg()[0],
-        }
+        config = {'length': length, 'n_layers': n_layers, 'implementation': impl, 'residual': 'reversible',
+                  'd_model': 256, 'n_heads': 4, 'bucket': 64, 'n_rounds': 4, 'vocab_size': 256, 'threads': threads,
+                  'cores': len(cpus or os.sched_getaffinity(0)), 'load_average': os.getloadavg()[0]}
         config.update({'error': r['error']} if 'error' in r else {'loss': r.get('loss'), 'versions': r.get('versions')})
-        records += [
-            make_record('reformer_pytorch', config, 'step_time', r.get('seconds'), 's', machine),
-            make_record('reformer_pytorch', config, 'step_cpu_time', r.get('cpu_seconds'), 's', machine),
-            make_record('reformer_pytorch', config, 'peak_memory', r.get('peak_rss_gb'), 'GB', machine),
-        ]
+        records += [make_record('reformer_pytorch', config, 'step_time', r.get('seconds'), 's', machine),
+                    make_record('reformer_pytorch', config, 'step_cpu_time', r.get('cpu_seconds'), 's', machine),
+                    make_record('reformer_pytorch', config, 'peak_memory', r.get('peak_rss_gb'), 'GB', machine)]
     return records
 
 
@@ -298,11 +225,8 @@ def profile_step(length: int = 16384, n_layers: int = 2, repeats: int = 2) -> di
             x,
             table,
         ),
-        'adam_update': (
-            lambda p, st: optax.apply_updates(p, optimizer.update(p, st, p)[0]),
-            params,
-            optimizer.init(params),
-        ),
+        'adam_update': (lambda p, st: optax.apply_updates(p, optimizer.update(p, st, p)[0]), params,
+                        optimizer.init(params)),
         'model_forward': (loss_of, params),
         'model_forward_backward': (jax.grad(loss_of), params),
     }
@@ -316,15 +240,8 @@ def profile_benchmark(quick: bool = False) -> list[dict]:
     process."""
     machine, length = machine_info(), 512 if quick else 4096
     r = run_isolated('transformers_howfar.bench.reformer:profile_step', {'length': length, 'n_layers': 2}, timeout=1800)
-    config = {
-        'length': length,
-        'n_layers': 2,
-        'residual': 'reversible',
-        'attention': 'lsh',
-        'd_model': 256,
-        'n_heads': 4,
-        'n_rounds': 4,
-    }
+    config = {'length': length, 'n_layers': 2, 'residual': 'reversible', 'attention': 'lsh', 'd_model': 256,
+              'n_heads': 4, 'n_rounds': 4}
     if 'error' in r:
         return [make_record('reformer_profile', {**config, 'error': r['error']}, 'seconds', None, 's', machine)]
     config['load_average'] = r.pop('load_average', None)

@@ -41,14 +41,8 @@ def encode_documents(docs: Sequence, tokenizer: Tokenizer) -> list[np.ndarray]:
     return [tokenizer.encode(d if isinstance(d, str) else '\n'.join(d)) for d in docs]
 
 
-def lm_batches(
-    token_docs: Sequence[np.ndarray],
-    seq_len: int,
-    batch_size: int,
-    seed: int = 0,
-    epochs: int | None = None,
-    shuffle: bool = True,
-) -> grain.DatasetIterator:
+def lm_batches(token_docs: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int = 0,
+               epochs: int | None = None, shuffle: bool = True) -> grain.DatasetIterator:
     "Packed LM batches: `inputs`, `targets` (B, T) int32 and `loss_mask` (B, T) float32."
     check_positive('seq_len', seq_len)
     check_positive('batch_size', batch_size)
@@ -73,13 +67,8 @@ def lm_batches(
     return batch_iterator(make, per_epoch, epochs)
 
 # %% ../../nbs/12_data.batches.ipynb #0d072856
-def encode_pairs(
-    pairs: Sequence[tuple[str, str]],
-    src_tokenizer: Tokenizer,
-    tgt_tokenizer: Tokenizer | None = None,
-    max_src_len: int = 128,
-    max_tgt_len: int = 128,
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def encode_pairs(pairs: Sequence[tuple[str, str]], src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer | None = None,
+                 max_src_len: int = 128, max_tgt_len: int = 128) -> list[tuple[np.ndarray, np.ndarray]]:
     "Token ids of (source, target) pairs, truncated to leave room for `</s>` and `<s>`."
     tgt_tokenizer = tgt_tokenizer or src_tokenizer
     return [
@@ -104,16 +93,9 @@ def seq2seq_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], pad_multiple: 
     return dict(src=src, src_mask=src_mask, tgt_in=tgt_in, tgt_out=tgt_out, tgt_mask=tgt_mask)
 
 # %% ../../nbs/12_data.batches.ipynb #b14d9be7
-def seq2seq_batches(
-    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
-    batch_size: int,
-    seed: int = 0,
-    epochs: int | None = None,
-    shuffle: bool = True,
-    bucket_batches: int = 20,
-    pad_multiple: int = 8,
-    drop_remainder: bool = False,
-) -> grain.DatasetIterator:  # True: every batch has batch_size pairs
+def seq2seq_batches(pairs: Sequence[tuple[np.ndarray, np.ndarray]], batch_size: int, seed: int = 0,
+                    epochs: int | None = None, shuffle: bool = True, bucket_batches: int = 20, pad_multiple: int = 8,
+                    drop_remainder: bool = False) -> grain.DatasetIterator:  # True: every batch has batch_size pairs
     """Length-bucketed, padded translation batches (see `seq2seq_batch`); the last partial batch is kept unless
     `drop_remainder`."""
     check_positive('batch_size', batch_size)
@@ -168,15 +150,8 @@ def mask_tokens(ids: np.ndarray, maskable: np.ndarray, vocab_size: int, rng: np.
     return corrupted.astype(np.int32), chosen.astype(np.float32)
 
 # %% ../../nbs/12_data.batches.ipynb #fe1c2418
-def mlm_batches(
-    token_docs: Sequence[np.ndarray],
-    seq_len: int,
-    batch_size: int,
-    vocab_size: int,
-    seed: int = 0,
-    epochs: int | None = None,
-    mask_rate: float = 0.15,
-) -> grain.DatasetIterator:
+def mlm_batches(token_docs: Sequence[np.ndarray], seq_len: int, batch_size: int, vocab_size: int, seed: int = 0,
+                epochs: int | None = None, mask_rate: float = 0.15) -> grain.DatasetIterator:
     "MLM batches `inputs`, `targets`, `segments` (int32), `loss_mask`, `attention_mask` (float32), all (B, T)."
     check_range('mask_rate', mask_rate, 0, 1)
     check_positive('seq_len', seq_len)
@@ -208,13 +183,8 @@ def mlm_batches(
         segments = (positions > cut[:, None] + 1).astype(np.int32)  # 0 up to and including the first <sep>
         maskable = (targets != CLS_ID) & (targets != SEP_ID)
         inputs, loss_mask = mask_tokens(targets, maskable, vocab_size, rng, mask_rate)
-        return dict(
-            inputs=inputs,
-            targets=targets.astype(np.int32),
-            loss_mask=loss_mask,
-            segments=segments,
-            attention_mask=np.ones((batch_size, seq_len), np.float32),
-        )
+        return dict(inputs=inputs, targets=targets.astype(np.int32), loss_mask=loss_mask, segments=segments,
+                    attention_mask=np.ones((batch_size, seq_len), np.float32))
 
     return batch_iterator(make, per_epoch, epochs)
 

@@ -82,18 +82,9 @@ class Tokenizer:
 
 # %% ../../nbs/10_data.tokenizer.ipynb #5d61e12d
 @patch
-def encode_batch(
-    self: Tokenizer,
-    texts: Sequence[str],
-    *,
-    bos: bool = False,
-    eos: bool = False,
-    max_len: int | None = None,
-    pad_to: int | None = None,
-    pad_multiple: int = 1,
-    truncate: str = 'right',
-    as_jax: bool = False,
-) -> dict:
+def encode_batch(self: Tokenizer, texts: Sequence[str], *, bos: bool = False, eos: bool = False,
+                 max_len: int | None = None, pad_to: int | None = None, pad_multiple: int = 1,
+                 truncate: str = 'right', as_jax: bool = False) -> dict:
     "Encode `texts` into `ids` (B, T) int32, `mask` (B, T) float32 (1 = token) and `lengths` (B,) int32."
     texts = _check_texts(texts)
     check_positive('pad_multiple', pad_multiple)
@@ -234,31 +225,15 @@ def _train_proto(
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            pad_id=PAD_ID,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_piece='<pad>',
-            unk_piece='<unk>',
-            bos_piece='<s>',
-            eos_piece='</s>',
-            control_symbols=['<mask>', '<sep>', '<cls>'],
-            user_defined_symbols=symbols,
-            byte_fallback=True,
-            normalization_rule_name='identity',
-            remove_extra_whitespaces=False,
-            character_coverage=character_coverage,
-            split_digits=split_digits,
-            num_threads=num_threads,
-            max_sentence_length=max_sentence_length,
-            input_sentence_size=0,
-            minloglevel=2,
-        )
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                                       model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+                                       eos_id=EOS_ID, pad_piece='<pad>', unk_piece='<unk>', bos_piece='<s>',
+                                       eos_piece='</s>', control_symbols=['<mask>', '<sep>', '<cls>'],
+                                       user_defined_symbols=symbols, byte_fallback=True,
+                                       normalization_rule_name='identity', remove_extra_whitespaces=False,
+                                       character_coverage=character_coverage, split_digits=split_digits,
+                                       num_threads=num_threads, max_sentence_length=max_sentence_length,
+                                       input_sentence_size=0, minloglevel=2)
     except RuntimeError as e:
         m = re.search(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)', str(e))
         if m:
@@ -289,45 +264,20 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f'model_proto: expected the special pieces {list(SPECIAL_TOKENS)} at ids 0-6, got {found}')
 
     @classmethod
-    def train(
-        cls,
-        corpus,
-        vocab_size: int = 8000,
-        *,
-        model_type: str = 'unigram',
-        user_defined_symbols: Sequence[str] = (),
-        character_coverage: float = 1.0,
-        split_digits: bool = False,
-        seed: int = 0,
-        num_threads: int = 1,
-        max_sentence_length: int = 65536,
-    ) -> SentencePieceTokenizer:
+    def train(cls, corpus, vocab_size: int = 8000, *, model_type: str = 'unigram',
+              user_defined_symbols: Sequence[str] = (), character_coverage: float = 1.0, split_digits: bool = False,
+              seed: int = 0, num_threads: int = 1, max_sentence_length: int = 65536) -> SentencePieceTokenizer:
         """Train on `corpus`: a text file, a list of `Path`s, or an iterable of strings (one sentence or paragraph per
         line)."""
         check_choice('model_type', model_type, ['unigram', 'bpe'])
         check_positive('vocab_size', vocab_size)
         symbols, lines = _check_symbols(user_defined_symbols), _corpus_lines(corpus)
-        settings = dict(
-            vocab_size=vocab_size,
-            model_type=model_type,
-            user_defined_symbols=symbols,
-            split_digits=split_digits,
-            character_coverage=character_coverage,
-            seed=seed,
-            n_lines=len(lines),
-        )
+        settings = dict(vocab_size=vocab_size, model_type=model_type, user_defined_symbols=symbols,
+                        split_digits=split_digits, character_coverage=character_coverage, seed=seed,
+                        n_lines=len(lines))
         return cls(
-            _train_proto(
-                lines,
-                vocab_size,
-                model_type,
-                symbols,
-                character_coverage,
-                split_digits,
-                seed,
-                num_threads,
-                max_sentence_length,
-            ),
+            _train_proto(lines, vocab_size, model_type, symbols, character_coverage, split_digits, seed, num_threads,
+                         max_sentence_length),
             settings,
         )
 

@@ -11,9 +11,19 @@ from pathlib import Path
 from typing import Callable
 
 from ..bench.measure import write_records
+import math
+import re
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..core import check_positive
 
 # %% auto #0
-__all__ = ['run_experiment', 'experiment_dir']
+__all__ = ['run_experiment', 'experiment_dir', 'mean_ci', 'bag_of_words', 'logistic_regression', 'predict_logistic']
 
 # %% ../../nbs/60_experiments.common.ipynb #fa5ed5d4
 def run_experiment(
@@ -43,3 +53,71 @@ def experiment_dir(name: str) -> Path:
         return Path(os.environ['HOWFAR_EXPERIMENT_CACHE']).expanduser() / name
     cache = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
     return Path(cache).expanduser() / 'transformers_howfar' / 'experiments' / name
+
+# %% ../../nbs/60_experiments.common.ipynb #b9076f2d
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+def mean_ci(values) -> tuple[float, float]:
+    "Mean and half-width of the 95% Student-t confidence interval of `values` (half-width nan for one value)."
+    v = np.asarray(values, np.float64)
+    if v.ndim != 1 or not len(v): raise ValueError(f'values: expected a non-empty 1-D sequence, got shape {v.shape}')
+    if len(v) == 1: return float(v[0]), float('nan')
+    df = len(v) - 1
+    t = _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
+    return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))
+
+# %% ../../nbs/60_experiments.common.ipynb #5b380ee5
+def _words(text: str) -> list[str]: return re.findall(r"[a-z0-9']+|[^\sa-z0-9']", text.lower())
+
+def bag_of_words(train_texts, *others, min_count: int = 2, bigrams: bool = True) -> tuple[list[np.ndarray], list[str]]:
+    "Feature indices (padded with -1, shape (N, longest)) of `train_texts` and each of `others`, and the feature names."
+    def grams(t):
+        w = _words(t)
+        return set(w) | ({f'{a} {b}' for a, b in zip(w, w[1:])} if bigrams else set())
+    counts = Counter(g for t in train_texts for g in grams(t))
+    names = sorted(g for g, c in counts.items() if c >= min_count)
+    index = {g: i for i, g in enumerate(names)}
+    def encode(texts):
+        rows = [sorted(index[g] for g in grams(t) if g in index) for t in texts]
+        out = np.full((len(rows), max([len(r) for r in rows] + [1])), -1, np.int32)
+        for i, r in enumerate(rows): out[i, :len(r)] = r
+        return out
+    return [encode(train_texts)] + [encode(t) for t in others], names
+
+# %% ../../nbs/60_experiments.common.ipynb #2b3952fa
+def logistic_regression(features, labels, n_features: int, l2: float, steps: int = 200) -> tuple[jax.Array, jax.Array]:
+    """Weights (n_features,) and bias () of L2-regularised binary logistic regression on padded feature indices (N,
+    L), by L-BFGS."""
+    check_positive('l2', l2, allow_zero=True)
+    check_positive('n_features', n_features)
+    features, y = jnp.asarray(features), jnp.asarray(labels, jnp.float32)
+    if features.shape[0] != y.shape[0]:
+        raise ValueError(f'labels: expected {features.shape[0]} labels (one per row), got {y.shape[0]}')
+
+    def loss(params):
+        w, b = params
+        scores = jnp.where(features >= 0, w[jnp.maximum(features, 0)], 0.0).sum(1) + b  # w·x for binary x
+        return optax.sigmoid_binary_cross_entropy(scores, y).mean() + l2 * (w**2).sum()
+
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    @jax.jit
+    def run(params):
+        def step(carry, _):
+            params, state = carry
+            value, grad = value_and_grad(params, state=state)
+            updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+            return (optax.apply_updates(params, updates), state), value
+
+        return jax.lax.scan(step, (params, opt.init(params)), None, length=steps)[0][0]
+
+    return run((jnp.zeros(n_features), jnp.zeros(())))
+
+
+def predict_logistic(params, features) -> np.ndarray:
+    "0/1 predictions of `logistic_regression`'s `params` for padded feature indices (N, L)."
+    w, b = params
+    f = jnp.asarray(features)
+    return np.asarray(jnp.where(f >= 0, w[jnp.maximum(f, 0)], 0.0).sum(1) + b > 0).astype(np.int32)

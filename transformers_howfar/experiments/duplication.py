@@ -115,23 +115,11 @@ def train_duplication(
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     summary = trainer.fit(task.train_data, resume=resume)
     seconds = time.perf_counter() - t0
-    evals = evaluate_modes(
-        trainer.model,
-        task.loss_fn,
-        task.eval_data,
-        modes=eval_modes,
-        chunk_length=chunk_length,
-        n_buckets=n_buckets,
-        n_batches=eval_batches,
-    )
-    return {
-        'train_mode': mode_name(mode),
-        'steps': summary['step'],
-        'train_seconds': seconds,
-        'load_average': [load0, os.getloadavg()[0]],
-        'final_train_accuracy': summary['train'].get('accuracy'),
-        'eval': evals,
-    }
+    evals = evaluate_modes(trainer.model, task.loss_fn, task.eval_data, modes=eval_modes, chunk_length=chunk_length,
+                           n_buckets=n_buckets, n_batches=eval_batches)
+    return {'train_mode': mode_name(mode), 'steps': summary['step'], 'train_seconds': seconds,
+            'load_average': [load0, os.getloadavg()[0]], 'final_train_accuracy': summary['train'].get('accuracy'),
+            'eval': evals}
 
 # %% ../../nbs/61_experiments.duplication.ipynb #381f1a2a
 TRAIN_MODES = ('full', 1, 2, 4)
@@ -144,55 +132,18 @@ def duplication_setup(quick: bool = False) -> tuple[DuplicateConfig, TrainConfig
     test version."""
     if quick:
         return (
-            DuplicateConfig(
-                vocab_size=NUM_SPECIAL + 8,
-                d_model=32,
-                d_ff=64,
-                n_heads=2,
-                n_layers=1,
-                max_len=33,
-                dropout_rate=0.0,
-                word_length=16,
-                n_symbols=8,
-                attention=('lsh',),
-            ),
-            TrainConfig(
-                steps=2,
-                batch_size=4,
-                learning_rate=3e-3,
-                warmup_steps=1,
-                log_every=1,
-                checkpoint_every=0,
-                eval_batches=1,
-                progress=False,
-            ),
+            DuplicateConfig(vocab_size=NUM_SPECIAL + 8, d_model=32, d_ff=64, n_heads=2, n_layers=1, max_len=33,
+                            dropout_rate=0.0, word_length=16, n_symbols=8, attention=('lsh',)),
+            TrainConfig(steps=2, batch_size=4, learning_rate=3e-3, warmup_steps=1, log_every=1, checkpoint_every=0,
+                        eval_batches=1, progress=False),
             4,
             None,
         )
     return (
-        DuplicateConfig(
-            vocab_size=NUM_SPECIAL + 128,
-            d_model=256,
-            d_ff=256,
-            n_heads=4,
-            n_layers=1,
-            max_len=255,
-            dropout_rate=0.0,
-            word_length=127,
-            n_symbols=128,
-            attention=('lsh',),
-            position='sinusoidal',
-        ),
-        TrainConfig(
-            steps=DUPLICATION_STEPS,
-            batch_size=8,
-            learning_rate=6e-3,
-            warmup_steps=50,
-            log_every=50,
-            checkpoint_every=100,
-            eval_batches=4,
-            progress=False,
-        ),
+        DuplicateConfig(vocab_size=NUM_SPECIAL + 128, d_model=256, d_ff=256, n_heads=4, n_layers=1, max_len=255,
+                        dropout_rate=0.0, word_length=127, n_symbols=128, attention=('lsh',), position='sinusoidal'),
+        TrainConfig(steps=DUPLICATION_STEPS, batch_size=8, learning_rate=6e-3, warmup_steps=50, log_every=50,
+                    checkpoint_every=100, eval_batches=4, progress=False),
         16,
         32,
     )
@@ -214,15 +165,9 @@ def same_setup(saved, setup) -> bool:
 def model_records(done: dict, machine=None) -> list[dict]:
     "Accuracy and loss records of one trained model's result (as saved in `duplication_<mode>.json`)."
     machine, setup = machine or machine_info(), done['setup']
-    base = {
-        'train_mode': done['train_mode'],
-        'word_length': setup['model']['word_length'],
-        'chunk_length': setup['chunk_length'],
-        'n_buckets': setup['n_buckets'],
-        'steps': done['steps'],
-        'train_seconds': round(done['train_seconds'], 1),
-        'load_average': done['load_average'],
-    }
+    base = {'train_mode': done['train_mode'], 'word_length': setup['model']['word_length'],
+            'chunk_length': setup['chunk_length'], 'n_buckets': setup['n_buckets'], 'steps': done['steps'],
+            'train_seconds': round(done['train_seconds'], 1), 'load_average': done['load_average']}
     out = []
     for name, m in done['eval'].items():
         out.append(
@@ -258,12 +203,8 @@ def duplication_experiment(
         path = out / f'duplication_{mode_name(mode)}.json'
         setup = json.loads(
             json.dumps(
-                {
-                    'model': model_config.to_dict(),
-                    'train': train_config.to_dict(),
-                    'chunk_length': chunk,
-                    'n_buckets': buckets,
-                }
+                {'model': model_config.to_dict(), 'train': train_config.to_dict(), 'chunk_length': chunk,
+                 'n_buckets': buckets}
             )
         )  # as read back from JSON
         done = json.loads(path.read_text()) if resume and path.exists() else None
@@ -273,17 +214,9 @@ def duplication_experiment(
             or set(done['eval']) != {mode_name(m) for m in eval_modes}
         ):
             done = dict(
-                train_duplication(
-                    model_config,
-                    train_config,
-                    mode,
-                    chunk_length=chunk,
-                    n_buckets=buckets,
-                    run_dir=cache / mode_name(mode),
-                    resume=resume,
-                    eval_modes=eval_modes,
-                    eval_batches=train_config.eval_batches,
-                ),
+                train_duplication(model_config, train_config, mode, chunk_length=chunk, n_buckets=buckets,
+                                  run_dir=cache / mode_name(mode), resume=resume, eval_modes=eval_modes,
+                                  eval_batches=train_config.eval_batches),
                 setup=setup,
             )
             out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from ..bench.measure import make_record
 from .common import experiment_dir
 from ..models.bert import Bert, BertConfig
 from ..core import check_choice, check_positive, machine_info
-from ..data.sources import load_split
+from ..data.loaders import load_split
 from ..data.batches import encode_documents, lm_batches
 from ..models.lm import LM, LMConfig
 from ..models.saving import load, load_tokenizer, save_model
@@ -84,12 +84,9 @@ def head_scores(maps, valid, separators, causal: bool) -> dict[str, np.ndarray]:
     uniform = (visible & sep[:, None, :]).sum(-1) / np.maximum(visible.sum(-1), 1)  # (B, T)
     q = valid & (t >= 1 if causal else True)
     same = lambda x: np.full(maps.shape[0:1] + maps.shape[2:3], float(x))  # a reference: the same for every head
-    out = {
-        'previous': diagonal(-1),
-        'previous_uniform': same(diagonal(-1, flat[None, :, None])[0, 0]),
-        'separator': (on_sep * q[None, :, None]).sum((1, 3)) / q.sum(),
-        'separator_uniform': same((uniform * q).sum() / q.sum()),
-    }
+    out = {'previous': diagonal(-1), 'previous_uniform': same(diagonal(-1, flat[None, :, None])[0, 0]),
+           'separator': (on_sep * q[None, :, None]).sum((1, 3)) / q.sum(),
+           'separator_uniform': same((uniform * q).sum() / q.sum())}
     if not causal:
         out['next'], out['next_uniform'] = diagonal(1), same(diagonal(1, flat[None, :, None])[0, 0])
     return out
@@ -172,14 +169,9 @@ def encode_pronoun_set(tokenizer, sentences=PRONOUN_SENTENCES, prefix=(), suffix
             return list(range(start + len(prefix), end + len(prefix)))
 
         out.append(
-            dict(
-                ids=np.concatenate([np.asarray(prefix, np.int32), ids, np.asarray(suffix, np.int32)]).astype(np.int32),
-                pronoun=shift(spans[p])[0],
-                antecedent=shift(spans[a]),
-                distractor=shift(spans[d]),
-                first=a < d,
-                sentence=sentence,
-            )
+            dict(ids=np.concatenate([np.asarray(prefix, np.int32), ids, np.asarray(suffix, np.int32)]).astype(np.int32),
+                 pronoun=shift(spans[p])[0], antecedent=shift(spans[a]), distractor=shift(spans[d]), first=a < d,
+                 sentence=sentence)
         )
     return out
 
@@ -262,19 +254,12 @@ def analyse_heads(kind: str, model, tokenizer, sentences, pronoun_set=PRONOUN_SE
     head = best_head(margins)
     correct = int((margins[(slice(None),) + head] > 0).sum())
     loo = leave_one_out(margins)
-    return dict(
-        kind=kind,
-        scores={k: v.tolist() for k, v in scores.items()},
-        pronoun_accuracy=(margins > 0).mean(0).tolist(),
-        pronoun_head=list(head),
-        pronoun_best_accuracy=correct / len(items),
-        pronoun_loo_accuracy=loo,
-        pronoun_loo_p=binomial_tail(round(loo * len(items)), len(items)),
-        n_pronoun=len(items),
-        first_mentioned_baseline=float(np.mean([it['first'] for it in items])),
-        n_sentences=len(rows),
-        margins=margins[(slice(None),) + head].tolist(),
-    )
+    return dict(kind=kind, scores={k: v.tolist() for k, v in scores.items()},
+                pronoun_accuracy=(margins > 0).mean(0).tolist(), pronoun_head=list(head),
+                pronoun_best_accuracy=correct / len(items), pronoun_loo_accuracy=loo,
+                pronoun_loo_p=binomial_tail(round(loo * len(items)), len(items)), n_pronoun=len(items),
+                first_mentioned_baseline=float(np.mean([it['first'] for it in items])), n_sentences=len(rows),
+                margins=margins[(slice(None),) + head].tolist())
 
 # %% ../../nbs/65_experiments.heads.ipynb #81e451fc
 HEADS_LM = dict(d_model=128, d_ff=512, n_heads=4, n_layers=3, max_len=64, dropout_rate=0.0)  # the BERT's size, causal
@@ -287,16 +272,8 @@ def train_heads_lm(
     """A decoder LM of `HEADS_LM` sizes (or `sizes`) trained on `documents` with `tokenizer` for `steps`; the model
     and the trainer's summary."""
     config = LMConfig(vocab_size=tokenizer.vocab_size, **{**HEADS_LM, **sizes})
-    train = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        learning_rate=2e-3,
-        warmup_steps=max(1, steps // 10),
-        log_every=max(1, steps // 10),
-        checkpoint_every=0,
-        seed=seed,
-        progress=False,
-    )
+    train = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=2e-3, warmup_steps=max(1, steps // 10),
+                        log_every=max(1, steps // 10), checkpoint_every=0, seed=seed, progress=False)
     trainer, start = Trainer(LM(config, rngs=nnx.Rngs(params=seed)), lm_loss(), train), time.perf_counter()
     summary = trainer.fit(lm_batches(encode_documents(documents, tokenizer), config.max_len, batch_size, seed=seed))
     return trainer.model, dict(summary, seconds=time.perf_counter() - start)
@@ -318,12 +295,8 @@ def heads_lm(tokenizer, *, scaling_size: str = 'm', folder=None) -> tuple[LM, ob
         save_model(model, path, tokenizer, overwrite=True)
         (path / 'summary.json').write_text(
             json.dumps(
-                {
-                    'steps': summary['step'],
-                    'seconds': summary['seconds'],
-                    'train_nll': summary['train']['nll'],
-                    'load': list(os.getloadavg()),
-                }
+                {'steps': summary['step'], 'seconds': summary['seconds'], 'train_nll': summary['train']['nll'],
+                 'load': list(os.getloadavg())}
             )
         )
     return load(path), load_tokenizer(path), f'own LM, {HEADS_LM_STEPS} steps'
@@ -353,34 +326,16 @@ def heads_records(results: dict) -> list[dict]:
                 'median_head': float(np.median(s)),
             }
             out.append(
-                make_record(
-                    'heads',
-                    dict(base, criterion=crit, layer=int(L), head=int(N), **extra),
-                    'top_head_score',
-                    float(s[L, N]),
-                    'attention weight',
-                    machine,
-                )
+                make_record('heads', dict(base, criterion=crit, layer=int(L), head=int(N), **extra), 'top_head_score',
+                            float(s[L, N]), 'attention weight', machine)
             )
-        p = dict(
-            base,
-            criterion='pronoun',
-            layer=r['pronoun_head'][0],
-            head=r['pronoun_head'][1],
-            n_pronoun=r['n_pronoun'],
-            first_mentioned_baseline=r['first_mentioned_baseline'],
-            mean_margin=float(np.mean(r['margins'])),
-        )
+        p = dict(base, criterion='pronoun', layer=r['pronoun_head'][0], head=r['pronoun_head'][1],
+                 n_pronoun=r['n_pronoun'], first_mentioned_baseline=r['first_mentioned_baseline'],
+                 mean_margin=float(np.mean(r['margins'])))
         out.append(make_record('heads', p, 'best_head_accuracy', r['pronoun_best_accuracy'], 'fraction', machine))
         out.append(
-            make_record(
-                'heads',
-                dict(p, p_value=r['pronoun_loo_p']),
-                'leave_one_out_accuracy',
-                r['pronoun_loo_accuracy'],
-                'fraction',
-                machine,
-            )
+            make_record('heads', dict(p, p_value=r['pronoun_loo_p']), 'leave_one_out_accuracy',
+                        r['pronoun_loo_accuracy'], 'fraction', machine)
         )
     return out
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from ..bench.measure import make_record
 from ..core import Config, check_choice, check_positive, machine_info
-from ..data.sources import load_split
+from ..data.loaders import load_split
 from ..data.batches import classification_batch, classification_batches
 from ..layers.losses import cross_entropy
 from ..train.families import make_tokenizer, toy_corpus
@@ -62,19 +62,8 @@ class InfluenceSetup(Config):
 
     @classmethod
     def tiny(cls):
-        return cls(
-            labelled='toy',
-            vocab_size=36,
-            max_len=32,
-            d_model=8,
-            steps=60,
-            batch_size=16,
-            learning_rate=0.5,
-            n_checkpoints=3,
-            n_mislabelled=10,
-            ks=(10, 20),
-            n_show=2,
-        )
+        return cls(labelled='toy', vocab_size=36, max_len=32, d_model=8, steps=60, batch_size=16, learning_rate=0.5,
+                   n_checkpoints=3, n_mislabelled=10, ks=(10, 20), n_show=2)
 
 # %% ../../nbs/67_experiments.influence.ipynb #301b5bff
 class BagOfEmbeddings(nnx.Module):
@@ -120,18 +109,10 @@ def load_influence_data(setup: InfluenceSetup) -> dict:
     tokenizer = make_tokenizer('toy' if setup.labelled == 'toy' else 'text', [texts[i] for i in kept], setup.vocab_size)
     encode = lambda ts: [np.asarray(tokenizer.encode(t), np.int32) for t in ts]
     where = {int(i): n for n, i in enumerate(kept)}
-    return {
-        'tokenizer': tokenizer,
-        'names': list(names),
-        'train_texts': all_texts,
-        'train_rows': encode(all_texts),
-        'train_labels': all_labels,
-        'is_mislabelled': np.arange(len(all_texts)) >= len(kept),
-        'copy_of': np.array([-1] * len(kept) + [where[int(i)] for i in picked]),
-        'test_texts': list(test[0]),
-        'test_rows': encode(test[0]),
-        'test_labels': np.asarray(test[1], np.int32),
-    }
+    return {'tokenizer': tokenizer, 'names': list(names), 'train_texts': all_texts, 'train_rows': encode(all_texts),
+            'train_labels': all_labels, 'is_mislabelled': np.arange(len(all_texts)) >= len(kept),
+            'copy_of': np.array([-1] * len(kept) + [where[int(i)] for i in picked]), 'test_texts': list(test[0]),
+            'test_rows': encode(test[0]), 'test_labels': np.asarray(test[1], np.int32)}
 
 # %% ../../nbs/67_experiments.influence.ipynb #a1d7d735
 def train_classifier(
@@ -139,35 +120,16 @@ def train_classifier(
 ) -> tuple[Trainer, list[tuple[int, float, nnx.State]], dict]:
     "Train a `BagOfEmbeddings`; the trainer, [(step, learning rate, parameters)] at each checkpoint, and a summary."
     every = setup.steps // setup.n_checkpoints
-    train = TrainConfig(
-        steps=every * setup.n_checkpoints,
-        batch_size=setup.batch_size,
-        optimizer='sgd',
-        b1=0.0,
-        learning_rate=setup.learning_rate,
-        warmup_steps=0,
-        schedule='constant',
-        weight_decay=0.0,
-        clip_norm=0.0,
-        log_every=every,
-        eval_every=0,
-        checkpoint_every=every,
-        keep_checkpoints=setup.n_checkpoints,
-        seed=setup.seed,
-        progress=False,
-    )
+    train = TrainConfig(steps=every * setup.n_checkpoints, batch_size=setup.batch_size, optimizer='sgd', b1=0.0,
+                        learning_rate=setup.learning_rate, warmup_steps=0, schedule='constant', weight_decay=0.0,
+                        clip_norm=0.0, log_every=every, eval_every=0, checkpoint_every=every,
+                        keep_checkpoints=setup.n_checkpoints, seed=setup.seed, progress=False)
     model = BagOfEmbeddings(
         data['tokenizer'].vocab_size, setup.d_model, len(data['names']), rngs=nnx.Rngs(params=setup.seed)
     )
     trainer, start = Trainer(model, bag_loss, train, run_dir=run_dir), time.perf_counter()
-    batches = classification_batches(
-        data['train_rows'],
-        data['train_labels'],
-        setup.batch_size,
-        setup.max_len,
-        seed=setup.seed,
-        pad_multiple=setup.max_len,
-    )
+    batches = classification_batches(data['train_rows'], data['train_labels'], setup.batch_size, setup.max_len,
+                                     seed=setup.seed, pad_multiple=setup.max_len)
     summary = trainer.fit(batches, resume=False)
     seconds, lr = time.perf_counter() - start, make_schedule(train)
     checkpoints = []
@@ -242,26 +204,16 @@ def run_influence(setup: InfluenceSetup, out_dir) -> list[dict]:
     show = np.random.default_rng(setup.seed + 1).choice(len(data['test_rows']), setup.n_show, replace=False)
     scored, t0 = {}, time.perf_counter()
     for which in ('all', 'last'):
-        scored[which] = tracin(
-            graphdef,
-            rest,
-            ckpts,
-            train,
-            {k: v[show] for k, v in test.items()} if which == setup.params else None,
-            which,
-        )
+        scored[which] = tracin(graphdef, rest, ckpts, train,
+                               {k: v[show] for k, v in test.items()} if which == setup.params else None, which)
     tracin_seconds = time.perf_counter() - t0
     flagged, rng = data['is_mislabelled'], np.random.default_rng(setup.seed + 2)
     rankings = {f'self_influence_{w}': scored[w]['self_influence'] for w in scored}
     rankings.update(final_loss=scored['all']['loss'], random=rng.random(len(flagged)))
     machine, common = (
         machine_info(),
-        {
-            'labelled': setup.labelled,
-            'n_train': len(flagged),
-            'n_mislabelled': int(flagged.sum()),
-            'steps': setup.steps,
-        },
+        {'labelled': setup.labelled, 'n_train': len(flagged), 'n_mislabelled': int(flagged.sum()),
+         'steps': setup.steps},
     )
     records = [
         make_record(
@@ -269,12 +221,8 @@ def run_influence(setup: InfluenceSetup, out_dir) -> list[dict]:
         ),
         make_record(
             'influence',
-            dict(
-                common,
-                load_average=[round(load, 2), round(os.getloadavg()[0], 2)],
-                train_seconds=summary['seconds'],
-                tracin_seconds=tracin_seconds,
-            ),
+            dict(common, load_average=[round(load, 2), round(os.getloadavg()[0], 2)],
+                 train_seconds=summary['seconds'], tracin_seconds=tracin_seconds),
             'seconds',
             time.perf_counter() - start,
             's',
@@ -299,12 +247,8 @@ def run_influence(setup: InfluenceSetup, out_dir) -> list[dict]:
     examples = []
     for j, t in enumerate(show):
         col = scored[setup.params]['influence'][:, j]
-        item = lambda i: {
-            'text': data['train_texts'][i],
-            'label': data['names'][data['train_labels'][i]],
-            'score': float(col[i]),
-            'mislabelled': bool(flagged[i]),
-        }
+        item = lambda i: {'text': data['train_texts'][i], 'label': data['names'][data['train_labels'][i]],
+                          'score': float(col[i]), 'mislabelled': bool(flagged[i])}
         examples.append(
             {
                 'text': data['test_texts'][t],
@@ -317,28 +261,16 @@ def run_influence(setup: InfluenceSetup, out_dir) -> list[dict]:
             }
         )
     top = [
-        {
-            'text': data['train_texts'][i],
-            'label': data['names'][data['train_labels'][i]],
-            'mislabelled': bool(flagged[i]),
-            'self_influence': float(rankings[f'self_influence_{setup.params}'][i]),
-        }
+        {'text': data['train_texts'][i], 'label': data['names'][data['train_labels'][i]],
+         'mislabelled': bool(flagged[i]), 'self_influence': float(rankings[f'self_influence_{setup.params}'][i])}
         for i in order[:10]
     ]
     fitted = np.asarray(predict(ckpts[-1][2], train)) == train['labels']  # the final model predicts the training label
-    side = {
-        'setup': setup.to_dict(),
-        'copy_fitted': fitted[flagged].tolist(),
-        'original_fitted': fitted[originals].tolist(),
-        'checkpoints': [(s, lr) for s, lr, _ in ckpts],
-        'test_accuracy': test_accuracy,
-        'curve_k': curve_k,
-        'found': curves,
-        'original_ranks': rank_of[originals].tolist(),
-        'copy_ranks': rank_of[np.flatnonzero(flagged)].tolist(),
-        'top_self_influence': top,
-        'examples': examples,
-    }
+    side = {'setup': setup.to_dict(), 'copy_fitted': fitted[flagged].tolist(),
+            'original_fitted': fitted[originals].tolist(), 'checkpoints': [(s, lr) for s, lr, _ in ckpts],
+            'test_accuracy': test_accuracy, 'curve_k': curve_k, 'found': curves,
+            'original_ranks': rank_of[originals].tolist(), 'copy_ranks': rank_of[np.flatnonzero(flagged)].tolist(),
+            'top_self_influence': top, 'examples': examples}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / 'influence_examples.json').write_text(json.dumps(side, indent=1))
     return records

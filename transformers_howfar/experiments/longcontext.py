@@ -22,7 +22,7 @@ from ..bench.measure import make_record, run_isolated, write_records
 from ..models.reformer import ReformerConfig, ReformerLM, reformer_loss
 from ..bench.reformer import axial_shape_for
 from .common import experiment_dir
-from ..data.sources import load_split
+from ..data.loaders import load_split
 from ..models.lm import LM, LMConfig
 from ..data.batches import SyntheticBatches
 from ..train.trainer import TrainConfig, Trainer
@@ -52,42 +52,20 @@ def byte_stream(which: str = 'train', sources=('wikipedia', 'brown'), data_dir=N
 def _longcontext_model(kind: str, length: int, quick: bool, attention=('lsh',)) -> tuple[nnx.Module, Callable]:
     d, f = (32, 64) if quick else (128, 512)
     if kind == 'transformer':
-        c = LMConfig(
-            vocab_size=256,
-            d_model=d,
-            d_ff=f,
-            n_heads=4,
-            n_layers=2,
-            max_len=length,
-            dropout_rate=0.0,
-            activation='relu',
-        )
+        c = LMConfig(vocab_size=256, d_model=d, d_ff=f, n_heads=4, n_layers=2, max_len=length, dropout_rate=0.0,
+                     activation='relu')
         return LM(c, rngs=nnx.Rngs(0)), lm_loss()
-    c = ReformerConfig(
-        vocab_size=256,
-        d_model=d,
-        d_ff=f,
-        n_heads=4,
-        n_layers=2,
-        max_len=length,
-        axial_shape=axial_shape_for(length),
-        axial_dims=(d // 2, d // 2),
-        attention=tuple(attention),
-        n_rounds=2,
-        ff_chunk=min(length, 4096),
-        loss_chunk=min(length, 4096),
-    )
+    c = ReformerConfig(vocab_size=256, d_model=d, d_ff=f, n_heads=4, n_layers=2, max_len=length,
+                       axial_shape=axial_shape_for(length), axial_dims=(d // 2, d // 2), attention=tuple(attention),
+                       n_rounds=2, ff_chunk=min(length, 4096), loss_chunk=min(length, 4096))
     return ReformerLM(c, rngs=nnx.Rngs(0)), reformer_loss()
 
 
 def _byte_windows(stream: np.ndarray, starts, length: int) -> dict:
     "Next-byte batches: `length` bytes from each start, and the bytes one position on as targets."
     idx = np.asarray(starts)[:, None] + np.arange(length)
-    return {
-        'inputs': stream[idx].astype(np.int32),
-        'targets': stream[idx + 1].astype(np.int32),
-        'loss_mask': np.ones(idx.shape, np.float32),
-    }
+    return {'inputs': stream[idx].astype(np.int32), 'targets': stream[idx + 1].astype(np.int32),
+            'loss_mask': np.ones(idx.shape, np.float32)}
 
 # %% ../../nbs/68_experiments.longcontext.ipynb #c3a9e0f1
 def ngram_bits(train: np.ndarray, held_out: np.ndarray, n: int, alpha: float = 0.01) -> float:
@@ -119,21 +97,11 @@ def _longcontext_trainer(
 ):
     model, loss_fn = _longcontext_model(kind, length, quick, attention)
     batch = tokens_per_step // length
-    config = TrainConfig(
-        steps=steps,
-        batch_size=batch,
-        optimizer='adamw',
-        weight_decay=0.0,
-        learning_rate=learning_rate,
-        warmup_steps=max(1, steps // 10),
-        final_lr_fraction=0.0,
-        eval_every=max(1, steps // evals),
-        eval_batches=eval_bytes // tokens_per_step,
-        checkpoint_every=max(1, steps // evals),
-        log_every=max(1, min(10, steps // evals)),
-        keep_checkpoints=2,
-        progress=progress,
-    )
+    config = TrainConfig(steps=steps, batch_size=batch, optimizer='adamw', weight_decay=0.0,
+                         learning_rate=learning_rate, warmup_steps=max(1, steps // 10), final_lr_fraction=0.0,
+                         eval_every=max(1, steps // evals), eval_batches=eval_bytes // tokens_per_step,
+                         checkpoint_every=max(1, steps // evals), log_every=max(1, min(10, steps // evals)),
+                         keep_checkpoints=2, progress=progress)
     shapes = {k: (batch, length) for k in ('inputs', 'targets', 'loss_mask')}
     return Trainer(model, loss_fn, config, run_dir=run_dir, batch_shapes=shapes)
 
@@ -141,19 +109,13 @@ def _longcontext_trainer(
 def _longcontext_curve(records: list[dict]) -> list[dict]:
     """Held-out (and latest training) bits per byte at each evaluation of a metrics log; a repeated step keeps its
     last record."""
-    evals, train, curve = (
-        {r['step']: r for r in records if r['split'] == 'eval'},
-        [r for r in records if r['split'] == 'train'],
-        [],
-    )
+    evals, train, curve = ({r['step']: r for r in records if r['split'] == 'eval'},
+                           [r for r in records if r['split'] == 'train'], [])
     for step, r in sorted(evals.items()):
         last = [t for t in train if t['step'] <= step]
         curve.append(
-            {
-                'step': step,
-                'valid_bits': r['nll'] / np.log(2),
-                'train_bits': last[-1]['nll'] / np.log(2) if last else None,
-            }
+            {'step': step, 'valid_bits': r['nll'] / np.log(2),
+             'train_bits': last[-1]['nll'] / np.log(2) if last else None}
         )
     return curve
 
@@ -187,15 +149,8 @@ def train_longcontext(
         raise ValueError(f'eval_bytes: expected fewer than the {len(valid)} held-out bytes, got {eval_bytes}')
     if len(train) <= length + 1:
         raise ValueError(f'run: the training text has {len(train)} bytes, too few for a context of {length}')
-    settings = {
-        'run': run,
-        'steps': steps,
-        'tokens_per_step': tokens_per_step,
-        'eval_bytes': eval_bytes,
-        'learning_rate': learning_rate,
-        'evals': evals,
-        'quick': quick,
-    }
+    settings = {'run': run, 'steps': steps, 'tokens_per_step': tokens_per_step, 'eval_bytes': eval_bytes,
+                'learning_rate': learning_rate, 'evals': evals, 'quick': quick}
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(run_dir) if run_dir else Path(tmp) / run
         if not resume:
@@ -227,14 +182,8 @@ def train_longcontext(
         return longcontext_result(run, read_metrics(run_dir), parameters, tokens_per_step, eval_bytes, quick)
 
 
-def longcontext_result(
-    run: str,
-    records: list[dict],
-    parameters: int,
-    tokens_per_step: int = 16384,
-    eval_bytes: int = 131072,
-    quick: bool = False,
-) -> dict:
+def longcontext_result(run: str, records: list[dict], parameters: int, tokens_per_step: int = 16384,
+                       eval_bytes: int = 131072, quick: bool = False) -> dict:
     """The result of a `train_longcontext` run from its metrics log `records`: held-out curve, seconds, median seconds
     per step."""
     kind, length, attention = LONGCONTEXT_RUNS[check_choice('run', run, list(LONGCONTEXT_RUNS))]
@@ -244,21 +193,11 @@ def longcontext_result(
     step_s = [
         tokens_per_step / r['tokens_per_s'] for r in windows[1:] or windows
     ]  # per log window; the first includes compilation
-    return {
-        'run': run,
-        'model': kind,
-        'context': length // (64 if quick else 1),
-        'attention': list(attention),
-        'steps': curve[-1]['step'],
-        'tokens_per_step': tokens_per_step,
-        'eval_bytes': eval_bytes,
-        'parameters': parameters,
-        'valid_bits_per_byte': curve[-1]['valid_bits'],
-        'curve': curve,
-        'seconds': max(r['seconds'] for r in records),
-        'median_step_s': float(np.median(step_s)),
-        'load_average': os.getloadavg()[0],
-    }
+    return {'run': run, 'model': kind, 'context': length // (64 if quick else 1), 'attention': list(attention),
+            'steps': curve[-1]['step'], 'tokens_per_step': tokens_per_step, 'eval_bytes': eval_bytes,
+            'parameters': parameters, 'valid_bits_per_byte': curve[-1]['valid_bits'], 'curve': curve,
+            'seconds': max(r['seconds'] for r in records), 'median_step_s': float(np.median(step_s)),
+            'load_average': os.getloadavg()[0]}
 
 # %% ../../nbs/68_experiments.longcontext.ipynb #b7c41e20
 def longcontext_cost(kind: str, length: int, attention=('lsh',), tokens_per_step: int = 16384, steps: int = 3) -> dict:
@@ -280,13 +219,8 @@ def longcontext_cost(kind: str, length: int, attention=('lsh',), tokens_per_step
     m, compile_s = step.memory_analysis(), time.perf_counter() - start
     plan = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / 1e9
     total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9
-    out = {
-        'plan_gb': plan,
-        'machine_memory_gb': total,
-        'compile_s': compile_s,
-        'seconds': None,
-        'load_average': os.getloadavg()[0],
-    }
+    out = {'plan_gb': plan, 'machine_memory_gb': total, 'compile_s': compile_s, 'seconds': None,
+           'load_average': os.getloadavg()[0]}
     if plan > 0.9 * total:
         return out  # would not fit: not run
     state, times = trainer.state, []
@@ -338,49 +272,26 @@ def longcontext_experiment(
                 write_records(path, [result])
         config = {
             k: result[k]
-            for k in (
-                'run',
-                'model',
-                'context',
-                'attention',
-                'steps',
-                'tokens_per_step',
-                'eval_bytes',
-                'parameters',
-                'load_average',
-            )
+            for k in ('run', 'model', 'context', 'attention', 'steps', 'tokens_per_step', 'eval_bytes', 'parameters',
+                      'load_average')
         }
         records += [
-            make_record(
-                'reformer_longcontext',
-                {**config, 'curve': result['curve']},
-                'valid_bits_per_byte',
-                result['valid_bits_per_byte'],
-                'bits',
-                machine,
-            ),
+            make_record('reformer_longcontext', {**config, 'curve': result['curve']}, 'valid_bits_per_byte',
+                        result['valid_bits_per_byte'], 'bits', machine),
             make_record('reformer_longcontext', config, 'train_seconds', result['seconds'], 's', machine),
             make_record('reformer_longcontext', config, 'step_seconds', result['median_step_s'], 's', machine),
         ]
     if baselines:
         train, held_out = byte_stream('train'), byte_stream('valid')[: 131072 // (64 if quick else 1) + 1]
         records += [
-            make_record(
-                'reformer_longcontext',
-                {'model': f'{n}-gram', 'n': n, 'alpha': 0.01, 'eval_bytes': len(held_out) - 1},
-                'ngram_bits_per_byte',
-                ngram_bits(train, held_out, n),
-                'bits',
-                machine,
-            )
+            make_record('reformer_longcontext',
+                        {'model': f'{n}-gram', 'n': n, 'alpha': 0.01, 'eval_bytes': len(held_out) - 1},
+                        'ngram_bits_per_byte', ngram_bits(train, held_out, n), 'bits', machine)
             for n in baselines
         ]
     for kind, length, attention in LONGCONTEXT_COSTS if costs and not quick else []:
-        r = run_isolated(
-            'transformers_howfar.experiments.longcontext:longcontext_cost',
-            {'kind': kind, 'length': length, 'attention': attention},
-            timeout=1800,
-        )
+        r = run_isolated('transformers_howfar.experiments.longcontext:longcontext_cost',
+                         {'kind': kind, 'length': length, 'attention': attention}, timeout=1800)
         config = {
             'model': kind,
             'context': length,
@@ -396,10 +307,7 @@ def longcontext_experiment(
             make_record(
                 'reformer_longcontext', config, metric, r.get(key), 'GB' if 'memory' in metric else 's', machine
             )
-            for metric, key in (
-                ('cost_step_seconds', 'seconds'),
-                ('cost_peak_memory', 'peak_rss_gb'),
-                ('cost_planned_memory', 'plan_gb'),
-            )
+            for metric, key in (('cost_step_seconds', 'seconds'), ('cost_peak_memory', 'peak_rss_gb'),
+                                ('cost_planned_memory', 'plan_gb'))
         ]
     return records

@@ -21,7 +21,7 @@ from flax import nnx
 from ..layers.attention import format_attention_options
 from ..bench.measure import make_record, run_isolated
 from ..core import Config, check_choice, check_positive, machine_info, make_key
-from ..data.sources import load_split
+from ..data.loaders import load_split
 from ..data.batches import encode_documents, lm_batches
 from ..models.reformer import ReformerConfig, ReformerLM, reformer_loss
 from ..train.families import make_tokenizer, toy_corpus
@@ -59,21 +59,8 @@ class LSHQualitySetup(Config):
     def validate(self):
         if isinstance(self.corpora, str) or not self.corpora:
             raise ValueError(f'corpora: expected a non-empty tuple of sources, got {self.corpora!r}')
-        for f in (
-            'vocab_size',
-            'seq_len',
-            'batch_size',
-            'steps',
-            'd_model',
-            'd_ff',
-            'n_heads',
-            'n_layers',
-            'chunk',
-            'eval_batches',
-            'timing_tokens',
-            'timing_rounds',
-            'timing_repeats',
-        ):
+        for f in ('vocab_size', 'seq_len', 'batch_size', 'steps', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'chunk',
+                  'eval_batches', 'timing_tokens', 'timing_rounds', 'timing_repeats'):
             check_positive(f, getattr(self, f))
         check_positive('learning_rate', self.learning_rate)
         if not self.rounds or any(int(r) < 1 for r in self.rounds):
@@ -93,24 +80,9 @@ class LSHQualitySetup(Config):
 
     @classmethod
     def tiny(cls):
-        return cls(
-            corpora=('toy',),
-            vocab_size=36,
-            seq_len=64,
-            batch_size=2,
-            steps=4,
-            d_model=16,
-            d_ff=32,
-            n_heads=2,
-            n_layers=1,
-            chunk=8,
-            rounds=(1, 2),
-            eval_batches=1,
-            timing_lengths=(32, 64),
-            timing_tokens=128,
-            timing_rounds=2,
-            timing_repeats=1,
-        )
+        return cls(corpora=('toy',), vocab_size=36, seq_len=64, batch_size=2, steps=4, d_model=16, d_ff=32, n_heads=2,
+                   n_layers=1, chunk=8, rounds=(1, 2), eval_batches=1, timing_lengths=(32, 64), timing_tokens=128,
+                   timing_rounds=2, timing_repeats=1)
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #be5dc8b5
 def model_config(setup: LSHQualitySetup, model: str, n_rounds: int | None = None) -> ReformerConfig:
@@ -121,23 +93,12 @@ def model_config(setup: LSHQualitySetup, model: str, n_rounds: int | None = None
     options = format_attention_options('local', block_size=setup.chunk, look_back=1) if kind == 'local' else ()
     R = n_rounds or (int(model[3:]) if kind == 'lsh' else 1)
     second = 1 << (int(np.ceil(np.log2(np.sqrt(setup.seq_len)))))
-    return ReformerConfig(
-        vocab_size=setup.vocab_size,
-        d_model=setup.d_model,
-        d_ff=setup.d_ff,
-        n_heads=setup.n_heads,
-        n_layers=setup.n_layers,
-        max_len=setup.seq_len,
-        axial_shape=(-(-setup.seq_len // second), second),
-        axial_dims=(setup.d_model // 2, setup.d_model - setup.d_model // 2),
-        attention=(kind,),
-        attention_options=options,
-        n_rounds=R,
-        lsh_chunk=setup.chunk,
-        ff_chunk=setup.seq_len,
-        loss_chunk=setup.seq_len,
-        residual='ordinary',
-    )
+    return ReformerConfig(vocab_size=setup.vocab_size, d_model=setup.d_model, d_ff=setup.d_ff, n_heads=setup.n_heads,
+                          n_layers=setup.n_layers, max_len=setup.seq_len,
+                          axial_shape=(-(-setup.seq_len // second), second),
+                          axial_dims=(setup.d_model // 2, setup.d_model - setup.d_model // 2), attention=(kind,),
+                          attention_options=options, n_rounds=R, lsh_chunk=setup.chunk, ff_chunk=setup.seq_len,
+                          loss_chunk=setup.seq_len, residual='ordinary')
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #b7171c0f
 def load_lsh_data(setup: LSHQualitySetup) -> dict:
@@ -152,12 +113,8 @@ def load_lsh_data(setup: LSHQualitySetup) -> dict:
     )
     valid_tokens = encode_documents(valid, tokenizer)
     chars = sum(len('\n'.join(d)) + 1 for d in valid)  # + 1: the end-of-document token stands for a separator
-    return {
-        'tokenizer': tokenizer,
-        'train': encode_documents(train, tokenizer),
-        'valid': valid_tokens,
-        'chars_per_token': chars / sum(len(t) + 1 for t in valid_tokens),
-    }
+    return {'tokenizer': tokenizer, 'train': encode_documents(train, tokenizer), 'valid': valid_tokens,
+            'chars_per_token': chars / sum(len(t) + 1 for t in valid_tokens)}
 
 
 def lsh_batches(data: dict, setup: LSHQualitySetup, which: str = 'train'):
@@ -181,29 +138,16 @@ def evaluate(eval_fn, params, data: dict, setup: LSHQualitySetup) -> dict:
         jax.device_get(eval_fn(params, b)) for _, b in zip(range(setup.eval_batches), lsh_batches(data, setup, 'valid'))
     ]
     m = summarize_metrics(rows)
-    return {
-        'nll': m['nll'],
-        'bits_per_token': m['bits_per_token'],
-        'bits_per_char': m['bits_per_token'] / data['chars_per_token'],
-        'tokens': m['tokens'],
-    }
+    return {'nll': m['nll'], 'bits_per_token': m['bits_per_token'],
+            'bits_per_char': m['bits_per_token'] / data['chars_per_token'], 'tokens': m['tokens']}
 
 
 def train_model(setup: LSHQualitySetup, model: str, data: dict, run_dir) -> tuple[dict, nnx.State]:
     """Train `model` for `setup.steps` steps in `run_dir`; its record (losses, curve, seconds, load) and trained
     parameters."""
-    train = TrainConfig(
-        steps=setup.steps,
-        batch_size=setup.batch_size,
-        learning_rate=setup.learning_rate,
-        warmup_steps=max(1, setup.steps // 10),
-        log_every=max(1, setup.steps // 30),
-        eval_every=0,
-        checkpoint_every=0,
-        keep_checkpoints=1,
-        seed=setup.seed,
-        progress=False,
-    )
+    train = TrainConfig(steps=setup.steps, batch_size=setup.batch_size, learning_rate=setup.learning_rate,
+                        warmup_steps=max(1, setup.steps // 10), log_every=max(1, setup.steps // 30), eval_every=0,
+                        checkpoint_every=0, keep_checkpoints=1, seed=setup.seed, progress=False)
     config = model_config(setup, model)
     trainer = Trainer(ReformerLM(config, rngs=nnx.Rngs(params=setup.seed)), reformer_loss(), train, run_dir=run_dir)
     load, start = os.getloadavg()[0], time.perf_counter()
@@ -211,16 +155,9 @@ def train_model(setup: LSHQualitySetup, model: str, data: dict, run_dir) -> tupl
     seconds = time.perf_counter() - start
     curve = [(r['step'], r['nll']) for r in read_metrics(run_dir) if r.get('split') == 'train']
     params = jax.tree.map(jnp.array, trainer.state['params'])
-    return {
-        'model': model,
-        'attention': config.attention[0],
-        'n_rounds': config.n_rounds,
-        'steps': trainer.step,
-        'train_nll': summary['train']['nll'],
-        'train_seconds': seconds,
-        'load_average': [round(load, 2), round(os.getloadavg()[0], 2)],
-        'curve': curve,
-    }, params
+    return {'model': model, 'attention': config.attention[0], 'n_rounds': config.n_rounds, 'steps': trainer.step,
+            'train_nll': summary['train']['nll'], 'train_seconds': seconds,
+            'load_average': [round(load, 2), round(os.getloadavg()[0], 2)], 'curve': curve}, params
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #38e9f937
 def step_seconds(model: str, length: int, setup: dict | None = None) -> dict:
@@ -249,42 +186,24 @@ def step_seconds(model: str, length: int, setup: dict | None = None) -> dict:
         start = time.perf_counter()
         params, opt_state, loss = jax.block_until_ready(compiled(params, opt_state, batch, make_key(2 + i)))
         times.append(time.perf_counter() - start)
-    return {
-        'seconds': min(times[1:]),
-        'compile_s': compile_s,
-        'batch': B,
-        'loss': float(loss),
-        'load_average': round(os.getloadavg()[0], 2),
-    }
+    return {'seconds': min(times[1:]), 'compile_s': compile_s, 'batch': B, 'loss': float(loss),
+            'load_average': round(os.getloadavg()[0], 2)}
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #fc8804ae
 def _records(setup: LSHQualitySetup, runs: dict, timings: list, machine: dict) -> list[dict]:
     rec = lambda cfg, metric, value, unit: make_record('lsh_quality', cfg, metric, value, unit, machine)
     out = []
     for name, r in runs.items():
-        cfg = {
-            'model': name,
-            'attention': r['attention'],
-            'n_rounds': r['n_rounds'],
-            'steps': r['steps'],
-            'seq_len': setup.seq_len,
-            'tokens': setup.steps * setup.batch_size * setup.seq_len,
-            'load_average': r['load_average'],
-            'train_seconds': r['train_seconds'],
-        }
-        out += [
-            rec(cfg, 'valid_bits_per_token', r['valid']['bits_per_token'], 'bits/token'),
-            rec(cfg, 'valid_bits_per_char', r['valid']['bits_per_char'], 'bits/char'),
-            rec(cfg, 'train_seconds', r['train_seconds'], 's'),
-        ]
+        cfg = {'model': name, 'attention': r['attention'], 'n_rounds': r['n_rounds'], 'steps': r['steps'],
+               'seq_len': setup.seq_len, 'tokens': setup.steps * setup.batch_size * setup.seq_len,
+               'load_average': r['load_average'], 'train_seconds': r['train_seconds']}
+        out += [rec(cfg, 'valid_bits_per_token', r['valid']['bits_per_token'], 'bits/token'),
+                rec(cfg, 'valid_bits_per_char', r['valid']['bits_per_char'], 'bits/char'),
+                rec(cfg, 'train_seconds', r['train_seconds'], 's')]
         for R, ev in r.get('eval_rounds', {}).items():
             out.append(
-                rec(
-                    dict(cfg, eval_rounds=int(R)),
-                    'valid_bits_per_token_eval_rounds',
-                    ev['bits_per_token'],
-                    'bits/token',
-                )
+                rec(dict(cfg, eval_rounds=int(R)), 'valid_bits_per_token_eval_rounds', ev['bits_per_token'],
+                    'bits/token')
             )
     for t in timings:
         cfg = {k: t[k] for k in ('model', 'length', 'batch', 'tokens') if k in t}
@@ -332,11 +251,8 @@ def run_lsh_quality(setup: LSHQualitySetup, out_dir, *, resume: bool = False, ti
             for m in ('full', f'lsh{setup.timing_rounds}'):
                 if (m, L) in done:
                     continue
-                r = run_isolated(
-                    'transformers_howfar.experiments.lsh_quality:step_seconds',
-                    {'model': m, 'length': L, 'setup': setup.to_dict()},
-                    timeout=900,
-                )
+                r = run_isolated('transformers_howfar.experiments.lsh_quality:step_seconds',
+                                 {'model': m, 'length': L, 'setup': setup.to_dict()}, timeout=900)
                 timings = [t for t in timings if (t['model'], t['length']) != (m, L)] + [
                     dict(r, model=m, length=L, tokens=setup.timing_tokens)
                 ]

@@ -7,37 +7,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import re
 import shutil
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from ..bench.measure import make_record
 from .common import experiment_dir
 from ..models.bert import Bert, BertConfig
 from ..core import Config, check_positive, check_range, derive_key, machine_info, make_key
-from ..data.sources import load_split
+from ..data.loaders import load_split
 from ..data.batches import classification_batch, classification_batches, encode_documents, mlm_batches
 from ..models.saving import load, load_tokenizer, save_model
 from ..models.bert import classify_loss, mlm_loss
 from ..train.families import make_tokenizer, toy_corpus
 from ..train.trainer import Trainer, TrainConfig
+from .common import bag_of_words, logistic_regression, mean_ci, predict_logistic
 
 # %% auto #0
 __all__ = ['PRETRAINED_BERT', 'PRETRAINING_SETTINGS', 'PretrainingConfig', 'load_corpora', 'corpus_tokenizer', 'pretrain',
-           'trainer_log', 'transfer_encoder', 'accuracy', 'finetune', 'bag_of_words', 'logistic_regression',
-           'predict_logistic', 'bag_of_words_baseline', 'mean_ci', 'load_pretrained_bert', 'run_pretraining',
-           'pretraining_records', 'pretraining_experiment']
+           'trainer_log', 'transfer_encoder', 'accuracy', 'finetune', 'bag_of_words_baseline', 'load_pretrained_bert',
+           'run_pretraining', 'pretraining_records', 'pretraining_experiment']
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #f655e544
 @dataclasses.dataclass(frozen=True)
@@ -71,17 +67,8 @@ class PretrainingConfig(Config):
     )  # L2 strengths tried for the logistic regression, picked on the valid split
 
     def validate(self):
-        for f in (
-            'vocab_size',
-            'd_model',
-            'd_ff',
-            'n_heads',
-            'n_layers',
-            'pretrain_steps',
-            'pretrain_batch',
-            'finetune_steps',
-            'finetune_batch',
-        ):
+        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'pretrain_steps', 'pretrain_batch',
+                  'finetune_steps', 'finetune_batch'):
             check_positive(f, getattr(self, f))
         check_positive('pretrain_lr', self.pretrain_lr)
         check_positive('finetune_lr', self.finetune_lr)
@@ -98,38 +85,15 @@ class PretrainingConfig(Config):
 
     def bert_config(self, dropout_rate: float = 0.0) -> BertConfig:
         "The encoder's `BertConfig` (the same for pre-training and fine-tuning; only dropout differs)."
-        return BertConfig(
-            vocab_size=self.vocab_size,
-            d_model=self.d_model,
-            d_ff=self.d_ff,
-            n_heads=self.n_heads,
-            n_layers=self.n_layers,
-            max_len=max(self.mlm_seq_len, self.classify_len),
-            dropout_rate=dropout_rate,
-            norm=self.norm,
-        )
+        return BertConfig(vocab_size=self.vocab_size, d_model=self.d_model, d_ff=self.d_ff, n_heads=self.n_heads,
+                          n_layers=self.n_layers, max_len=max(self.mlm_seq_len, self.classify_len),
+                          dropout_rate=dropout_rate, norm=self.norm)
 
     @classmethod
     def tiny(cls):
-        return cls(
-            text=('toy',),
-            labelled='toy',
-            vocab_size=36,
-            d_model=32,
-            d_ff=64,
-            n_heads=2,
-            n_layers=2,
-            mlm_seq_len=32,
-            classify_len=32,
-            pretrain_steps=30,
-            pretrain_batch=8,
-            pretrain_lr=3e-3,
-            finetune_steps=30,
-            finetune_batch=16,
-            finetune_lr=3e-3,
-            seeds=(0, 1),
-            bow_l2=(1e-3, 1e-1),
-        )
+        return cls(text=('toy',), labelled='toy', vocab_size=36, d_model=32, d_ff=64, n_heads=2, n_layers=2,
+                   mlm_seq_len=32, classify_len=32, pretrain_steps=30, pretrain_batch=8, pretrain_lr=3e-3,
+                   finetune_steps=30, finetune_batch=16, finetune_lr=3e-3, seeds=(0, 1), bow_l2=(1e-3, 1e-1))
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #1f6f5c71
 def load_corpora(config: PretrainingConfig) -> dict:
@@ -152,11 +116,8 @@ def load_corpora(config: PretrainingConfig) -> dict:
 def corpus_tokenizer(config: PretrainingConfig, documents):
     """The tokenizer every model shares: characters for the toy corpus, else SentencePiece trained on the pre-training
     text only."""
-    return make_tokenizer(
-        'toy' if config.text == ('toy',) else 'text',
-        ['\n'.join(d) if not isinstance(d, str) else d for d in documents],
-        config.vocab_size,
-    )
+    return make_tokenizer('toy' if config.text == ('toy',) else 'text',
+                          ['\n'.join(d) if not isinstance(d, str) else d for d in documents], config.vocab_size)
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #e3757ab1
 def pretrain(
@@ -164,18 +125,10 @@ def pretrain(
 ) -> tuple[Bert, dict]:
     "Pre-train a `Bert` with masked LM on `documents`; returns the model and the trainer's summary (plus seconds)."
     model = Bert(config.bert_config(0.0), rngs=nnx.Rngs(params=derive_key(make_key(seed), 'params')))
-    train = TrainConfig(
-        steps=config.pretrain_steps,
-        batch_size=config.pretrain_batch,
-        learning_rate=config.pretrain_lr,
-        warmup_steps=max(1, config.pretrain_steps // 10),
-        log_every=max(1, config.pretrain_steps // 20),
-        eval_every=0,
-        eval_batches=8,
-        checkpoint_every=100 if run_dir else 0,
-        seed=seed,
-        progress=False,
-    )
+    train = TrainConfig(steps=config.pretrain_steps, batch_size=config.pretrain_batch,
+                        learning_rate=config.pretrain_lr, warmup_steps=max(1, config.pretrain_steps // 10),
+                        log_every=max(1, config.pretrain_steps // 20), eval_every=0, eval_batches=8,
+                        checkpoint_every=100 if run_dir else 0, seed=seed, progress=False)
     batches = lambda docs, s: mlm_batches(
         encode_documents(docs, tokenizer), config.mlm_seq_len, train.batch_size, config.vocab_size, seed=s
     )
@@ -241,93 +194,19 @@ def finetune(config: PretrainingConfig, tokenizer, data: dict, seed: int, pretra
     )
     if pretrained is not None:
         transfer_encoder(pretrained, model)
-    train = TrainConfig(
-        steps=config.finetune_steps,
-        batch_size=config.finetune_batch,
-        learning_rate=config.finetune_lr,
-        warmup_steps=max(1, config.finetune_steps // 10),
-        log_every=max(1, config.finetune_steps // 10),
-        eval_every=0,
-        checkpoint_every=0,
-        seed=seed,
-        progress=False,
-    )
+    train = TrainConfig(steps=config.finetune_steps, batch_size=config.finetune_batch,
+                        learning_rate=config.finetune_lr, warmup_steps=max(1, config.finetune_steps // 10),
+                        log_every=max(1, config.finetune_steps // 10), eval_every=0, checkpoint_every=0, seed=seed,
+                        progress=False)
     trainer, start = Trainer(model, classify_loss(), train), time.perf_counter()
     summary = trainer.fit(
-        classification_batches(
-            encode(texts[:keep]),
-            labels[:keep],
-            train.batch_size,
-            config.classify_len,
-            seed=seed,
-            pad_multiple=config.classify_len,
-        )
+        classification_batches(encode(texts[:keep]), labels[:keep], train.batch_size, config.classify_len, seed=seed,
+                               pad_multiple=config.classify_len)
     )  # one shape: one compile
     seconds = time.perf_counter() - start
     result = {w: accuracy(trainer.model, rows, y, config.classify_len) for w, (rows, y) in splits.items()}
-    return dict(
-        valid_accuracy=result['valid'],
-        test_accuracy=result['test'],
-        train_loss=summary['train']['loss'],
-        seconds=seconds,
-        seed=seed,
-        init='pretrained' if pretrained is not None else 'random',
-    )
-
-# %% ../../nbs/63_experiments.pretraining.ipynb #5b380ee5
-def _words(text: str) -> list[str]: return re.findall(r"[a-z0-9']+|[^\sa-z0-9']", text.lower())
-
-def bag_of_words(train_texts, *others, min_count: int = 2, bigrams: bool = True) -> tuple[list[np.ndarray], list[str]]:
-    "Feature indices (padded with -1, shape (N, longest)) of `train_texts` and each of `others`, and the feature names."
-    def grams(t):
-        w = _words(t)
-        return set(w) | ({f'{a} {b}' for a, b in zip(w, w[1:])} if bigrams else set())
-    counts = Counter(g for t in train_texts for g in grams(t))
-    names = sorted(g for g, c in counts.items() if c >= min_count)
-    index = {g: i for i, g in enumerate(names)}
-    def encode(texts):
-        rows = [sorted(index[g] for g in grams(t) if g in index) for t in texts]
-        out = np.full((len(rows), max([len(r) for r in rows] + [1])), -1, np.int32)
-        for i, r in enumerate(rows): out[i, :len(r)] = r
-        return out
-    return [encode(train_texts)] + [encode(t) for t in others], names
-
-# %% ../../nbs/63_experiments.pretraining.ipynb #2b3952fa
-def logistic_regression(features, labels, n_features: int, l2: float, steps: int = 200) -> tuple[jax.Array, jax.Array]:
-    """Weights (n_features,) and bias () of L2-regularised binary logistic regression on padded feature indices (N,
-    L), by L-BFGS."""
-    check_positive('l2', l2, allow_zero=True)
-    check_positive('n_features', n_features)
-    features, y = jnp.asarray(features), jnp.asarray(labels, jnp.float32)
-    if features.shape[0] != y.shape[0]:
-        raise ValueError(f'labels: expected {features.shape[0]} labels (one per row), got {y.shape[0]}')
-
-    def loss(params):
-        w, b = params
-        scores = jnp.where(features >= 0, w[jnp.maximum(features, 0)], 0.0).sum(1) + b  # w·x for binary x
-        return optax.sigmoid_binary_cross_entropy(scores, y).mean() + l2 * (w**2).sum()
-
-    opt = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss)
-
-    @jax.jit
-    def run(params):
-        def step(carry, _):
-            params, state = carry
-            value, grad = value_and_grad(params, state=state)
-            updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-            return (optax.apply_updates(params, updates), state), value
-
-        return jax.lax.scan(step, (params, opt.init(params)), None, length=steps)[0][0]
-
-    return run((jnp.zeros(n_features), jnp.zeros(())))
-
-
-def predict_logistic(params, features) -> np.ndarray:
-    "0/1 predictions of `logistic_regression`'s `params` for padded feature indices (N, L)."
-    w, b = params
-    f = jnp.asarray(features)
-    return np.asarray(jnp.where(f >= 0, w[jnp.maximum(f, 0)], 0.0).sum(1) + b > 0).astype(np.int32)
+    return dict(valid_accuracy=result['valid'], test_accuracy=result['test'], train_loss=summary['train']['loss'],
+                seconds=seconds, seed=seed, init='pretrained' if pretrained is not None else 'random')
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #bed8edee
 def bag_of_words_baseline(config: PretrainingConfig, data: dict) -> dict:
@@ -339,27 +218,10 @@ def bag_of_words_baseline(config: PretrainingConfig, data: dict) -> dict:
         params = logistic_regression(tr, data['train'][1], len(names), l2)
         fits[l2] = (float((predict_logistic(params, va) == data['valid'][1]).mean()), params)
     best = max(config.bow_l2, key=lambda l2: fits[l2][0])
-    return dict(
-        valid_accuracy=fits[best][0],
-        test_accuracy=float((predict_logistic(fits[best][1], te) == data['test'][1]).mean()),
-        l2=best,
-        n_features=len(names),
-        seconds=time.perf_counter() - start,
-        valid_by_l2={str(k): v[0] for k, v in fits.items()},
-    )
-
-# %% ../../nbs/63_experiments.pretraining.ipynb #b9076f2d
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-
-def mean_ci(values) -> tuple[float, float]:
-    "Mean and half-width of the 95% Student-t confidence interval of `values` (half-width nan for one value)."
-    v = np.asarray(values, np.float64)
-    if v.ndim != 1 or not len(v): raise ValueError(f'values: expected a non-empty 1-D sequence, got shape {v.shape}')
-    if len(v) == 1: return float(v[0]), float('nan')
-    df = len(v) - 1
-    t = _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
-    return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))
+    return dict(valid_accuracy=fits[best][0],
+                test_accuracy=float((predict_logistic(fits[best][1], te) == data['test'][1]).mean()), l2=best,
+                n_features=len(names), seconds=time.perf_counter() - start,
+                valid_by_l2={str(k): v[0] for k, v in fits.items()})
 
 # %% ../../nbs/63_experiments.pretraining.ipynb #2234aa35
 PRETRAINED_BERT = 'bert_mlm_wikipedia_brown'  # its folder in `experiment_dir('pretraining')`
@@ -405,15 +267,9 @@ def run_pretraining(config: PretrainingConfig, out_dir=None, model_dir=None, *, 
         if model_path:
             save_model(bert, model_path, tokenizer, overwrite=True)
         save(
-            dict(
-                name='pretrain',
-                steps=config.pretrain_steps,
-                seconds=summary['seconds'],
-                curve=summary['curve'],
-                valid_mlm_loss=summary['eval'].get('loss'),
-                valid_mlm_accuracy=summary['eval'].get('accuracy'),
-                load=[load_before, _load()],
-            )
+            dict(name='pretrain', steps=config.pretrain_steps, seconds=summary['seconds'], curve=summary['curve'],
+                 valid_mlm_loss=summary['eval'].get('loss'), valid_mlm_accuracy=summary['eval'].get('accuracy'),
+                 load=[load_before, _load()])
         )
     for seed in config.seeds:
         for init in ('random', 'pretrained'):
@@ -422,11 +278,8 @@ def run_pretraining(config: PretrainingConfig, out_dir=None, model_dir=None, *, 
                 continue
             load_before = _load()
             save(
-                dict(
-                    finetune(config, tokenizer, data, seed, bert if init == 'pretrained' else None),
-                    name=name,
-                    load=[load_before, _load()],
-                )
+                dict(finetune(config, tokenizer, data, seed, bert if init == 'pretrained' else None), name=name,
+                     load=[load_before, _load()])
             )
     if 'bow' not in done:
         save(dict(bag_of_words_baseline(config, data), name='bow'))
@@ -444,12 +297,8 @@ def pretraining_records(state: dict, data: dict | None = None) -> list[dict]:
     if 'pretrain' in runs:
         p = runs['pretrain']
         out += [
-            rec(
-                {'model': 'bert-mlm', 'steps': p['steps'], 'load': p['load']},
-                'valid_mlm_accuracy',
-                p['valid_mlm_accuracy'],
-                'fraction',
-            ),
+            rec({'model': 'bert-mlm', 'steps': p['steps'], 'load': p['load']}, 'valid_mlm_accuracy',
+                p['valid_mlm_accuracy'], 'fraction'),
             rec({'model': 'bert-mlm', 'steps': p['steps'], 'load': p['load']}, 'seconds', p['seconds'], 's'),
         ]
     for init in ('random', 'pretrained'):
@@ -457,13 +306,8 @@ def pretraining_records(state: dict, data: dict | None = None) -> list[dict]:
         for r in mine:
             out.append(
                 rec(
-                    {
-                        'model': f'bert-{init}',
-                        'seed': r['seed'],
-                        'steps': config['finetune_steps'],
-                        'load': r['load'],
-                        'seconds': r['seconds'],
-                    },
+                    {'model': f'bert-{init}', 'seed': r['seed'], 'steps': config['finetune_steps'], 'load': r['load'],
+                     'seconds': r['seconds']},
                     'test_accuracy',
                     r['test_accuracy'],
                     'fraction',
@@ -472,22 +316,14 @@ def pretraining_records(state: dict, data: dict | None = None) -> list[dict]:
         if mine:
             m, h = mean_ci([r['test_accuracy'] for r in mine])
             out.append(
-                rec(
-                    {'model': f'bert-{init}', 'seeds': [r['seed'] for r in mine], 'ci95': h},
-                    'mean_test_accuracy',
-                    m,
-                    'fraction',
-                )
+                rec({'model': f'bert-{init}', 'seeds': [r['seed'] for r in mine], 'ci95': h}, 'mean_test_accuracy', m,
+                    'fraction')
             )
     if 'bow' in runs:
         b = runs['bow']
         out.append(
-            rec(
-                {'model': 'bow-logistic', 'l2': b['l2'], 'n_features': b['n_features']},
-                'test_accuracy',
-                b['test_accuracy'],
-                'fraction',
-            )
+            rec({'model': 'bow-logistic', 'l2': b['l2'], 'n_features': b['n_features']}, 'test_accuracy',
+                b['test_accuracy'], 'fraction')
         )
     if data is not None:
         y = np.asarray(data['test'][1])

@@ -20,7 +20,7 @@ from flax import nnx
 from ..bench.measure import make_record
 from .common import experiment_dir
 from ..core import Config, check_choice, check_positive, machine_info
-from ..data.sources import load_split
+from ..data.loaders import load_split
 from ..data.batches import encode_documents, lm_batches
 from ..decoding import generate
 from ..layers.blocks import count_parameters
@@ -62,12 +62,8 @@ class ScalingSetup(Config):
     steps: int = 200
     learning_rate: float = 2e-3
     eval_batches: int = 16  # validation windows: eval_batches × batch_size
-    prompts: tuple = (
-        'The history of the city',
-        'In the morning she',
-        'The government announced that',
-        'Scientists have found',
-    )
+    prompts: tuple = ('The history of the city', 'In the morning she', 'The government announced that',
+                      'Scientists have found')
     sample_tokens: int = 40
     temperature: float = 0.8
     top_k: int = 40
@@ -87,17 +83,8 @@ class ScalingSetup(Config):
 
     @classmethod
     def tiny(cls):
-        return cls(
-            corpora=('toy',),
-            vocab_size=36,
-            seq_len=32,
-            batch_size=8,
-            steps=8,
-            learning_rate=3e-3,
-            eval_batches=2,
-            prompts=('the cat', 'a dog'),
-            sample_tokens=8,
-        )
+        return cls(corpora=('toy',), vocab_size=36, seq_len=32, batch_size=8, steps=8, learning_rate=3e-3,
+                   eval_batches=2, prompts=('the cat', 'a dog'), sample_tokens=8)
 
 
 def scaling_config(setup: ScalingSetup, size: str, sizes: dict = SIZES) -> LMConfig:
@@ -129,11 +116,8 @@ def load_scaling_data(setup: ScalingSetup, tokenizer=None) -> dict:
         )
     if tokenizer.vocab_size != setup.vocab_size:
         raise ValueError(f'tokenizer: expected vocab_size = {setup.vocab_size}, got {tokenizer.vocab_size}')
-    return {
-        'tokenizer': tokenizer,
-        'train': encode_documents(train, tokenizer),
-        'valid': encode_documents(valid, tokenizer),
-    }
+    return {'tokenizer': tokenizer, 'train': encode_documents(train, tokenizer),
+            'valid': encode_documents(valid, tokenizer)}
 
 
 def scaling_batches(data: dict, setup: ScalingSetup, which: str = 'train'):
@@ -148,51 +132,28 @@ def train_size(size: str, setup: ScalingSetup, data: dict, folder, sizes: dict =
     "Train model `size` on `data` in `folder/size`, save it to `folder/size/model`; losses, curve, samples and timings."
     run_dir = Path(folder) / size
     config = scaling_config(setup, size, sizes)
-    train = TrainConfig(
-        steps=setup.steps,
-        batch_size=setup.batch_size,
-        learning_rate=setup.learning_rate,
-        warmup_steps=max(1, setup.steps // 10),
-        log_every=max(1, setup.steps // 50),
-        eval_every=max(1, setup.steps // 4),
-        eval_batches=setup.eval_batches,
-        checkpoint_every=0,
-        keep_checkpoints=1,
-        seed=setup.seed,
-        progress=False,
-    )
+    train = TrainConfig(steps=setup.steps, batch_size=setup.batch_size, learning_rate=setup.learning_rate,
+                        warmup_steps=max(1, setup.steps // 10), log_every=max(1, setup.steps // 50),
+                        eval_every=max(1, setup.steps // 4), eval_batches=setup.eval_batches, checkpoint_every=0,
+                        keep_checkpoints=1, seed=setup.seed, progress=False)
     shutil.rmtree(run_dir / 'run', ignore_errors=True)  # a fresh run: no stale checkpoint or log
     trainer = Trainer(LM(config, rngs=nnx.Rngs(params=setup.seed)), lm_loss(), train, run_dir=run_dir / 'run')
     load_start = os.getloadavg()[0]
     summary = trainer.fit(scaling_batches(data, setup), lambda: scaling_batches(data, setup, 'valid'), resume=False)
     model = trainer.model
     save_model(model, run_dir / 'model', data['tokenizer'], overwrite=True)
-    return {
-        'size': size,
-        'model_config': config.to_dict(),
-        **parameter_counts(model),
-        'tokens': setup.tokens,
-        'steps': trainer.step,
-        'valid_nll': summary['eval']['nll'],
-        'train_nll': summary['train']['nll'],
-        'train_seconds': summary['seconds'],
-        'load_average': [load_start, os.getloadavg()[0]],
-        'curve': [{k: r[k] for k in ('step', 'split', 'nll', 'seconds')} for r in read_metrics(run_dir / 'run')],
-        'samples': sample_texts(model, data['tokenizer'], setup),
-    }
+    return {'size': size, 'model_config': config.to_dict(), **parameter_counts(model), 'tokens': setup.tokens,
+            'steps': trainer.step, 'valid_nll': summary['eval']['nll'], 'train_nll': summary['train']['nll'],
+            'train_seconds': summary['seconds'], 'load_average': [load_start, os.getloadavg()[0]],
+            'curve': [{k: r[k] for k in ('step', 'split', 'nll', 'seconds')} for r in read_metrics(run_dir / 'run')],
+            'samples': sample_texts(model, data['tokenizer'], setup)}
 
 # %% ../../nbs/64_experiments.scaling.ipynb #5b831f72
 def sample_texts(model: LM, tokenizer, setup: ScalingSetup) -> list[dict]:
     "Continue each of `setup.prompts` with `setup.sample_tokens` sampled tokens (fixed key)."
     prompts = [[EOS_ID] + list(tokenizer.encode(p)) for p in setup.prompts]  # </s> separates documents in training
-    out = generate(
-        model,
-        prompts,
-        setup.sample_tokens,
-        temperature=setup.temperature,
-        top_k=min(setup.top_k, setup.vocab_size),
-        key=setup.seed,
-    )
+    out = generate(model, prompts, setup.sample_tokens, temperature=setup.temperature,
+                   top_k=min(setup.top_k, setup.vocab_size), key=setup.seed)
     return [{'prompt': p, 'continuation': tokenizer.decode(o)} for p, o in zip(setup.prompts, out)]
 
 
@@ -227,11 +188,8 @@ def fit_power_law(n: Sequence[float], loss: Sequence[float]) -> dict[str, float]
     slope, intercept = np.polyfit(np.log(n), np.log(loss), 1)
     pred = intercept + slope * np.log(n)
     ss = ((np.log(loss) - np.log(loss).mean()) ** 2).sum()
-    return {
-        'a': float(np.exp(intercept)),
-        'alpha': float(-slope),
-        'r2': float(1 - ((np.log(loss) - pred) ** 2).sum() / ss) if ss else 1.0,
-    }
+    return {'a': float(np.exp(intercept)), 'alpha': float(-slope),
+            'r2': float(1 - ((np.log(loss) - pred) ** 2).sum() / ss) if ss else 1.0}
 
 # %% ../../nbs/64_experiments.scaling.ipynb #95df115e
 def scaling_experiment(
@@ -262,15 +220,9 @@ def scaling_experiment(
             side(size).write_text(json.dumps(r, indent=1))
     records = []
     for size, r in results.items():
-        config = {
-            'size': size,
-            'params': r['params'],
-            'non_embedding_params': r['non_embedding_params'],
-            'tokens': r['tokens'],
-            'steps': r['steps'],
-            'model_config': r['model_config'],
-            'load_average': r['load_average'],
-        }
+        config = {'size': size, 'params': r['params'], 'non_embedding_params': r['non_embedding_params'],
+                  'tokens': r['tokens'], 'steps': r['steps'], 'model_config': r['model_config'],
+                  'load_average': r['load_average']}
         records += [
             make_record('scaling', config, 'valid_nll', r['valid_nll'], 'nats/token', machine),
             make_record('scaling', config, 'train_seconds', r['train_seconds'], 's', machine),
@@ -278,14 +230,8 @@ def scaling_experiment(
     for count in ('params', 'non_embedding_params'):
         fit = fit_power_law([r[count] for r in results.values()], [r['valid_nll'] for r in results.values()])
         records.append(
-            make_record(
-                'scaling',
-                {'fit': 'L = a N^-alpha', 'against': count, 'a': fit['a'], 'r2': fit['r2']},
-                'alpha',
-                fit['alpha'],
-                'exponent',
-                machine,
-            )
+            make_record('scaling', {'fit': 'L = a N^-alpha', 'against': count, 'a': fit['a'], 'r2': fit['r2']},
+                        'alpha', fit['alpha'], 'exponent', machine)
         )
     return records
 

@@ -38,20 +38,10 @@ EXPERIMENT_MODELS = {  # name: overrides of the 'small' preset, in the order the
     'reversed-digits': ('format=reversed', 'position=digits'),
     'scratchpad-digits-ssmax': ('format=scratchpad', 'position=digits', 'attention=ssmax'),
     'scratchpad-random-4500': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'steps=4500'),
-    'scratchpad-random-ssmax-4500': (
-        'format=scratchpad',
-        'position=digits',
-        'digit_codes=random',
-        'attention=ssmax',
-        'steps=4500',
-    ),
-    'scratchpad-random-ssmax-7000': (
-        'format=scratchpad',
-        'position=digits',
-        'digit_codes=random',
-        'attention=ssmax',
-        'steps=7000',
-    ),
+    'scratchpad-random-ssmax-4500': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'attention=ssmax',
+                                     'steps=4500'),
+    'scratchpad-random-ssmax-7000': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'attention=ssmax',
+                                     'steps=7000'),
     'scratchpad-random-8000': ('format=scratchpad', 'position=digits', 'digit_codes=random', 'steps=8000'),
 }
 
@@ -88,20 +78,11 @@ def run_model(
     for n in digits:  # past 16 digits, or after two lengths at 0%, fewer examples: the resolution is recorded per row
         few = n > 16 or (len(rows) >= 2 and rows[-1]['exact_match'] == rows[-2]['exact_match'] == 0.0)
         rows.append(evaluate_addition(model, n, max(count // 2, 1) if few else count))
-    result = {
-        'model': name,
-        'overrides': list(overrides),
-        'preset': preset,
-        'config': config.to_dict(),
-        'parameters': count_parameters(model),
-        'steps': trainer.step,
-        'batch_size': trainer.config.batch_size,
-        'train_seconds': train_s,
-        'eval_seconds': time.perf_counter() - t0,
-        'load_average': load + [os.getloadavg()[0]],
-        'final_train_loss': summary['train'].get('loss'),
-        'eval': rows,
-    }
+    result = {'model': name, 'overrides': list(overrides), 'preset': preset, 'config': config.to_dict(),
+              'parameters': count_parameters(model), 'steps': trainer.step, 'batch_size': trainer.config.batch_size,
+              'train_seconds': train_s, 'eval_seconds': time.perf_counter() - t0,
+              'load_average': load + [os.getloadavg()[0]], 'final_train_loss': summary['train'].get('loss'),
+              'eval': rows}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
@@ -112,17 +93,10 @@ def result_records(results: list[dict]) -> list[dict]:
     machine, out = machine_info(), []
     for r in results:
         for row in r['eval']:
-            config = {
-                'model': r['model'],
-                'format': r['config']['format'],
-                'position': r['config']['position'],
-                'd_model': r['config']['d_model'],
-                'parameters': r['parameters'],
-                'steps': r['steps'],
-                'train_seconds': round(r['train_seconds'], 1),
-                'n_digits': row['n_digits'],
-                'examples': row['examples'],
-            }
+            config = {'model': r['model'], 'format': r['config']['format'], 'position': r['config']['position'],
+                      'd_model': r['config']['d_model'], 'parameters': r['parameters'], 'steps': r['steps'],
+                      'train_seconds': round(r['train_seconds'], 1), 'n_digits': row['n_digits'],
+                      'examples': row['examples']}
             out.append(make_record('scratchpad', config, 'exact_match', row['exact_match'], 'fraction', machine))
             if 'step_accuracy' in row:
                 out.append(

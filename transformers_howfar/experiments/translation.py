@@ -21,7 +21,7 @@ from flax import nnx
 from ..bench.measure import make_record
 from .common import experiment_dir
 from ..core import Config, check_choice, check_positive, machine_info
-from ..data.sources import load_split
+from ..data.loaders import load_split
 from ..data.batches import encode_pairs, seq2seq_batch, seq2seq_batches
 from ..decoding import beam_search, generate
 from ..models.rnn import RNNConfig, RNNEncoderDecoder
@@ -60,18 +60,8 @@ class TranslationSetup(Config):
     seed: int = 0
 
     def validate(self):
-        for f in (
-            'vocab_size',
-            'seq_len',
-            'batch_size',
-            'pad_multiple',
-            'steps',
-            'throughput_rounds',
-            'throughput_steps',
-            'beam_size',
-            'max_new_tokens',
-            'decode_batch',
-        ):
+        for f in ('vocab_size', 'seq_len', 'batch_size', 'pad_multiple', 'steps', 'throughput_rounds',
+                  'throughput_steps', 'beam_size', 'max_new_tokens', 'decode_batch'):
             check_positive(f, getattr(self, f))
         for f in ('budget_s', 'test_pairs', 'n_samples'):
             check_positive(f, getattr(self, f), allow_zero=True)
@@ -79,50 +69,29 @@ class TranslationSetup(Config):
 
     @classmethod
     def tiny(cls):
-        return cls(
-            corpus='toy',
-            vocab_size=36,
-            seq_len=32,
-            batch_size=8,
-            pad_multiple=32,
-            budget_s=0,
-            steps=12,
-            throughput_rounds=1,
-            throughput_steps=1,
-            learning_rate=3e-3,
-            test_pairs=8,
-            beam_size=2,
-            max_new_tokens=24,
-            decode_batch=8,
-            n_samples=2,
-        )
+        return cls(corpus='toy', vocab_size=36, seq_len=32, batch_size=8, pad_multiple=32, budget_s=0, steps=12,
+                   throughput_rounds=1, throughput_steps=1, learning_rate=3e-3, test_pairs=8, beam_size=2,
+                   max_new_tokens=24, decode_batch=8, n_samples=2)
 
 
 def translation_configs(quick: bool = False) -> dict:
     "The set-up and the two model configs: `{'setup', 'transformer', 'rnn'}`; `quick` is the seconds-long test version."
     if quick:
         tiny = dict(vocab_size=36, corpus='toy', seq_len=32, max_len=32, dropout_rate=0.0)
-        return {
-            'setup': TranslationSetup.tiny(),
-            'transformer': TranslateTask(d_model=32, d_ff=64, n_heads=4, n_layers=1, norm='pre', **tiny),
-            'rnn': TranslateRNNTask(d_model=32, n_layers=1, **tiny),
-        }
+        return {'setup': TranslationSetup.tiny(),
+                'transformer': TranslateTask(d_model=32, d_ff=64, n_heads=4, n_layers=1, norm='pre', **tiny),
+                'rnn': TranslateRNNTask(d_model=32, n_layers=1, **tiny)}
     common = dict(vocab_size=4000, seq_len=64, max_len=64, dropout_rate=0.1, label_smoothing=0.1)
-    return {
-        'setup': TranslationSetup(),
-        'transformer': TranslateTask(d_model=128, d_ff=512, n_heads=4, n_layers=2, norm='pre', **common),
-        'rnn': TranslateRNNTask(d_model=256, n_layers=2, cell='lstm', **common),
-    }
+    return {'setup': TranslationSetup(),
+            'transformer': TranslateTask(d_model=128, d_ff=512, n_heads=4, n_layers=2, norm='pre', **common),
+            'rnn': TranslateRNNTask(d_model=256, n_layers=2, cell='lstm', **common)}
 
 # %% ../../nbs/62_experiments.translation.ipynb #3a0ec194
 def load_translation_data(setup: TranslationSetup) -> dict:
     "Tokenizer, encoded train and valid pairs, and raw test pairs of `setup.corpus` ('toy': generated reversals)."
     if setup.corpus == 'toy':
-        train, valid, test = (
-            toy_corpus('pairs', seed=0),
-            toy_corpus('pairs', n=64, seed=1),
-            toy_corpus('pairs', n=64, seed=2),
-        )
+        train, valid, test = (toy_corpus('pairs', seed=0), toy_corpus('pairs', n=64, seed=1),
+                              toy_corpus('pairs', n=64, seed=2))
     else:
         train, valid, test = (load_split(setup.corpus, w, seed=setup.seed) for w in ('train', 'valid', 'test'))
     tokenizer = make_tokenizer(setup.corpus, [s for p in train for s in p], setup.vocab_size)
@@ -159,16 +128,8 @@ def measure_throughput(trainers: dict[str, Trainer], batch: dict, rounds: int = 
     return {k: tokens / float(np.median(s)) for k, s in seconds.items()}
 
 # %% ../../nbs/62_experiments.translation.ipynb #b21a2eea
-def translate(
-    model: nnx.Module,
-    tokenizer,
-    sources: Sequence[str],
-    *,
-    seq_len: int = 64,
-    max_new_tokens: int = 80,
-    beam_size: int = 1,
-    batch_size: int = 50,
-) -> list[str]:
+def translate(model: nnx.Module, tokenizer, sources: Sequence[str], *, seq_len: int = 64, max_new_tokens: int = 80,
+              beam_size: int = 1, batch_size: int = 50) -> list[str]:
     """Translations of `sources`: greedy when `beam_size` is 1, else the best beam; batches padded to (batch_size,
     seq_len)."""
     check_positive('beam_size', beam_size)
@@ -212,18 +173,9 @@ def _family(config, base):
 
 
 def _train_config(setup: TranslationSetup, steps: int) -> TrainConfig:
-    return TrainConfig(
-        steps=steps,
-        batch_size=setup.batch_size,
-        learning_rate=setup.learning_rate,
-        warmup_steps=max(1, steps // 10),
-        log_every=max(1, steps // 40),
-        eval_every=max(1, steps // 4),
-        eval_batches=8,
-        checkpoint_every=0,
-        seed=setup.seed,
-        progress=False,
-    )
+    return TrainConfig(steps=steps, batch_size=setup.batch_size, learning_rate=setup.learning_rate,
+                       warmup_steps=max(1, steps // 10), log_every=max(1, steps // 40), eval_every=max(1, steps // 4),
+                       eval_batches=8, checkpoint_every=0, seed=setup.seed, progress=False)
 
 
 def make_trainer(name: str, config, setup: TranslationSetup, steps: int, run_dir=None) -> Trainer:
@@ -291,14 +243,8 @@ def _fit_logged(name, trainer_args, data, setup, save_dir) -> dict:
 def _records(results: dict, throughput: dict, configs: dict, machine: dict) -> list[dict]:
     out = []
     for name, r in results.items():
-        base = {
-            'model': name,
-            'params': r['params'],
-            'steps': r['steps'],
-            'model_config': configs[name].to_dict(),
-            'setup': configs['setup'].to_dict(),
-            'load_average': r['load_average'],
-        }
+        base = {'model': name, 'params': r['params'], 'steps': r['steps'], 'model_config': configs[name].to_dict(),
+                'setup': configs['setup'].to_dict(), 'load_average': r['load_average']}
         for decoding in ('greedy', 'beam'):
             for metric, value in r[decoding].items():
                 out.append(make_record('translation', dict(base, decoding=decoding), metric, value, 'score', machine))
@@ -349,18 +295,11 @@ def translation_experiment(quick: bool = False, out_dir=None, resume: bool = Fal
     return _records(results, throughput, configs, machine)
 
 # %% ../../nbs/62_experiments.translation.ipynb #223a52b0
-_COLUMNS = [
-    ('params', 'params', '{:,.0f}'),
-    ('steps', 'steps', '{:.0f}'),
-    ('train_seconds', 'train s', '{:.0f}'),
-    ('tokens_per_s', 'tok/s (probe)', '{:.0f}'),
-    ('tokens_per_s_training', 'tok/s (training)', '{:.0f}'),
-    ('valid_nll', 'valid loss', '{:.3f}'),
-    ('bleu/greedy', 'BLEU greedy', '{:.2f}'),
-    ('bleu/beam', 'BLEU beam', '{:.2f}'),
-    ('chrf/greedy', 'chrF greedy', '{:.2f}'),
-    ('chrf/beam', 'chrF beam', '{:.2f}'),
-]
+_COLUMNS = [('params', 'params', '{:,.0f}'), ('steps', 'steps', '{:.0f}'), ('train_seconds', 'train s', '{:.0f}'),
+            ('tokens_per_s', 'tok/s (probe)', '{:.0f}'), ('tokens_per_s_training', 'tok/s (training)', '{:.0f}'),
+            ('valid_nll', 'valid loss', '{:.3f}'), ('bleu/greedy', 'BLEU greedy', '{:.2f}'),
+            ('bleu/beam', 'BLEU beam', '{:.2f}'), ('chrf/greedy', 'chrF greedy', '{:.2f}'),
+            ('chrf/beam', 'chrF beam', '{:.2f}')]
 
 
 def translation_table(records: list[dict]) -> str:

@@ -166,16 +166,9 @@ class Attention(nnx.Module):
         dropout_rate: float = 0.0,
         rngs: nnx.Rngs,
     ):
-        self.mha = MultiHeadAttention(
-            d_model,
-            n_heads,
-            n_kv_heads=n_kv_heads,
-            attention=kind,
-            attention_options=attention_options,
-            causal=causal,
-            dropout_rate=dropout_rate,
-            rngs=rngs,
-        )
+        self.mha = MultiHeadAttention(d_model, n_heads, n_kv_heads=n_kv_heads, attention=kind,
+                                      attention_options=attention_options, causal=causal, dropout_rate=dropout_rate,
+                                      rngs=rngs)
         self.rotary = rotary
 
     def project_kv(self, source, positions=None) -> tuple:
@@ -183,17 +176,8 @@ class Attention(nnx.Module):
         k, v = self.mha.project_kv(source)
         return (apply_rotary(k, positions), v) if self.rotary else (k, v)
 
-    def __call__(
-        self,
-        x,
-        *,
-        positions=None,
-        padding_mask=None,
-        kv=None,
-        cache: KVCache | None = None,
-        rngs: nnx.Rngs | None = None,
-        return_weights: bool = False,
-    ):
+    def __call__(self, x, *, positions=None, padding_mask=None, kv=None, cache: KVCache | None = None,
+                 rngs: nnx.Rngs | None = None, return_weights: bool = False):
         """Self-attention of `x` (B, T, D) (through `cache` if given), or cross-attention to `kv`; y, (y, cache), then
         the weights if asked."""
         key = rngs.dropout() if rngs is not None and self.mha.dropout_rate > 0 else None
@@ -202,67 +186,28 @@ class Attention(nnx.Module):
             if positions is None:
                 positions = jnp.arange(x.shape[1])[None] + (0 if cache is None else cache.index)
             rotate = lambda t: apply_rotary(t, positions)
-        return self.mha(
-            x,
-            kv=kv,
-            padding_mask=padding_mask,
-            cache=cache,
-            dropout_key=key,
-            rotate=rotate,
-            return_weights=return_weights,
-        )
+        return self.mha(x, kv=kv, padding_mask=padding_mask, cache=cache, dropout_key=key, rotate=rotate,
+                        return_weights=return_weights)
 
 # %% ../../nbs/26_layers.blocks.ipynb #34855abd
 class Block(nnx.Module):
     "Self-attention, optional cross-attention to a memory, feed-forward; each in a pre- or post-LN residual."
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        d_ff: int,
-        *,
-        n_kv_heads: int | None = None,
-        kind: str = 'full',
-        attention_options: dict | None = None,
-        causal: bool = False,
-        cross: bool = False,
-        rotary: bool = False,
-        norm: str = 'pre',
-        activation: str = 'relu',
-        dropout_rate: float = 0.0,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, *, n_kv_heads: int | None = None, kind: str = 'full',
+                 attention_options: dict | None = None, causal: bool = False, cross: bool = False,
+                 rotary: bool = False, norm: str = 'pre', activation: str = 'relu', dropout_rate: float = 0.0,
+                 rngs: nnx.Rngs):
         res = lambda: Residual(d_model, norm, dropout_rate, rngs=rngs)
-        self.attention = Attention(
-            d_model,
-            n_heads,
-            n_kv_heads,
-            kind=kind,
-            attention_options=attention_options,
-            causal=causal,
-            rotary=rotary,
-            dropout_rate=dropout_rate,
-            rngs=rngs,
-        )
+        self.attention = Attention(d_model, n_heads, n_kv_heads, kind=kind, attention_options=attention_options,
+                                   causal=causal, rotary=rotary, dropout_rate=dropout_rate, rngs=rngs)
         self.attention_residual = res()
         self.cross = Attention(d_model, n_heads, n_kv_heads, dropout_rate=dropout_rate, rngs=rngs) if cross else None
         self.cross_residual = res() if cross else None
         self.feed_forward = FeedForward(d_model, d_ff, activation, dropout_rate, rngs=rngs)
         self.feed_forward_residual = res()
 
-    def __call__(
-        self,
-        x,
-        *,
-        positions=None,
-        padding_mask=None,
-        memory: tuple | None = None,
-        memory_mask=None,
-        cache: KVCache | None = None,
-        rngs: nnx.Rngs | None = None,
-        return_weights: bool = False,
-    ):
+    def __call__(self, x, *, positions=None, padding_mask=None, memory: tuple | None = None, memory_mask=None,
+                 cache: KVCache | None = None, rngs: nnx.Rngs | None = None, return_weights: bool = False):
         """`x` (B, T, D) -> y, or `(y, cache)` with a cache, then the self-attention weights if asked; `memory` is the
         cross-attention (k, v)."""
         kw, aux = dict(positions=positions, padding_mask=padding_mask, rngs=rngs), ()
@@ -308,16 +253,8 @@ class Stack(nnx.Module):
         kinds, options = {b: kind for b, kind in self.plan}, attention_options or {}
         self.blocks = nnx.List(
             [
-                Block(
-                    d_model,
-                    n_heads,
-                    d_ff,
-                    kind=kinds[b],
-                    attention_options=options.get(kinds[b]),
-                    norm=norm,
-                    rngs=rngs,
-                    **block_options,
-                )
+                Block(d_model, n_heads, d_ff, kind=kinds[b], attention_options=options.get(kinds[b]), norm=norm,
+                      rngs=rngs, **block_options)
                 for b in range(n_distinct_blocks(self.plan))
             ]
         )
@@ -334,13 +271,8 @@ class Stack(nnx.Module):
         weights if asked."""
         new_caches, weights = [], []
         for step, (b, _) in enumerate(self.plan):
-            out = self.blocks[b](
-                x,
-                memory=None if memories is None else memories[step],
-                cache=None if caches is None else caches[step],
-                return_weights=return_weights,
-                **kw,
-            )
+            out = self.blocks[b](x, memory=None if memories is None else memories[step],
+                                 cache=None if caches is None else caches[step], return_weights=return_weights, **kw)
             x, *aux = out if isinstance(out, tuple) else (out,)
             if caches is not None:
                 new_caches.append(aux.pop(0))

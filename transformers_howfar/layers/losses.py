@@ -34,22 +34,15 @@ def cross_entropy_sums(
     nll = lse - jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     per_token = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1)) if label_smoothing else nll
     mask = jnp.ones(nll.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    return {
-        'loss': (per_token * mask).sum(),
-        'nll': (nll * mask).sum(),
-        'correct': ((logits.argmax(-1) == targets) * mask).sum(),
-        'tokens': mask.sum(),
-    }
+    return {'loss': (per_token * mask).sum(), 'nll': (nll * mask).sum(),
+            'correct': ((logits.argmax(-1) == targets) * mask).sum(), 'tokens': mask.sum()}
 
 
 def normalise_sums(sums: dict) -> tuple[jax.Array, dict]:
     "Means from `cross_entropy_sums` (added up over chunks or devices): loss, {'nll', 'accuracy', 'tokens'}."
     denom = jnp.maximum(sums['tokens'], 1.0)  # an all-masked batch gives 0, not nan
-    return sums['loss'] / denom, {
-        'nll': sums['nll'] / denom,
-        'accuracy': sums['correct'] / denom,
-        'tokens': sums['tokens'],
-    }
+    return sums['loss'] / denom, {'nll': sums['nll'] / denom, 'accuracy': sums['correct'] / denom,
+                                  'tokens': sums['tokens']}
 
 
 def cross_entropy(logits, targets, mask=None, label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:

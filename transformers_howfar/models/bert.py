@@ -72,33 +72,15 @@ class Bert(nnx.Module):
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         self.config = c = config
-        self.embed = Embedder(
-            c.vocab_size,
-            c.d_model,
-            c.max_len,
-            c.position,
-            n_segments=c.n_segments,
-            dropout_rate=c.dropout_rate,
-            rngs=rngs,
-        )
+        self.embed = Embedder(c.vocab_size, c.d_model, c.max_len, c.position, n_segments=c.n_segments,
+                              dropout_rate=c.dropout_rate, rngs=rngs)
         self.embed_norm = (
             nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs) if c.norm == 'post' else None
         )  # post-LN stacks start normalised
-        self.encoder = Stack(
-            c.n_layers,
-            c.attention,
-            c.d_model,
-            c.n_heads,
-            c.d_ff,
-            shared=c.shared_layers,
-            norm=c.norm,
-            attention_options=parse_attention_options(c.attention_options, c.attention),
-            n_kv_heads=c.kv_heads,
-            rotary=c.position == 'rotary',
-            activation=c.activation,
-            dropout_rate=c.dropout_rate,
-            rngs=rngs,
-        )
+        self.encoder = Stack(c.n_layers, c.attention, c.d_model, c.n_heads, c.d_ff, shared=c.shared_layers,
+                             norm=c.norm, attention_options=parse_attention_options(c.attention_options, c.attention),
+                             n_kv_heads=c.kv_heads, rotary=c.position == 'rotary', activation=c.activation,
+                             dropout_rate=c.dropout_rate, rngs=rngs)
         self.mlm_transform = nnx.Linear(c.d_model, c.d_model, rngs=rngs)
         self.mlm_norm = nnx.LayerNorm(c.d_model, epsilon=1e-6, rngs=rngs)
         self.mlm_bias = nnx.Param(jnp.zeros((c.vocab_size,)))
@@ -149,11 +131,7 @@ def classify_loss(label_smoothing: float = 0.0) -> Callable:
     "Sequence-classification loss of `Bert.classify` on `inputs`, `attention_mask`, `labels`."
 
     def loss_fn(model, batch, rngs):
-        return cross_entropy(
-            model.classify(batch['inputs'], None, batch['attention_mask'], rngs=rngs),
-            batch['labels'],
-            None,
-            label_smoothing,
-        )
+        return cross_entropy(model.classify(batch['inputs'], None, batch['attention_mask'], rngs=rngs),
+                             batch['labels'], None, label_smoothing)
 
     return loss_fn

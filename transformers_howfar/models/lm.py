@@ -77,22 +77,10 @@ class LM(nnx.Module):
     def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
         self.config = c = config
         self.embed = Embedder(c.vocab_size, c.d_model, c.max_len, c.position, dropout_rate=c.dropout_rate, rngs=rngs)
-        self.stack = Stack(
-            c.n_layers,
-            c.attention,
-            c.d_model,
-            c.n_heads,
-            c.d_ff,
-            shared=c.shared_layers,
-            norm=c.norm,
-            attention_options=parse_attention_options(c.attention_options, c.attention),
-            n_kv_heads=c.kv_heads,
-            causal=True,
-            rotary=c.position == 'rotary',
-            activation=c.activation,
-            dropout_rate=c.dropout_rate,
-            rngs=rngs,
-        )
+        self.stack = Stack(c.n_layers, c.attention, c.d_model, c.n_heads, c.d_ff, shared=c.shared_layers, norm=c.norm,
+                           attention_options=parse_attention_options(c.attention_options, c.attention),
+                           n_kv_heads=c.kv_heads, causal=True, rotary=c.position == 'rotary', activation=c.activation,
+                           dropout_rate=c.dropout_rate, rngs=rngs)
 
     def __call__(
         self, tokens, *, positions=None, padding_mask=None, rngs: nnx.Rngs | None = None, return_weights: bool = False

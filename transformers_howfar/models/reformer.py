@@ -12,16 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transformers_howfar.core import (
-    Config,
-    check_choice,
-    check_divisible,
-    check_positive,
-    check_range,
-    check_shape,
-    derive_key,
-    make_key,
-)
+from ..core import (Config, check_choice, check_divisible, check_positive, check_range, check_shape,
+                                      derive_key, make_key)
 from ..layers.attention import MultiHeadAttention, get_attention, parse_attention_options
 from ..layers.lsh import LSHSelfAttention
 from ..layers.reversible import MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy
@@ -65,18 +57,8 @@ class ReformerConfig(Config):
     residual: str = 'reversible'  # 'reversible', 'ordinary' or 'remat' (same function, different memory)
 
     def validate(self):
-        for f in (
-            'vocab_size',
-            'd_model',
-            'd_ff',
-            'n_heads',
-            'n_layers',
-            'max_len',
-            'n_rounds',
-            'lsh_chunk',
-            'ff_chunk',
-            'loss_chunk',
-        ):
+        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len', 'n_rounds', 'lsh_chunk',
+                  'ff_chunk', 'loss_chunk'):
             check_positive(f, getattr(self, f))
         check_divisible('d_model', self.d_model, self.n_heads, 'n_heads')
         if isinstance(self.attention, str) or not self.attention:
@@ -115,20 +97,8 @@ class ReformerConfig(Config):
 
     @classmethod
     def tiny(cls):
-        return cls(
-            vocab_size=32,
-            d_model=32,
-            d_ff=64,
-            n_heads=4,
-            n_layers=2,
-            max_len=256,
-            axial_shape=(16, 16),
-            axial_dims=(16, 16),
-            attention=('lsh', 'full'),
-            lsh_chunk=8,
-            ff_chunk=16,
-            loss_chunk=16,
-        )
+        return cls(vocab_size=32, d_model=32, d_ff=64, n_heads=4, n_layers=2, max_len=256, axial_shape=(16, 16),
+                   axial_dims=(16, 16), attention=('lsh', 'full'), lsh_chunk=8, ff_chunk=16, loss_chunk=16)
 
 # %% ../../nbs/33_models.reformer.ipynb #7bef930a
 class AxialPositions(nnx.Module):
@@ -169,27 +139,17 @@ class AttentionSublayer(nnx.Module):
                 c.d_model, c.n_heads, causal=causal, n_rounds=c.n_rounds, chunk_length=c.lsh_chunk, rngs=rngs, **options
             )
         else:
-            self.attention = MultiHeadAttention(
-                c.d_model,
-                c.n_heads,
-                attention='full' if cross else kind,
-                attention_options=options,
-                causal=causal and not cross,
-                dropout_rate=c.dropout_rate,
-                rngs=rngs,
-            )
+            self.attention = MultiHeadAttention(c.d_model, c.n_heads, attention='full' if cross else kind,
+                                                attention_options=options, causal=causal and not cross,
+                                                dropout_rate=c.dropout_rate, rngs=rngs)
         self.dropout = nnx.Dropout(c.dropout_rate)
 
     def __call__(self, x, *, key=None, context=None, aux=None):
         aux = aux or {}
         dropout_key = None if key is None else derive_key(key, 'dropout')
         if self.cross:
-            y = self.attention(
-                self.norm(x),
-                kv=self.attention.project_kv(context),
-                padding_mask=aux.get('memory_mask'),
-                dropout_key=dropout_key,
-            )
+            y = self.attention(self.norm(x), kv=self.attention.project_kv(context),
+                               padding_mask=aux.get('memory_mask'), dropout_key=dropout_key)
         elif (
             self.kind == 'lsh'
         ):  # an explicit hash key: the same buckets when the reversible backward recomputes this step
@@ -213,12 +173,8 @@ class FeedForwardSublayer(nnx.Module):
 
     def __call__(self, x, *, key=None, context=None, aux=None):
         rngs = lambda k: None if k is None else nnx.Rngs(dropout=k)
-        y = chunked_apply(
-            lambda h, k: self.ff(self.norm(h), rngs=rngs(k)),
-            x,
-            self.chunk,
-            None if key is None else derive_key(key, 'ff'),
-        )
+        y = chunked_apply(lambda h, k: self.ff(self.norm(h), rngs=rngs(k)), x, self.chunk,
+                          None if key is None else derive_key(key, 'ff'))
         return self.dropout(y, deterministic=key is None, rngs=rngs(None if key is None else derive_key(key, 'output')))
 
 
@@ -273,14 +229,8 @@ def reformer_loss(label_smoothing: float = 0.0) -> Callable:
 
     def loss_fn(model, batch, rngs):
         h = model.hidden(batch['inputs'], key=None if rngs is None else rngs.dropout())
-        return chunked_cross_entropy(
-            h,
-            model.logits,
-            batch['targets'],
-            batch.get('loss_mask'),
-            chunk_size=model.config.loss_chunk,
-            label_smoothing=label_smoothing,
-        )
+        return chunked_cross_entropy(h, model.logits, batch['targets'], batch.get('loss_mask'),
+                                     chunk_size=model.config.loss_chunk, label_smoothing=label_smoothing)
 
     return loss_fn
 

@@ -98,15 +98,8 @@ class EncoderDecoder(nnx.Module):
         emb = lambda V: Embedder(V, c.d_model, c.max_len, c.position, dropout_rate=c.dropout_rate, rngs=rngs)
         self.source_embed = emb(c.vocab_size)
         self.target_embed = None if c.share_embeddings else emb(c.output_vocab_size)
-        common = dict(
-            shared=c.shared_layers,
-            norm=c.norm,
-            n_kv_heads=c.kv_heads,
-            rotary=c.position == 'rotary',
-            activation=c.activation,
-            dropout_rate=c.dropout_rate,
-            rngs=rngs,
-        )
+        common = dict(shared=c.shared_layers, norm=c.norm, n_kv_heads=c.kv_heads, rotary=c.position == 'rotary',
+                      activation=c.activation, dropout_rate=c.dropout_rate, rngs=rngs)
         self.encoder = Stack(c.n_layers, c.attention, c.d_model, c.n_heads, c.d_ff, **common)
         self.decoder = Stack(
             c.decoder_layers, ('full',), c.d_model, c.n_heads, c.d_ff, causal=True, cross=True, **common
@@ -140,11 +133,8 @@ def init_cache(self: EncoderDecoder, batch: int, length: int, dtype=jnp.float32)
     c = self.config
     if c.position == 'learned' and length > c.max_len:
         raise ValueError(f'length: expected at most max_len = {c.max_len} with learned positions, got {length}')
-    return {
-        'layers': [KVCache.zeros(batch, length, c.kv_heads, c.d_head, dtype) for _ in range(c.decoder_layers)],
-        'position': jnp.zeros((batch,), jnp.int32),
-        'valid': jnp.zeros((batch, length), bool),
-    }
+    return {'layers': [KVCache.zeros(batch, length, c.kv_heads, c.d_head, dtype) for _ in range(c.decoder_layers)],
+            'position': jnp.zeros((batch,), jnp.int32), 'valid': jnp.zeros((batch, length), bool)}
 
 
 @patch
@@ -165,14 +155,8 @@ def step(self: EncoderDecoder, tokens, cache: dict, token_mask=None):
     positions = jnp.maximum(cache['position'][:, None] + jnp.cumsum(token_mask, 1) - 1, 0)
     valid = jax.lax.dynamic_update_slice(cache['valid'], token_mask, (0, cache['layers'][0].index))
     x = self.output_embed(tokens, positions)
-    x, layers = self.decoder(
-        x,
-        positions=positions,
-        padding_mask=valid,
-        memories=cache['memories'],
-        memory_mask=cache['memory_mask'],
-        caches=cache['layers'],
-    )
+    x, layers = self.decoder(x, positions=positions, padding_mask=valid, memories=cache['memories'],
+                             memory_mask=cache['memory_mask'], caches=cache['layers'])
     return self.output_embed.attend(x), dict(
         cache, layers=layers, valid=valid, position=cache['position'] + token_mask.sum(1)
     )

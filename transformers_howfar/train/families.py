@@ -14,15 +14,10 @@ from flax import nnx
 
 from ..models.bert import Bert, BertConfig, classify_loss, mlm_loss
 from ..core import Config, check_positive, check_range, derive_key, make_key
-from ..data.sources import SOURCES, load_split
-from transformers_howfar.data.batches import (
-    classification_batches,
-    encode_documents,
-    encode_pairs,
-    lm_batches,
-    mlm_batches,
-    seq2seq_batches,
-)
+from ..data.sources import SOURCES
+from ..data.loaders import load_split
+from ..data.batches import (classification_batches, encode_documents, encode_pairs, lm_batches,
+                                              mlm_batches, seq2seq_batches)
 from ..models.lm import LM, LMConfig
 from ..models.reformer import ReformerConfig, ReformerLM, reformer_loss
 from ..models.rnn import RNNConfig, RNNEncoderDecoder
@@ -96,7 +91,7 @@ def _text(corpus: str, kind: str, which: str):
         return toy_corpus(kind, seed=0 if which == 'train' else 1)
     if corpus in SOURCES:
         return load_split(corpus, which)
-    from transformers_howfar.data.sources import load_documents, load_labelled, load_pairs
+    from transformers_howfar.data.loaders import load_documents, load_labelled, load_pairs
 
     if not Path(corpus).exists():
         raise FileNotFoundError(f"corpus: expected 'toy', a source in {sorted(SOURCES)} or a file, got {corpus!r}")
@@ -143,14 +138,8 @@ def _language_model_task(config, train: TrainConfig, model: nnx.Module, loss_fn:
         config.corpus, ['\n'.join(d) if not isinstance(d, str) else d for d in docs], config.vocab_size
     )
     data = lambda d, seed: lm_batches(encode_documents(d, tok), config.seq_len, train.batch_size, seed=seed)
-    return Task(
-        model,
-        loss_fn,
-        data(docs, train.seed),
-        lambda: data(valid, 0),
-        {k: (train.batch_size, config.seq_len) for k in ('inputs', 'targets', 'loss_mask')},
-        tokenizer=tok,
-    )
+    return Task(model, loss_fn, data(docs, train.seed), lambda: data(valid, 0),
+                {k: (train.batch_size, config.seq_len) for k in ('inputs', 'targets', 'loss_mask')}, tokenizer=tok)
 
 
 def build_lm(config: LMTask, train: TrainConfig) -> Task:
@@ -200,14 +189,8 @@ def build_mlm(config: MLMTask, train: TrainConfig) -> Task:
         config.corpus, ['\n'.join(d) if not isinstance(d, str) else d for d in docs], config.vocab_size
     )
     model = Bert(_family_config(config, BertConfig), rngs=_model_key(train))
-    data = lambda d, seed: mlm_batches(
-        encode_documents(d, tok),
-        config.seq_len,
-        train.batch_size,
-        config.vocab_size,
-        seed=seed,
-        mask_rate=config.mask_rate,
-    )
+    data = lambda d, seed: mlm_batches(encode_documents(d, tok), config.seq_len, train.batch_size, config.vocab_size,
+                                       seed=seed, mask_rate=config.mask_rate)
     task = Task(
         model,
         mlm_loss(train.label_smoothing),

@@ -26,22 +26,9 @@ from .trainer import Trainer, TrainConfig
 from .metrics import read_metrics
 from ..models.lm import lm_loss
 from ..models.transformer import TransformerConfig
-from transformers_howfar.train.families import (
-    Task,
-    TaskSpec,
-    LMTask,
-    ReformerLMTask,
-    MLMTask,
-    ClassifyTask,
-    TranslateTask,
-    TranslateRNNTask,
-    build_lm,
-    build_reformer_lm,
-    build_mlm,
-    build_classify,
-    build_translate,
-    build_translate_rnn,
-)
+from .families import (Task, TaskSpec, LMTask, ReformerLMTask, MLMTask, ClassifyTask,
+                                                TranslateTask, TranslateRNNTask, build_lm, build_reformer_lm,
+                                                build_mlm, build_classify, build_translate, build_translate_rnn)
 
 # %% auto #0
 __all__ = ['LM_TASK', 'REFORMER_LM', 'MLM', 'CLASSIFY', 'TRANSLATE', 'TRANSLATE_RNN', 'DUPLICATE', 'SMALL', 'SMALL_TRAIN',
@@ -77,19 +64,8 @@ REFORMER_LM = TaskSpec(
     {
         'tiny': (_tiny(ReformerLMTask, ReformerConfig, max_len=64, axial_shape=(8, 8)), _tiny_train),
         'small': (
-            ReformerLMTask(
-                vocab_size=8000,
-                d_model=256,
-                d_ff=1024,
-                n_heads=4,
-                n_layers=4,
-                max_len=1024,
-                seq_len=1024,
-                axial_shape=(32, 32),
-                axial_dims=(128, 128),
-                attention=('lsh',),
-                lsh_chunk=64,
-            ),
+            ReformerLMTask(vocab_size=8000, d_model=256, d_ff=1024, n_heads=4, n_layers=4, max_len=1024, seq_len=1024,
+                           axial_shape=(32, 32), axial_dims=(128, 128), attention=('lsh',), lsh_chunk=64),
             _small_train.replace(batch_size=8),
         ),
     },
@@ -168,13 +144,9 @@ def _build_synthetic(batches: Callable):
     def build(model_config, train_config) -> Task:
         B, seed = train_config.batch_size, train_config.seed
         model = LM(model_config, rngs=nnx.Rngs(params=derive_key(make_key(seed), 'params')))
-        return Task(
-            model,
-            lm_loss(train_config.label_smoothing),
-            batches(model_config, B, seed),
-            lambda: batches(model_config, B, seed + 10**6),
-            {k: (B, model_config.seq_len) for k in ('inputs', 'targets', 'loss_mask')},
-        )
+        return Task(model, lm_loss(train_config.label_smoothing), batches(model_config, B, seed),
+                    lambda: batches(model_config, B, seed + 10**6),
+                    {k: (B, model_config.seq_len) for k in ('inputs', 'targets', 'loss_mask')})
 
     return build
 
@@ -186,17 +158,8 @@ DUPLICATE = TaskSpec(
     _build_synthetic(lambda c, B, seed: duplication_batches(B, c.word_length, c.n_symbols, seed)),
     {
         'tiny': (
-            DuplicateConfig(
-                vocab_size=12,
-                d_model=32,
-                d_ff=64,
-                n_heads=2,
-                n_layers=1,
-                max_len=9,
-                dropout_rate=0.0,
-                word_length=4,
-                n_symbols=5,
-            ),
+            DuplicateConfig(vocab_size=12, d_model=32, d_ff=64, n_heads=2, n_layers=1, max_len=9, dropout_rate=0.0,
+                            word_length=4, n_symbols=5),
             TrainConfig.tiny(),
         ),
         'small': (
@@ -212,27 +175,14 @@ def build_addition(model_config: AdditionConfig, train_config: TrainConfig) -> T
     "The `addition` task: `AdditionLM`, its loss, training batches and held-out (teacher-forced) batches."
     B, seed, T = train_config.batch_size, train_config.seed, model_config.seq_len
     model = AdditionLM(model_config, rngs=nnx.Rngs(params=derive_key(make_key(seed), 'params')))
-    return Task(
-        model,
-        addition_loss,
-        addition_batches(model_config, B, seed),
-        lambda: addition_batches(model_config, B, seed + 10**6),
-        {'inputs': (B, T), 'targets': (B, T), 'loss_mask': (B, T), 'slots': (B, T, 4)},
-    )
+    return Task(model, addition_loss, addition_batches(model_config, B, seed),
+                lambda: addition_batches(model_config, B, seed + 10**6),
+                {'inputs': (B, T), 'targets': (B, T), 'loss_mask': (B, T), 'slots': (B, T, 4)})
 
 
 SMALL = dict(d_model=64, d_ff=256, n_heads=4, n_layers=2)
-SMALL_TRAIN = TrainConfig(
-    steps=2000,
-    batch_size=32,
-    learning_rate=3e-3,
-    warmup_steps=100,
-    log_every=50,
-    eval_every=0,
-    checkpoint_every=250,
-    eval_batches=4,
-    progress=False,
-)
+SMALL_TRAIN = TrainConfig(steps=2000, batch_size=32, learning_rate=3e-3, warmup_steps=100, log_every=50, eval_every=0,
+                          checkpoint_every=250, eval_batches=4, progress=False)
 ADDITION = TaskSpec(
     'addition',
     build_addition,
@@ -294,13 +244,9 @@ def train_task(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / 'config.json').write_text(
         json.dumps(
-            {
-                'task': task,
-                'preset': preset,
-                'overrides': list(overrides),
-                'model': {'class': type(model_config).__name__, 'config': model_config.to_dict()},
-                'train': train_config.to_dict(),
-            },
+            {'task': task, 'preset': preset, 'overrides': list(overrides),
+             'model': {'class': type(model_config).__name__, 'config': model_config.to_dict()},
+             'train': train_config.to_dict()},
             indent=1,
         )
     )

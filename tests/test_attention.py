@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from transformers_howfar.layers.attention import (ATTENTION, KVCache, MultiHeadAttention, attention_weights,
+from transformers_howfar.layers.attention import (ATTENTION, KVCache, MultiHeadAttention, attention_weights, capture_weights,
                                                   dot_product_attention, format_attention_options, get_attention,
                                                   parse_attention_options, register_attention)
 from transformers_howfar.layers.blockwise import FullPattern, blockwise_attention, memory_efficient_attention
@@ -143,7 +143,7 @@ def test_cached_decoding_in_while_loop_equals_full_forward(kind, K):
     def decode(layer, x):
         def step(s):
             t, cache, ys = s
-            y, cache = layer(jax.lax.dynamic_slice_in_dim(x, t, 1, 1), cache=cache)
+            y, cache = layer.decode(jax.lax.dynamic_slice_in_dim(x, t, 1, 1), cache)
             return t + 1, cache, jax.lax.dynamic_update_slice_in_dim(ys, y, t, 1)
         return jax.lax.while_loop(lambda s: s[0] < x.shape[1], step, (0, layer.init_cache(2, 12), jnp.zeros_like(x)))[2]
     np.testing.assert_allclose(decode(layer, x), layer(x), atol=1e-5)
@@ -201,10 +201,11 @@ def test_bench_attention_quick_cli(tmp_path):
 
 @pytest.mark.parametrize('kind', ['full', 'chunked'])
 @pytest.mark.parametrize('K', [1, 2])
-def test_return_weights_reproduce_the_output(kind, K):
+def test_captured_weights_reproduce_the_output(kind, K):
     layer = MultiHeadAttention(16, 4, n_kv_heads=K, attention=kind, causal=True, rngs=nnx.Rngs(3))
     x, pad = rand(2, 9, 16, seed=5), jnp.arange(9)[None] < jnp.array([[9], [6]])
-    y, w = layer(x, padding_mask=pad, return_weights=True)
+    y, sown = capture_weights(layer, x, padding_mask=pad)
+    (w,) = sown[()]
     assert w.shape == (2, 4, 9, 9)
     np.testing.assert_array_equal(y, layer(x, padding_mask=pad))  # asking for the weights changes nothing else
     assert float(jnp.triu(w, 1).max()) == 0.0 and float(w[1, :, :, 6:].max()) == 0.0
@@ -213,10 +214,10 @@ def test_return_weights_reproduce_the_output(kind, K):
 
 
 @pytest.mark.parametrize('kind', ['lsh', 'local', 'memory_compressed', 'sparse'])
-def test_return_weights_refused_by_kinds_without_weights(kind):
+def test_weights_refused_by_kinds_without_weights(kind):
     layer = MultiHeadAttention(16, 4, attention=kind, causal=True, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=f"return_weights: attention kind '{kind}' never builds"):
-        layer(rand(1, 8, 16), return_weights=True)
+    with pytest.raises(ValueError, match=f"model: attention kind '{kind}' never builds"):
+        capture_weights(layer, rand(1, 8, 16))
 
 
 def test_attention_options_parse_and_format():

@@ -111,10 +111,10 @@ def test_cached_decoding_equals_full_forward(name, options):
     layer = MultiHeadAttention(16, 4, n_kv_heads=2, attention=name, attention_options=options, causal=True, rngs=nnx.Rngs(0))
     x = rand(2, 11, 16, seed=3)
     full = layer(x)
-    y0, cache = layer(x[:, :5], cache=layer.init_cache(2, 14))  # a prompt, then one token at a time
+    y0, cache = layer.decode(x[:, :5], layer.init_cache(2, 14))  # a prompt, then one token at a time
     ys = [y0]
     for t in range(5, 11):
-        y, cache = layer(x[:, t:t + 1], cache=cache); ys.append(y)
+        y, cache = layer.decode(x[:, t:t + 1], cache); ys.append(y)
     np.testing.assert_allclose(jnp.concatenate(ys, 1), full, atol=1e-5)
 
 

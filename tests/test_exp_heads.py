@@ -53,7 +53,7 @@ def test_bert_maps_with_padding(norm):
 
 def test_non_dense_attention_is_refused():
     model = LM(LMConfig.tiny().replace(attention=('local',)), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="return_weights: attention kind 'local' never builds"):
+    with pytest.raises(ValueError, match="model: attention kind 'local' never builds"):
         lm_attention(model, X)
 
 

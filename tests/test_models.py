@@ -10,7 +10,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from transformers_howfar.models.bert import Bert, BertConfig
-from transformers_howfar.layers.blocks import apply_rotary, count_parameters, depth_plan, sinusoidal_positions, with_config
+from transformers_howfar.layers.blocks import apply_rotary, attention_maps, count_parameters, depth_plan, sinusoidal_positions, with_config
 from transformers_howfar.models.lm import LM, LMConfig
 from transformers_howfar.models.rnn import RNNConfig, RNNEncoderDecoder
 from transformers_howfar.models.saving import load, load_tokenizer, read_model_config, save_model
@@ -186,8 +186,8 @@ def test_with_config_keeps_parameters_and_changes_attention():
 
 
 @pytest.mark.parametrize('make, call', [
-    (lambda: LM(LMConfig.tiny().replace(position='rotary', n_kv_heads=2), rngs=nnx.Rngs(5)), lambda m, x, p: m(x, padding_mask=p, return_weights=True)),
-    (lambda: Bert(BertConfig.tiny().replace(shared_layers=True), rngs=nnx.Rngs(5)), lambda m, x, p: m(x, None, p, return_weights=True)),
+    (lambda: LM(LMConfig.tiny().replace(position='rotary', n_kv_heads=2), rngs=nnx.Rngs(5)), lambda m, x, p: attention_maps(m, x, padding_mask=p)),
+    (lambda: Bert(BertConfig.tiny().replace(shared_layers=True), rngs=nnx.Rngs(5)), lambda m, x, p: attention_maps(m, x, None, p)),
 ])
 def test_models_return_one_attention_map_per_layer(make, call):
     model, pad = make(), jnp.arange(9)[None] < jnp.array([[9], [5]])

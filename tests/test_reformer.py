@@ -86,7 +86,7 @@ def test_lm_deterministic_without_key_and_random_with():
 
 
 def test_encoder_decoder_modes_agree():
-    c = ReformerConfig.tiny().replace(attention=('full',), n_layers=1, dropout_rate=0.1)
+    c = ReformerConfig.tiny().replace(attention=('full',), attention_options=(), n_layers=1, dropout_rate=0.1)
     src, tgt = jax.random.randint(make_key(5), (2, 12), 0, 32), jax.random.randint(make_key(6), (2, 8), 0, 32)
     def run(mode):
         m = ReformerEncoderDecoder(c.replace(residual=mode), rngs=nnx.Rngs(0))
@@ -99,16 +99,17 @@ def test_encoder_decoder_modes_agree():
 
 
 def test_attention_options_reach_the_layers():
-    c = ReformerConfig.tiny().replace(attention=('lsh', 'local'), attention_options=('local.block_size=8', 'lsh.n_buckets=4', 'lsh.dense_threshold=0'))
+    c = ReformerConfig.tiny().replace(attention=('lsh', 'local'), attention_options=(
+        'local.block_size=8', 'lsh.n_buckets=4', 'lsh.dense_threshold=0', 'lsh.n_rounds=2', 'lsh.chunk_length=8'))
     m = ReformerLM(c, rngs=nnx.Rngs(0))
     lsh, local = m.stack.sublayers[0].attention, m.stack.sublayers[2].attention
-    assert (lsh.n_buckets, lsh.dense_threshold, lsh.n_rounds, lsh.chunk_length) == ((4,), 0, c.n_rounds, c.lsh_chunk)
+    assert (lsh.n_buckets, lsh.dense_threshold, lsh.n_rounds, lsh.chunk_length) == ((4,), 0, 2, 8)
     assert local.options == (('block_size', 8),)
     x = jax.random.randint(make_key(1), (1, 40), 0, 32)
     assert m(x).shape == (1, 40, 32)
     assert ReformerConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
-    with pytest.raises(ValueError, match='attention_options: lsh.chunk_length is set by the field lsh_chunk'):
-        c.replace(attention_options=('lsh.chunk_length=16',))
+    with pytest.raises(ValueError, match="attention_options: 'lsh.chunk_length=16.0': chunk_length expects int"):
+        c.replace(attention_options=('lsh.chunk_length=16.0',))
 
 
 def test_axial_factors_cover_length():
@@ -121,7 +122,7 @@ def test_axial_factors_cover_length():
 def test_uncached_greedy_generation_equals_argmax_of_full_passes():
     """`generate(..., use_cache=False)` runs a left-padded window of prompt plus room for the new tokens; with a fixed
     number of LSH buckets the window's logits are the unpadded prefix's, so greedy decoding equals a loop of full passes."""
-    c = ReformerConfig.tiny().replace(attention=('lsh', 'full'), attention_options=('lsh.n_buckets=4',))
+    c = ReformerConfig.tiny().replace(attention=('lsh', 'full'), attention_options=('lsh.n_buckets=4', 'lsh.chunk_length=8'))
     m = ReformerLM(c, rngs=nnx.Rngs(0))
     m.final_norm.scale[...] = jax.random.normal(make_key(3), (c.d_model,))  # so the tied output does not just repeat its input
     prompts, n = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 3], [7, 3, 9]], 12  # windows of 23 tokens: LSH, not its dense path

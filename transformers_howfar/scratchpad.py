@@ -291,8 +291,8 @@ class AdditionLM(nnx.Module):
         B, T = tokens.shape
         positions = cache['position'][:, None] + jnp.arange(T)[None]  # (B, T)
         valid = jax.lax.dynamic_update_slice(cache['valid'], jnp.ones((B, T), bool), (0, cache['layers'][0].index))
-        x, layers = self.lm.stack(
-            self.embed(tokens, slots, positions), positions=positions, padding_mask=valid, caches=cache['layers']
+        x, layers = self.lm.stack.decode(
+            self.embed(tokens, slots, positions), cache['layers'], positions=positions, padding_mask=valid
         )
         return self.lm.embed.attend(x), {'layers': layers, 'position': cache['position'] + T, 'valid': valid}
 

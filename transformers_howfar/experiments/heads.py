@@ -20,6 +20,7 @@ from flax import nnx
 from ..bench.measure import make_record
 from .common import experiment_dir
 from ..models.bert import Bert, BertConfig
+from ..layers.blocks import attention_maps
 from ..core import check_choice, check_positive, machine_info
 from ..data.loaders import load_split
 from ..data.batches import encode_documents, lm_batches
@@ -39,12 +40,12 @@ __all__ = ['SEPARATOR_PIECES', 'PRONOUN_SENTENCES', 'HEADS_LM', 'HEADS_LM_STEPS'
 # %% ../../nbs/65_experiments.heads.ipynb #29d46cd7
 def bert_attention(model: Bert, inputs, attention_mask=None) -> tuple[jax.Array, np.ndarray]:
     "Hidden states (B, T, D) and attention maps (L, B, N, T, T) of a `Bert` on `inputs` (B, T)."
-    hidden, maps = model(jnp.asarray(inputs), None, attention_mask, return_weights=True)
+    hidden, maps = attention_maps(model, jnp.asarray(inputs), None, attention_mask)
     return hidden, np.stack(maps)
 
 def lm_attention(model: LM, tokens, padding_mask=None) -> tuple[jax.Array, np.ndarray]:
     "Next-token logits (B, T, V) and attention maps (L, B, N, T, T) of an `LM` on `tokens` (B, T)."
-    logits, maps = model(jnp.asarray(tokens), padding_mask=padding_mask, return_weights=True)
+    logits, maps = attention_maps(model, jnp.asarray(tokens), padding_mask=padding_mask)
     return logits, np.stack(maps)
 
 # %% ../../nbs/65_experiments.heads.ipynb #16b08535

@@ -20,6 +20,7 @@ from flax import nnx
 from ..core import check_choice, check_divisible, check_positive, machine_info
 from ..data.batches import SyntheticBatches
 from ..data.loaders import load_split
+from ..layers.attention import format_attention_options
 from ..models.lm import LM, LMConfig
 from ..models.reformer import ReformerConfig, ReformerLM, axial_factors, reformer_loss
 from ..train.trainer import Trainer, TrainConfig
@@ -50,7 +51,8 @@ def _longcontext_model(kind: str, length: int, quick: bool, attention=('lsh',)) 
         return LM(c, rngs=nnx.Rngs(0)), lm_loss()
     c = ReformerConfig(vocab_size=256, d_model=d, d_ff=f, n_heads=4, n_layers=2, max_len=length,
                        axial_shape=axial_factors(length), axial_dims=(d // 2, d // 2), attention=tuple(attention),
-                       n_rounds=2, ff_chunk=min(length, 4096), loss_chunk=min(length, 4096))
+                       attention_options=format_attention_options('lsh', n_rounds=2) if 'lsh' in attention else (),
+                       ff_chunk=min(length, 4096), loss_chunk=min(length, 4096))
     return ReformerLM(c, rngs=nnx.Rngs(0)), reformer_loss()
 
 def _byte_windows(stream: np.ndarray, starts, length: int) -> dict:

@@ -90,14 +90,15 @@ def model_config(setup: LSHQualitySetup, model: str, n_rounds: int | None = None
     other rounds)."""
     check_choice('model', model, setup.models)
     kind = 'full' if model == 'full' else 'local' if model == 'local' else 'lsh'
-    options = format_attention_options('local', block_size=setup.chunk, look_back=1) if kind == 'local' else ()
     R = n_rounds or (int(model[3:]) if kind == 'lsh' else 1)
+    options = {'local': format_attention_options('local', block_size=setup.chunk, look_back=1),
+               'lsh': format_attention_options('lsh', n_rounds=R, chunk_length=setup.chunk)}.get(kind, ())
     second = 1 << (int(np.ceil(np.log2(np.sqrt(setup.seq_len)))))
     return ReformerConfig(vocab_size=setup.vocab_size, d_model=setup.d_model, d_ff=setup.d_ff, n_heads=setup.n_heads,
                           n_layers=setup.n_layers, max_len=setup.seq_len,
                           axial_shape=(-(-setup.seq_len // second), second),
                           axial_dims=(setup.d_model // 2, setup.d_model - setup.d_model // 2), attention=(kind,),
-                          attention_options=options, n_rounds=R, lsh_chunk=setup.chunk, ff_chunk=setup.seq_len,
+                          attention_options=options, ff_chunk=setup.seq_len,
                           loss_chunk=setup.seq_len, residual='ordinary')
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #b7171c0f
@@ -155,7 +156,8 @@ def train_model(setup: LSHQualitySetup, model: str, data: dict, run_dir) -> tupl
     seconds = time.perf_counter() - start
     curve = [(r['step'], r['nll']) for r in read_metrics(run_dir) if r.get('split') == 'train']
     params = jax.tree.map(jnp.array, trainer.state['params'])
-    return {'model': model, 'attention': config.attention[0], 'n_rounds': config.n_rounds, 'steps': trainer.step,
+    rounds = config.options_for('lsh').get('n_rounds', 1)  # 1 for the dense and local models
+    return {'model': model, 'attention': config.attention[0], 'n_rounds': rounds, 'steps': trainer.step,
             'train_nll': summary['train']['nll'], 'train_seconds': seconds,
             'load_average': [round(load, 2), round(os.getloadavg()[0], 2)], 'curve': curve}, params
 

@@ -11,7 +11,7 @@ import inspect
 import json
 import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from ..core import check_divisible, check_positive, check_range, check_shape
 # %% auto #0
 __all__ = ['ATTENTION', 'default_positions', 'causal_mask', 'padding_to_mask', 'check_qkv', 'attention_weights',
            'dot_product_attention', 'KVCache', 'AttentionKind', 'register_attention', 'get_attention',
-           'parse_attention_options', 'format_attention_options', 'MultiHeadAttention']
+           'parse_attention_options', 'format_attention_options', 'MultiHeadAttention', 'capture_weights']
 
 # %% ../../nbs/21_layers.attention.ipynb #ccddccd2
 def default_positions(length: int, offset=0) -> jax.Array:
@@ -191,6 +191,26 @@ def _takes_option(fn, name: str) -> bool:
     if any(p.kind == p.VAR_KEYWORD for p in params.values()): return True
     return name in params and params[name].kind == inspect.Parameter.KEYWORD_ONLY
 
+_SIMPLE_TYPES = {'int': (int,), 'float': (int, float), 'bool': (bool,), 'str': (str,), 'None': (type(None),)}
+
+def _option_types(fn, name: str) -> tuple | None:
+    "The types a value of option `name` of `fn` may have, from its simple annotation or its default; None if open."
+    p = inspect.signature(fn).parameters.get(name)
+    if p is None: return None
+    annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, '__name__', '')
+    names = [t.strip() for t in annotation.split('|')] if annotation else []
+    if names and all(t in _SIMPLE_TYPES for t in names): return sum((_SIMPLE_TYPES[t] for t in names), ())
+    if p.default is None or p.default is inspect.Parameter.empty: return None
+    return _SIMPLE_TYPES.get(type(p.default).__name__, (type(p.default),))
+
+def _check_option_type(entry: str, fn, name: str, value):
+    "Refuse a `value` whose type the option's parameter does not allow (a bool is not an int here)."
+    types = _option_types(fn, name)
+    if types is None: return
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        expected = ' | '.join(sorted({t.__name__ for t in types}))
+        raise ValueError(f'attention_options: {entry!r}: {name} expects {expected}, got {value!r}')
+
 def parse_attention_options(
     entries,  # tuple of 'kind.option=value' strings
     kinds=None,  # the attention kinds the model uses; options for other kinds are an error
@@ -215,6 +235,7 @@ def parse_attention_options(
         if name in out.setdefault(kind, {}): raise ValueError(f'attention_options: {kind}.{name} is given twice')
         try: value = json.loads(text)
         except json.JSONDecodeError: value = text  # a bare word
+        _check_option_type(e, fn, name, value)
         out[kind][name] = _hashable(value)
     return out
 
@@ -245,6 +266,7 @@ class MultiHeadAttention(nnx.Module):
         self.out = nnx.LinearGeneral((n_heads, d_head), d_model, axis=(-2, -1), use_bias=use_bias, rngs=rngs)
         make_params = self.kind.make_params
         self.extra = make_params(n_kv_heads, d_head, rngs, **dict(self.options)) if make_params else None
+        self.keep_weights = False  # sow the (B, N, T, S) probabilities on each call (set by `capture_weights`)
 
     def project_kv(self, context) -> tuple[jax.Array, jax.Array]:
         "Keys and values `(B, S, K, H)` of `context (B, S, D)`, e.g. an encoder output reused at every decoding step."
@@ -254,38 +276,64 @@ class MultiHeadAttention(nnx.Module):
         "An empty self-attention cache for this layer."
         return KVCache.zeros(batch, max_len, self.n_kv_heads, self.d_head, dtype)
 
-    def __call__(self, x, context=None, *, kv=None, padding_mask=None, bias=None, cache: KVCache | None = None,
-                 dropout_key=None,
-                 rotate: Callable | None = None,  # applied to queries and to keys projected here (rotary positions)
-                 return_weights: bool = False):  # also return the (B, N, T, S) probabilities (dense kinds only)
-        "`x (B, T, D)` → `(B, T, D)`; with a `cache`, `(output, new_cache)`; the weights, when asked for, come last."
+    def __call__(self, x, context=None, *, kv=None, padding_mask=None, bias=None, dropout_key=None,
+                 rotate: Callable | None = None):  # applied to queries and to keys projected here (rotary positions)
+        "`x (B, T, D)` → `(B, T, D)`: self-attention, or cross-attention to `context` (or its projected `kv`)."
         check_shape(x, 'B T D', 'x')
-        if return_weights and self.kind.weights is None:
-            dense = sorted(n for n, kind in ATTENTION.items() if kind.weights is not None)
-            raise ValueError(f'return_weights: attention kind {self.kind.name!r} never builds (B, N, T, S) weights; '
-                             f'dense kinds are {dense}')
-        if cache is not None and (context is not None or kv is not None):
-            raise ValueError('cache: a KV cache is for self-attention; for cross-attention pass kv=project_kv(context)')
         rotate = rotate or (lambda t: t)
         q = rotate(self.q(x))  # (B, T, N, H)
         if kv is not None: k, v = kv  # (B, S, K, H), already projected (and rotated) by the caller
         else:
             k, v = self.project_kv(x if context is None else context)
             k = rotate(k) if context is None else k
-        q_pos = kv_pos = None
-        if cache is not None:
-            cache = cache.update(k, v)
-            k, v = cache.k, cache.v
-            q_pos, kv_pos = default_positions(x.shape[1], cache.index - x.shape[1]), default_positions(cache.max_len)
-            # slots not written yet are never visible
-            written = jnp.broadcast_to(kv_pos[None, :] < cache.index, (x.shape[0], cache.max_len))
-            padding_mask = written if padding_mask is None else written & padding_mask
+        return self.attend(q, k, v, padding_mask=padding_mask, bias=bias, dropout_key=dropout_key)
+
+    def decode(self, x, cache: KVCache, *, padding_mask=None, rotate: Callable | None = None) -> tuple:
+        "Self-attention of `x (B, T, D)` through `cache`: `(output (B, T, D), new cache)`."
+        check_shape(x, 'B T D', 'x')
+        if not isinstance(cache, KVCache): raise ValueError(f'cache: expected a KVCache, got {type(cache).__name__}')
+        rotate = rotate or (lambda t: t)
+        k, v = self.project_kv(x)
+        cache = cache.update(rotate(k), v)
+        q_pos, kv_pos = default_positions(x.shape[1], cache.index - x.shape[1]), default_positions(cache.max_len)
+        # slots not written yet are never visible
+        written = jnp.broadcast_to(kv_pos[None, :] < cache.index, (x.shape[0], cache.max_len))
+        padding_mask = written if padding_mask is None else written & padding_mask
+        y = self.attend(rotate(self.q(x)), cache.k, cache.v, padding_mask=padding_mask, q_positions=q_pos,
+                        kv_positions=kv_pos)
+        return y, cache
+
+    def attend(self, q, k, v, *, padding_mask=None, bias=None, q_positions=None, kv_positions=None,
+               dropout_key=None) -> jax.Array:
+        "The registered attention of projected `q (B, T, N, H)`, `k, v (B, S, K, H)`, through the output projection."
         extra = self.extra.as_kwargs() if self.extra is not None else {}
-        common = dict(padding_mask=padding_mask, causal=self.causal, bias=bias, q_positions=q_pos, kv_positions=kv_pos)
+        common = dict(padding_mask=padding_mask, causal=self.causal, bias=bias, q_positions=q_positions,
+                      kv_positions=kv_positions, **dict(self.options), **extra)
         dropout_rate = self.dropout_rate if dropout_key is not None else 0.0
-        out = self.kind.fn(q, k, v, **common, dropout_rate=dropout_rate, dropout_key=dropout_key,
-                           **dict(self.options), **extra)
-        y = self.out(out)
-        if not return_weights: return y if cache is None else (y, cache)
-        w = self.kind.weights(q, k, **common, **dict(self.options), **extra)  # (B, N, T, S), before dropout
-        return (y, w) if cache is None else (y, cache, w)
+        out = self.kind.fn(q, k, v, **common, dropout_rate=dropout_rate, dropout_key=dropout_key)
+        if self.keep_weights:  # (B, N, T, S), before dropout
+            self.sow(nnx.Intermediate, 'weights', self.kind.weights(q, k, **common))
+        return self.out(out)
+
+# %% ../../nbs/21_layers.attention.ipynb #6df8e867
+def capture_weights(
+    model: nnx.Module,  # holds MultiHeadAttention layers (or is one)
+    *args,  # `model`'s arguments
+    layers: Sequence[nnx.Module] | None = None,  # the layers to record (default: every MultiHeadAttention in `model`)
+    **kwargs,  # `model`'s keyword arguments
+) -> tuple[Any, dict]:  # `model(*args, **kwargs)` and {layer path: ((B, N, T, S) per call, ...)}
+    "Call `model` and collect the attention probabilities that its dense `layers` sow on each call."
+    found = {path: m for path, m in nnx.iter_modules(model) if isinstance(m, MultiHeadAttention)}
+    if layers is not None: found = {p: m for p, m in found.items() if any(m is layer for layer in layers)}
+    for m in found.values():
+        if m.kind.weights is None:
+            dense = sorted(n for n, kind in ATTENTION.items() if kind.weights is not None)
+            raise ValueError(f'model: attention kind {m.kind.name!r} never builds (B, N, T, S) weights; '
+                             f'dense kinds are {dense}')
+    try:
+        for m in found.values(): m.keep_weights = True
+        out, sown = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
+    finally:
+        for m in found.values(): m.keep_weights = False
+    sown = dict(nnx.to_flat_state(sown))
+    return out, {p: tuple(sown[(*p, 'weights')].get_value()) for p in found if (*p, 'weights') in sown}

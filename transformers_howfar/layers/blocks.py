@@ -6,18 +6,19 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..core import check_choice, check_divisible, check_positive, check_shape
-from .attention import KVCache, MultiHeadAttention
+from .attention import KVCache, MultiHeadAttention, capture_weights
 
 # %% auto #0
 __all__ = ['POSITIONS', 'ACTIVATIONS', 'sinusoidal_positions', 'apply_rotary', 'Embedder', 'FeedForward', 'Residual',
-           'depth_plan', 'n_distinct_blocks', 'count_parameters', 'Attention', 'Block', 'Stack', 'with_config']
+           'depth_plan', 'n_distinct_blocks', 'count_parameters', 'Attention', 'Block', 'Stack', 'attention_maps',
+           'with_config']
 
 # %% ../../nbs/26_layers.blocks.ipynb #26484829
 def sinusoidal_positions(
@@ -176,18 +177,22 @@ class Attention(nnx.Module):
         k, v = self.mha.project_kv(source)
         return (apply_rotary(k, positions), v) if self.rotary else (k, v)
 
-    def __call__(self, x, *, positions=None, padding_mask=None, kv=None, cache: KVCache | None = None,
-                 rngs: nnx.Rngs | None = None, return_weights: bool = False):
-        """Self-attention of `x` (B, T, D) (through `cache` if given), or cross-attention to `kv`; y, (y, cache), then
-        the weights if asked."""
+    def rotation(self, length: int, positions=None, start=0) -> Callable | None:
+        "What rotates queries and keys at `positions` (B, T) (default `start`, `start + 1`, ...); None if not rotary."
+        if not self.rotary: return None
+        positions = jnp.arange(length)[None] + start if positions is None else positions
+        return lambda t: apply_rotary(t, positions)
+
+    def __call__(self, x, *, positions=None, padding_mask=None, kv=None, rngs: nnx.Rngs | None = None):
+        "Self-attention of `x` (B, T, D), or cross-attention to projected `kv`: `(B, T, D)`."
         key = rngs.dropout() if rngs is not None and self.mha.dropout_rate > 0 else None
-        rotate = None
-        if self.rotary:
-            if positions is None:
-                positions = jnp.arange(x.shape[1])[None] + (0 if cache is None else cache.index)
-            rotate = lambda t: apply_rotary(t, positions)
-        return self.mha(x, kv=kv, padding_mask=padding_mask, cache=cache, dropout_key=key, rotate=rotate,
-                        return_weights=return_weights)
+        return self.mha(x, kv=kv, padding_mask=padding_mask, dropout_key=key,
+                        rotate=self.rotation(x.shape[1], positions))
+
+    def decode(self, x, cache: KVCache, *, positions=None, padding_mask=None) -> tuple:
+        "Self-attention of `x` (B, T, D) through `cache`: `(output (B, T, D), new cache)`."
+        rotate = self.rotation(x.shape[1], positions, cache.index)
+        return self.mha.decode(x, cache, padding_mask=padding_mask, rotate=rotate)
 
 # %% ../../nbs/26_layers.blocks.ipynb #34855abd
 class Block(nnx.Module):
@@ -207,28 +212,30 @@ class Block(nnx.Module):
         self.feed_forward_residual = res()
 
     def __call__(self, x, *, positions=None, padding_mask=None, memory: tuple | None = None, memory_mask=None,
-                 cache: KVCache | None = None, rngs: nnx.Rngs | None = None, return_weights: bool = False):
-        """`x` (B, T, D) -> y, or `(y, cache)` with a cache, then the self-attention weights if asked; `memory` is the
-        cross-attention (k, v)."""
-        kw, aux = dict(positions=positions, padding_mask=padding_mask, rngs=rngs), ()
-        if cache is None and not return_weights:
-            x = self.attention_residual(x, lambda h: self.attention(h, **kw), rngs=rngs)
-        else:  # the sublayer returns (y, cache?, weights?): the residual carries all but y through
-            split = lambda out: (out[0], out[1:])
-            x, aux = self.attention_residual(
-                x,
-                lambda h: split(self.attention(h, cache=cache, return_weights=return_weights, **kw)),
-                rngs=rngs,
-                has_aux=True,
-            )
+                 rngs: nnx.Rngs | None = None):
+        "`x` (B, T, D) -> (B, T, D); `memory` is the cross-attention (k, v)."
+        x = self.attention_residual(
+            x, lambda h: self.attention(h, positions=positions, padding_mask=padding_mask, rngs=rngs), rngs=rngs
+        )
+        return self.after_attention(x, memory, memory_mask, rngs)
+
+    def decode(self, x, cache: KVCache, *, positions=None, padding_mask=None, memory: tuple | None = None,
+               memory_mask=None) -> tuple:
+        "`x` (B, T, D) with self-attention through `cache`: `(y (B, T, D), new cache)`."
+        x, cache = self.attention_residual(
+            x, lambda h: self.attention.decode(h, cache, positions=positions, padding_mask=padding_mask), has_aux=True
+        )
+        return self.after_attention(x, memory, memory_mask), cache
+
+    def after_attention(self, x, memory: tuple | None = None, memory_mask=None, rngs: nnx.Rngs | None = None):
+        "The cross-attention (if any) and feed-forward sublayers of `x` (B, T, D)."
         if self.cross is not None:
             if memory is None:
                 raise ValueError('memory: expected the encoder keys/values for a block with cross-attention, got None')
             x = self.cross_residual(
                 x, lambda h: self.cross(h, kv=memory, padding_mask=memory_mask, rngs=rngs), rngs=rngs
             )
-        x = self.feed_forward_residual(x, lambda h: self.feed_forward(h, rngs=rngs), rngs=rngs)
-        return (x, *aux) if aux else x
+        return self.feed_forward_residual(x, lambda h: self.feed_forward(h, rngs=rngs), rngs=rngs)
 
 # %% ../../nbs/26_layers.blocks.ipynb #374ae309
 class Stack(nnx.Module):
@@ -264,23 +271,38 @@ class Stack(nnx.Module):
         "Cross-attention keys/values of the encoder output `source` (B, S, D), one (k, v) per depth step."
         return [self.blocks[b].cross.project_kv(source) for b, _ in self.plan]
 
-    def __call__(
-        self, x, *, memories: list | None = None, caches: list | None = None, return_weights: bool = False, **kw
-    ):
-        """Run every depth step; returns `x`, `(x, caches)` when `caches` (one per step) are given, then each step's
-        weights if asked."""
-        new_caches, weights = [], []
+    def __call__(self, x, *, memories: list | None = None, **kw):
+        "Every depth step on `x` (B, T, D), then the final norm; `memories` are one (k, v) per step."
         for step, (b, _) in enumerate(self.plan):
-            out = self.blocks[b](x, memory=None if memories is None else memories[step],
-                                 cache=None if caches is None else caches[step], return_weights=return_weights, **kw)
-            x, *aux = out if isinstance(out, tuple) else (out,)
-            if caches is not None:
-                new_caches.append(aux.pop(0))
-            if return_weights:
-                weights.append(aux.pop(0))  # (B, N, T, S)
-        x = x if self.final_norm is None else self.final_norm(x)
-        extra = ((new_caches,) if caches is not None else ()) + ((weights,) if return_weights else ())
-        return (x, *extra) if extra else x
+            x = self.blocks[b](x, memory=None if memories is None else memories[step], **kw)
+        return x if self.final_norm is None else self.final_norm(x)
+
+    def decode(self, x, caches: list, *, memories: list | None = None, **kw) -> tuple:
+        "`x` (B, T, D) through one cache per depth step: `(y (B, T, D), new caches)`."
+        if len(caches) != len(self.plan):
+            raise ValueError(f'caches: expected one per depth step ({len(self.plan)}), got {len(caches)}')
+        new_caches = []
+        for step, (b, _) in enumerate(self.plan):
+            x, cache = self.blocks[b].decode(x, caches[step], memory=None if memories is None else memories[step], **kw)
+            new_caches.append(cache)
+        return (x if self.final_norm is None else self.final_norm(x)), new_caches
+
+# %% ../../nbs/26_layers.blocks.ipynb #f0aa3cb8
+def attention_maps(
+    model: nnx.Module,  # holds one `Stack` (or is one) of dense attention kinds
+    *args,  # `model`'s arguments
+    **kwargs,  # `model`'s keyword arguments
+) -> tuple[Any, list]:  # `model(*args, **kwargs)` and a (B, N, T, S) self-attention map per depth step
+    "Call `model` and collect the self-attention weights of each depth step of its stack."
+    stacks = [m for _, m in nnx.iter_modules(model) if isinstance(m, Stack)]
+    if len(stacks) != 1:
+        raise ValueError(f'model: expected a model with one Stack, found {len(stacks)}; '
+                         'use capture_weights(model, ..., layers=[...]) to choose the layers')
+    layers = [block.attention.mha for block in stacks[0].blocks]
+    out, sown = capture_weights(model, *args, layers=layers, **kwargs)
+    paths = {id(m): p for p, m in nnx.iter_modules(model)}
+    calls = [iter(sown[paths[id(layer)]]) for layer in layers]  # each block's calls, in order
+    return out, [next(calls[b]) for b, _ in stacks[0].plan]
 
 # %% ../../nbs/26_layers.blocks.ipynb #47d0638c
 def _state_signature(model: nnx.Module) -> list:

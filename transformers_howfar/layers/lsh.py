@@ -321,7 +321,9 @@ def lsh_attention_kind(
     *, padding_mask=None, causal: bool = False, bias=None, q_positions=None, kv_positions=None,
     scale: float | None = None,  # ignored: LSH attention normalises keys and scales by 1/sqrt(H)
     dropout_rate: float = 0.0, dropout_key=None,  # attention-weight dropout is not applied inside LSH attention
-    key: jax.Array | None = None, **options,  # the hash key (from `LSHKeys`), and options of `lsh_attention`
+    key: jax.Array | None = None,  # the hash key (from `LSHKeys`)
+    n_rounds: int = 4, chunk_length: int = 64, n_buckets=None, correct_duplicates: bool = False,
+    dense_threshold: int | None = None, block_length: int = 256, max_bucket_factor: int = 64,  # `lsh_attention`'s
 ) -> jax.Array:  # (B, T, N, H)
     "`lsh_attention` with the common signature of the attention registry (self-attention over whole sequences)."
     if key is None: raise ValueError('key: expected a PRNG key for the hash rotations (LSHKeys supplies one), got None')
@@ -330,7 +332,10 @@ def lsh_attention_kind(
         raise ValueError('q_positions: LSH attention is self-attention over a whole sequence (no KV cache), '
                          f'got T = {q.shape[1]}, S = {k.shape[1]}')
     if v.shape[2] != q.shape[2]: v = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)  # grouped value heads
-    return lsh_attention(q, v, key=key, causal=causal, padding_mask=padding_mask, **options)
+    return lsh_attention(q, v, key=key, causal=causal, padding_mask=padding_mask, n_rounds=n_rounds,
+                         chunk_length=chunk_length, n_buckets=n_buckets, correct_duplicates=correct_duplicates,
+                         dense_threshold=dense_threshold, block_length=block_length,
+                         max_bucket_factor=max_bucket_factor)
 
 class LSHKeys(nnx.Module):
     "A random stream giving `lsh_attention_kind` a fresh hash key on every call."
@@ -363,14 +368,13 @@ class LSHSelfAttention(nnx.Module):
         self.out = nnx.LinearGeneral((n_heads, d_head), d_model, axis=(-2, -1), use_bias=use_bias, rngs=rngs)
         self.hash_rngs = nnx.Rngs(lsh=rngs.params())
 
-    def __call__(self, x, context=None, *, kv=None, padding_mask=None, bias=None, cache=None, dropout_key=None,
+    def __call__(self, x, context=None, *, kv=None, padding_mask=None, bias=None, dropout_key=None,
                  key: jax.Array | None = None,  # hash key; None draws a fresh one from the layer's stream
                  n_rounds: int | None = None):  # hash rounds for this call (default: the layer's)
         "`x (B, T, D)` → `(B, T, D)`; the same call as `MultiHeadAttention` (self-attention only)."
         check_shape(x, 'B T D', 'x')
         if context is not None or kv is not None:
             raise ValueError('context: LSH attention is self-attention, got a context')
-        if cache is not None: raise ValueError('cache: LSH attention has no KV cache; decode with full attention')
         if bias is not None: raise ValueError('bias: LSH attention takes no additive bias, got one')
         return self.attend(*self.inputs(x), padding_mask=padding_mask, key=key, n_rounds=n_rounds)
 

@@ -88,11 +88,8 @@ class Bert(nnx.Module):
         self.classifier = nnx.Linear(c.d_model, c.n_classes, rngs=rngs)
         self.dropout = nnx.Dropout(c.dropout_rate)
 
-    def __call__(
-        self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None, return_weights: bool = False
-    ):
-        """Hidden states (B, T, D) of `inputs` (B, T) with `segments` and `attention_mask` (B, T); `(hidden, [(B, N,
-        T, T) per layer])` with `return_weights`."""
+    def __call__(self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None):
+        "Hidden states (B, T, D) of `inputs` (B, T) with `segments` and `attention_mask` (B, T)."
         sizes = check_shape(inputs, 'B T', 'inputs')
         if segments is not None:
             check_shape(segments, 'B T', 'segments', **sizes)
@@ -104,7 +101,7 @@ class Bert(nnx.Module):
         x = self.embed(inputs, segments=segments, rngs=rngs)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        return self.encoder(x, padding_mask=mask, rngs=rngs, return_weights=return_weights)
+        return self.encoder(x, padding_mask=mask, rngs=rngs)
 
     def mlm_logits(self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None):
         "Masked-LM logits (B, T, V) through the tied token table."

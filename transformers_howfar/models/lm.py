@@ -82,18 +82,14 @@ class LM(nnx.Module):
                            n_kv_heads=c.kv_heads, causal=True, rotary=c.position == 'rotary', activation=c.activation,
                            dropout_rate=c.dropout_rate, rngs=rngs)
 
-    def __call__(
-        self, tokens, *, positions=None, padding_mask=None, rngs: nnx.Rngs | None = None, return_weights: bool = False
-    ):
-        """Next-token logits (B, T, V) for `tokens` (B, T) in one causal pass; with `return_weights`, `(logits, [(B,
-        N, T, T) per layer])`."""
+    def __call__(self, tokens, *, positions=None, padding_mask=None, rngs: nnx.Rngs | None = None):
+        "Next-token logits (B, T, V) for `tokens` (B, T) in one causal pass."
         check_shape(tokens, 'B T', 'tokens')
         if positions is None:
             positions = jnp.arange(tokens.shape[1])[None]
         x = self.embed(tokens, positions, rngs=rngs)  # (B, T, D)
-        out = self.stack(x, positions=positions, padding_mask=padding_mask, rngs=rngs, return_weights=return_weights)
-        x, weights = out if return_weights else (out, None)
-        return (self.embed.attend(x), weights) if return_weights else self.embed.attend(x)  # (B, T, V)
+        x = self.stack(x, positions=positions, padding_mask=padding_mask, rngs=rngs)
+        return self.embed.attend(x)  # (B, T, V)
 
 # %% ../../nbs/31_models.lm.ipynb #84a6c5d8
 @patch
@@ -113,7 +109,7 @@ def step(self: LM, tokens, cache: dict, token_mask=None):
     positions = jnp.maximum(cache['position'][:, None] + jnp.cumsum(token_mask, 1) - 1, 0)  # (B, T)
     valid = jax.lax.dynamic_update_slice(cache['valid'], token_mask, (0, cache['layers'][0].index))
     x = self.embed(tokens, positions)
-    x, layers = self.stack(x, positions=positions, padding_mask=valid, caches=cache['layers'])
+    x, layers = self.stack.decode(x, cache['layers'], positions=positions, padding_mask=valid)
     new = {'layers': layers, 'position': cache['position'] + token_mask.sum(1), 'valid': valid}
     return self.embed.attend(x), new
 

@@ -15,7 +15,8 @@ from flax import nnx
 
 from ..core import (Config, check_choice, check_divisible, check_positive, check_range, check_shape,
                                       derive_key, make_key)
-from ..layers.attention import MultiHeadAttention, get_attention, parse_attention_options
+from ..layers.attention import (MultiHeadAttention, format_attention_options, get_attention,
+                                                  parse_attention_options)
 from ..layers.lsh import LSHSelfAttention
 from ..layers.reversible import MODES, ReversibleSequence, chunked_apply, chunked_cross_entropy
 from ..layers.blocks import FeedForward, ACTIVATIONS
@@ -25,7 +26,8 @@ __all__ = ['EVAL_HASH_KEY', 'ReformerConfig', 'AxialPositions', 'axial_factors',
            'reformer_sublayers', 'ReformerLM', 'reformer_loss', 'ReformerEncoderDecoder']
 
 # %% ../../nbs/33_models.reformer.ipynb #2838a4d4
-_LSH_LAYER_OPTIONS = ('n_buckets', 'correct_duplicates', 'dense_threshold')  # LSHSelfAttention's, besides rounds, chunk
+_LSH_LAYER_OPTIONS = ('n_rounds', 'chunk_length', 'n_buckets', 'correct_duplicates', 'dense_threshold')  # the layer's
+_MOVED_FIELDS = {'n_rounds': 'n_rounds', 'lsh_chunk': 'chunk_length'}  # fields of older saves, now LSH options
 
 @dataclasses.dataclass(frozen=True)
 class ReformerConfig(Config):
@@ -39,9 +41,7 @@ class ReformerConfig(Config):
     axial_shape: tuple = (256, 256)  # position t is (t // A2, t % A2)
     axial_dims: tuple = (128, 128)  # widths of the two position tables; they sum to d_model
     attention: tuple = ('lsh',)  # attention types cycled over the layers: lsh, full, chunked, local, ...
-    attention_options: tuple = ()  # 'kind.option=value' strings for self-attention, e.g. ('local.block_size=64',)
-    n_rounds: int = 4  # LSH hash rounds
-    lsh_chunk: int = 64  # LSH chunk length (a bucket holds about half a chunk)
+    attention_options: tuple = ()  # 'kind.option=value' strings, e.g. ('lsh.n_rounds=8', 'lsh.chunk_length=32')
     ff_chunk: int = 4096  # positions per feed-forward chunk
     loss_chunk: int = 4096  # positions per output-layer/loss chunk
     dropout_rate: float = 0.0
@@ -49,8 +49,7 @@ class ReformerConfig(Config):
     residual: str = 'reversible'  # 'reversible', 'ordinary' or 'remat' (same function, different memory)
 
     def validate(self):
-        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len', 'n_rounds', 'lsh_chunk',
-                  'ff_chunk', 'loss_chunk'):
+        for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len', 'ff_chunk', 'loss_chunk'):
             check_positive(f, getattr(self, f))
         check_divisible('d_model', self.d_model, self.n_heads, 'n_heads')
         if isinstance(self.attention, str) or not self.attention:
@@ -69,19 +68,25 @@ class ReformerConfig(Config):
         check_range('dropout_rate', self.dropout_rate, 0, 1, inclusive_high=False)
         check_choice('activation', self.activation, ACTIVATIONS); check_choice('residual', self.residual, MODES)
     def options_for(self, kind: str) -> dict:
-        "The self-attention options of `kind`; LSH layers take n_buckets, correct_duplicates and dense_threshold."
+        "The self-attention options of `kind`; the LSH layer takes n_rounds, chunk_length, n_buckets, ..."
         options = parse_attention_options(self.attention_options, self.attention)
         for name in options.get('lsh', {}):
-            if name in ('n_rounds', 'chunk_length'):
-                field = 'n_rounds' if name == 'n_rounds' else 'lsh_chunk'
-                raise ValueError(f'attention_options: lsh.{name} is set by the field {field}')
             if name not in _LSH_LAYER_OPTIONS:
                 raise ValueError(f'attention_options: the LSH layer takes {_LSH_LAYER_OPTIONS}, got lsh.{name}')
         return options.get(kind, {})
     @classmethod
+    def from_dict(cls, d):
+        "Build from a mapping; saves that had LSH settings as fields (`n_rounds`, `lsh_chunk`) load as options."
+        d = dict(d)
+        moved = {new: d.pop(old) for old, new in _MOVED_FIELDS.items() if old in d}
+        if moved and 'lsh' in d.get('attention', ('lsh',)):
+            d['attention_options'] = tuple(d.get('attention_options', ())) + format_attention_options('lsh', **moved)
+        return super().from_dict(d)
+    @classmethod
     def tiny(cls):
         return cls(vocab_size=32, d_model=32, d_ff=64, n_heads=4, n_layers=2, max_len=256, axial_shape=(16, 16),
-                   axial_dims=(16, 16), attention=('lsh', 'full'), lsh_chunk=8, ff_chunk=16, loss_chunk=16)
+                   axial_dims=(16, 16), attention=('lsh', 'full'), attention_options=('lsh.chunk_length=8',),
+                   ff_chunk=16, loss_chunk=16)
 
 # %% ../../nbs/33_models.reformer.ipynb #7bef930a
 class AxialPositions(nnx.Module):
@@ -119,8 +124,7 @@ class AttentionSublayer(nnx.Module):
         self.kind, self.cross = kind, cross
         options = {} if cross else c.options_for(kind)  # cross-attention is always plain full attention
         if kind == 'lsh' and not cross:  # shared query/key (Reformer §2); our hash key makes recomputation replay it
-            self.attention = LSHSelfAttention(c.d_model, c.n_heads, causal=causal, n_rounds=c.n_rounds,
-                                              chunk_length=c.lsh_chunk, rngs=rngs, **options)
+            self.attention = LSHSelfAttention(c.d_model, c.n_heads, causal=causal, rngs=rngs, **options)
         else:
             self.attention = MultiHeadAttention(c.d_model, c.n_heads, attention='full' if cross else kind,
                                                 attention_options=options, causal=causal and not cross,

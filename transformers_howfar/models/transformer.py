@@ -155,8 +155,8 @@ def step(self: EncoderDecoder, tokens, cache: dict, token_mask=None):
     positions = jnp.maximum(cache['position'][:, None] + jnp.cumsum(token_mask, 1) - 1, 0)
     valid = jax.lax.dynamic_update_slice(cache['valid'], token_mask, (0, cache['layers'][0].index))
     x = self.output_embed(tokens, positions)
-    x, layers = self.decoder(x, positions=positions, padding_mask=valid, memories=cache['memories'],
-                             memory_mask=cache['memory_mask'], caches=cache['layers'])
+    x, layers = self.decoder.decode(x, cache['layers'], positions=positions, padding_mask=valid,
+                                    memories=cache['memories'], memory_mask=cache['memory_mask'])
     return self.output_embed.attend(x), dict(
         cache, layers=layers, valid=valid, position=cache['position'] + token_mask.sum(1)
     )

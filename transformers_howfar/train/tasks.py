@@ -65,7 +65,7 @@ REFORMER_LM = TaskSpec(
         'tiny': (_tiny(ReformerLMTask, ReformerConfig, max_len=64, axial_shape=(8, 8)), _tiny_train),
         'small': (
             ReformerLMTask(vocab_size=8000, d_model=256, d_ff=1024, n_heads=4, n_layers=4, max_len=1024, seq_len=1024,
-                           axial_shape=(32, 32), axial_dims=(128, 128), attention=('lsh',), lsh_chunk=64),
+                           axial_shape=(32, 32), axial_dims=(128, 128), attention=('lsh',)),
             _small_train.replace(batch_size=8),
         ),
     },

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONWARNINGS ?= ignore::UserWarning:nbformat,ignore::DeprecationWarning
 
-.PHONY: install demo test check nbtest pytest docs docs-current readme chromium clean
+.PHONY: install demo test test-slow check nbtest pytest docs docs-current readme chromium clean
 
 # A virtual environment with the package (editable) and its dev tools, at the versions in constraints.txt.
 $(STAMP): setup.py settings.ini constraints.txt
@@ -51,8 +51,14 @@ docs-current:
 readme: $(STAMP)
 	$(BIN)/python tools/make_readme.py
 
+PYTEST := $(TEST_XLA) $(BIN)/python -m pytest tests/ -q -p no:cacheprovider -n 2 --dist loadgroup --durations=15
+
 pytest: $(STAMP) chromium
-	$(TEST_XLA) $(BIN)/python -m pytest tests/ -q -p no:cacheprovider -n 2 --durations=15
+	$(PYTEST) -m "not slow"
+
+# The slow tier (see tests/conftest.py): end-to-end command-line runs, simulated devices, long sweeps. CI runs it too.
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
 
 test: $(STAMP) chromium
 	$(MAKE) --no-print-directory check

@@ -188,6 +188,7 @@ def test_registry_and_module_errors():
         ATTENTION.pop('test_double')
 
 
+@pytest.mark.slow
 def test_bench_attention_quick_cli(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != 'HOWFAR_TORCH_PYTHON'}
     howfar = Path(sys.executable).parent / 'howfar'

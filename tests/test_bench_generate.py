@@ -1,5 +1,6 @@
 """`howfar bench generate` in its quick version: the measurements run, every record is written, and without a torch
 Python the HF side says why it is missing."""
+import pytest
 from transformers_howfar.bench.generate import generate_benchmark, measure_generation, measure_step
 
 
@@ -9,6 +10,7 @@ def test_benchmark_measurements_quick():
     assert measure_step(4, use_cache=False, quick=True)['ms'] > 0
 
 
+@pytest.mark.slow
 def test_generate_benchmark_quick_records(monkeypatch):
     monkeypatch.delenv('HOWFAR_TORCH_PYTHON', raising=False)
     records = generate_benchmark(quick=True)

@@ -1,4 +1,5 @@
 "Tests of transformers_howfar.bench.lsh: the layer step, the PyTorch reference script's protocol, and `howfar bench lsh --quick`."
+import pytest
 import ast
 import json
 from pathlib import Path
@@ -30,6 +31,7 @@ def test_reference_without_torch_python_is_an_error():
     assert 'error' in torch_reference('hf', 1024, python='/nonexistent/python')
 
 
+@pytest.mark.slow
 def test_cli_bench_quick(tmp_path):
     howfar = str(Path(sys.executable).parent / 'howfar')
     out = subprocess.run([howfar, 'bench'], capture_output=True, text=True)

@@ -24,6 +24,7 @@ def test_torch_benchmark_needs_its_python(monkeypatch):
     with pytest.raises(ValueError, match='HOWFAR_TORCH_PYTHON'): reformer_pytorch_benchmark(quick=True)
 
 
+@pytest.mark.slow
 def test_bench_memory_quick_cli(tmp_path):
     howfar = Path(sys.executable).with_name('howfar')
     r = subprocess.run([str(howfar), 'bench', 'memory', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=900)
@@ -43,6 +44,7 @@ def test_torch_reference_is_a_script_run_by_run_reference():
     assert list(r) == ['error'] and 'torch' in r['error']
 
 
+@pytest.mark.slow
 def test_bench_profile_quick_cli(tmp_path):
     howfar = Path(sys.executable).with_name('howfar')
     r = subprocess.run([str(howfar), 'bench', 'reformer_profile', '--quick', '--out', str(tmp_path)], capture_output=True,

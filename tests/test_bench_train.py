@@ -1,11 +1,13 @@
 """`howfar bench train` in its quick version: every record is there and consistent, the FLOP formula agrees with XLA's
 count, and the PyTorch reference is a script of its own, run through `run_reference`."""
+import pytest
 import sys
 
 from transformers_howfar.bench.measure import REFERENCES, run_reference
 from transformers_howfar.bench.train import decoder_train_flops, train_benchmark
 
 
+@pytest.mark.slow
 def test_train_benchmark_quick_records(monkeypatch):
     monkeypatch.delenv('HOWFAR_TORCH_PYTHON', raising=False)
     name = lambda c: c.get('framework', c.get('reference')) + (f"/{c['attention']}" if 'attention' in c else '')

@@ -1,4 +1,5 @@
 """The `howfar` command end to end, as a user runs it."""
+import pytest
 import json
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def test_experiment_resume_is_refused_by_an_experiment_that_cannot_resume(tmp_pa
     assert not (tmp_path / 'influence.json').exists() and 'Traceback' not in r.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_and_writes_plots(tmp_path):
     r = howfar('demo', '--quick', '--out', str(tmp_path / 'out'))
     assert r.returncode == 0, r.stderr

@@ -17,6 +17,8 @@ from urllib.parse import urldefrag, urljoin, urlparse
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group('docs_site')  # one worker visits the site once for every test
+
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / 'docs'
 SHOTS = ROOT / 'build' / 'screenshots'

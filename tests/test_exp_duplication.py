@@ -97,6 +97,7 @@ def test_committed_results_are_complete():
     assert all(sorted(v) == ['full', 'lsh-1', 'lsh-2', 'lsh-4', 'lsh-8'] for v in table.values())
 
 
+@pytest.mark.slow
 def test_cli_quick_and_resume(tmp_path):
     howfar = str(Path(sys.executable).parent / 'howfar')
     env = dict(os.environ, HOWFAR_EXPERIMENT_CACHE=str(tmp_path / 'cache'))

@@ -115,6 +115,7 @@ def test_word_spans_refuses_a_tokenizer_without_prefixes():
         word_spans(Reversing(), 'ab cd')
 
 
+@pytest.mark.slow
 def test_cli_quick_run(tmp_path):
     r = subprocess.run([str(BIN / 'howfar'), 'experiment', 'heads', '--quick', '--out', str(tmp_path)], capture_output=True, text=True,
                        env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONWARNINGS': 'ignore'})

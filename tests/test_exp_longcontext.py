@@ -23,6 +23,7 @@ def test_longcontext_training_on_a_small_corpus(tmp_path):
     with pytest.raises(ValueError, match='eval_bytes'): train_longcontext('reformer_local_lsh_16k', 1, quick=True, data_dir=tmp_path, eval_bytes=1000)
 
 
+@pytest.mark.slow
 def test_longcontext_resumes_from_its_checkpoints(tmp_path):
     rng = np.random.default_rng(1)
     for name in ('wikipedia', 'brown'):

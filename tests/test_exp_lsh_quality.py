@@ -68,6 +68,7 @@ def test_setup_errors(change, message):
         TINY.replace(**change)
 
 
+@pytest.mark.slow
 def test_run_writes_each_model_and_resumes(tmp_path):
     s = TINY.replace(rounds=(1,), steps=2)
     records = run_lsh_quality(s, tmp_path, timing=False)

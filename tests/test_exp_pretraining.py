@@ -101,6 +101,7 @@ def test_load_pretrained_bert_round_trip_and_error(tmp_path):
         load_pretrained_bert(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_quick_run_writes_every_model(tmp_path):
     r = subprocess.run([str(BIN / 'howfar'), 'experiment', 'pretraining', '--quick', '--out', str(tmp_path)], capture_output=True, text=True,
                        env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONWARNINGS': 'ignore'})

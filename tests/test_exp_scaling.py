@@ -27,6 +27,7 @@ def quick_run(tmp_path_factory):
     return out, scaling_experiment(quick=True, out_dir=out, folder=models), models
 
 
+@pytest.mark.slow
 def test_quick_run_records_each_size_and_both_fits(quick_run):
     out, records, _ = quick_run
     assert sorted(p.name for p in out.iterdir()) == ['scaling_q1.json', 'scaling_q2.json']
@@ -41,6 +42,7 @@ def test_quick_run_records_each_size_and_both_fits(quick_run):
     assert any(c['split'] == 'eval' for c in side['curve'])
 
 
+@pytest.mark.slow
 def test_resume_reads_the_per_size_files(quick_run, tmp_path):
     out, _, _ = quick_run
     for f in out.iterdir(): (tmp_path / f.name).write_text(f.read_text())
@@ -51,6 +53,7 @@ def test_resume_reads_the_per_size_files(quick_run, tmp_path):
     assert [r['value'] for r in records if r['metric'] == 'valid_nll' and r['config']['size'] == 'q1'] == [9.25]
 
 
+@pytest.mark.slow
 def test_resample_draws_from_the_saved_models(quick_run, tmp_path):
     out, records, models = quick_run
     for f in out.iterdir(): (tmp_path / f.name).write_text(f.read_text())
@@ -62,11 +65,13 @@ def test_resample_draws_from_the_saved_models(quick_run, tmp_path):
     assert again == json.loads((out / 'scaling_q2.json').read_text())['samples']  # same saved model, same key: same text
 
 
+@pytest.mark.slow
 def test_table_rows_sorted_by_size(quick_run):
     lines = scaling_table(quick_run[1]).splitlines()
     assert len(lines) == 4 and lines[2].startswith('| q1 |') and lines[3].startswith('| q2 |')
 
 
+@pytest.mark.slow
 def test_saved_model_reproduces_the_reported_validation_loss(quick_run):
     out, records, models = quick_run
     setup = ScalingSetup.tiny()

@@ -27,6 +27,7 @@ def quick_run(tmp_path_factory):
     return out, translation_experiment(quick=True, out_dir=out)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_model_and_metric(quick_run):
     out, records = quick_run
     assert sorted(p.name for p in out.iterdir()) == ['translation_rnn.json', 'translation_throughput.json', 'translation_transformer.json']
@@ -43,6 +44,7 @@ def test_quick_run_writes_every_model_and_metric(quick_run):
         assert len(side['samples']) == TranslationSetup.tiny().n_samples
 
 
+@pytest.mark.slow
 def test_resume_reads_the_per_model_files_instead_of_training(quick_run, tmp_path):
     out, _ = quick_run
     for f in out.iterdir(): (tmp_path / f.name).write_text(f.read_text())
@@ -60,6 +62,7 @@ def test_resume_reads_the_per_model_files_instead_of_training(quick_run, tmp_pat
     assert [r['value'] for r in records if r['config']['model'] == 'rnn' and r['metric'] == 'bleu' and r['config']['decoding'] == 'beam'] == [42.5]
 
 
+@pytest.mark.slow
 def test_table_has_one_row_per_model(quick_run):
     table = translation_table(quick_run[1]).splitlines()
     assert len(table) == 4 and table[2].startswith('| transformer |') and table[3].startswith('| rnn |')

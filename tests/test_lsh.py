@@ -168,6 +168,7 @@ def test_auto_buckets():
     assert math.prod(auto_buckets(12345, 64, max_factor=8)) == 256 and max(auto_buckets(12345, 64, max_factor=8)) <= 8
 
 
+@pytest.mark.slow
 @settings(max_examples=5, deadline=None)
 @given(T=st.integers(9, 90), C=st.sampled_from([4, 8, 16]), R=st.integers(1, 3), causal=st.booleans())
 def test_property_matches_reference(T, C, R, causal):
@@ -268,6 +269,7 @@ print(json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_heads_sharded_over_two_devices_equal_one_device():
     "With a `heads` mesh axis the slices run on separate devices; values and gradients equal the unsharded call."
     env = {**__import__('os').environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}

@@ -43,6 +43,7 @@ def test_attention_types_cycle_over_layers():
     assert all(isinstance(layer.attention, LSHSelfAttention) == (layer.kind == 'lsh') for layer in m.stack.sublayers[::2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention', [('lsh',)])
 def test_reversible_gradients_equal_ordinary_with_dropout_and_lsh(attention):
     c = ReformerConfig.tiny().replace(attention=attention, n_layers=len(attention), dropout_rate=0.2)
@@ -85,6 +86,7 @@ def test_lm_deterministic_without_key_and_random_with():
     with pytest.raises(ValueError, match='exceeds max_len'): m(jnp.zeros((1, c.max_len + 1), jnp.int32))
 
 
+@pytest.mark.slow
 def test_encoder_decoder_modes_agree():
     c = ReformerConfig.tiny().replace(attention=('full',), attention_options=(), n_layers=1, dropout_rate=0.1)
     src, tgt = jax.random.randint(make_key(5), (2, 12), 0, 32), jax.random.randint(make_key(6), (2, 8), 0, 32)
@@ -119,6 +121,7 @@ def test_axial_factors_cover_length():
     with pytest.raises(ValueError, match='length'): axial_factors(0)
 
 
+@pytest.mark.slow
 def test_uncached_greedy_generation_equals_argmax_of_full_passes():
     """`generate(..., use_cache=False)` runs a left-padded window of prompt plus room for the new tokens; with a fixed
     number of LSH buckets the window's logits are the unpadded prefix's, so greedy decoding equals a loop of full passes."""

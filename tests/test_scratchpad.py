@@ -141,6 +141,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match='one length'): greedy_answers(AdditionLM(AdditionConfig.tiny(), rngs=nnx.Rngs(0)), [(1, 23)])
 
 
+@pytest.mark.slow
 def test_experiment_command_writes_records(tmp_path):
     p = subprocess.run([HOWFAR, 'experiment', 'scratchpad', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -135,6 +135,7 @@ print(json.dumps(results))
 '''
 
 
+@pytest.mark.slow
 def test_eight_simulated_devices_match_one():
     p = python(EIGHT, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
     out, err = p.communicate(timeout=300)

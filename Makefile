@@ -33,7 +33,10 @@ check: $(STAMP)
 
 # Tests compile many small programs and run each briefly: at LLVM's lowest optimisation level a Reformer gradient compiled
 # in 3.6 s instead of 16 s, and pytest took 8 min instead of 14-16.
-TEST_XLA := XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS"
+# Compiled programs are kept in build/jax-cache (JAX's persistent compilation cache), so processes of one run, and later
+# runs, reuse what another compiled: a warm cache took the Reformer notebook's checks from 44 s to 16 s.
+TEST_XLA := XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" JAX_COMPILATION_CACHE_DIR=$(CURDIR)/build/jax-cache \
+	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 
 nbtest: $(STAMP)
 	$(TEST_XLA) $(BIN)/nbdev_test --n_workers 2

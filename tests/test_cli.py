@@ -57,6 +57,7 @@ def test_demo_runs_and_writes_plots(tmp_path):
     assert (tmp_path / 'out' / 'duplicate' / 'metrics.jsonl').exists()
 
 
+@pytest.mark.slow
 def test_train_reformer_then_generate_from_the_run_directory(tmp_path):
     run = tmp_path / 'reformer'
     r = howfar('train', 'reformer_lm', '--preset', 'tiny', 'steps=4', 'checkpoint_every=2', 'progress=false', '--run-dir', str(run))

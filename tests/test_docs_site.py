@@ -35,7 +35,7 @@ def expected_pages() -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def server():
     if not (SITE / 'index.html').exists(): pytest.fail('docs/index.html missing: build the site with `make docs`')
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SITE))
@@ -46,7 +46,7 @@ def server():
     httpd.shutdown()
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def browser(tmp_path_factory):
     exe = shutil.which('chromium') or shutil.which('chromium-browser')
     if not exe: pytest.fail('chromium not found: `make chromium` installs Debian\'s chromium')
@@ -57,7 +57,7 @@ def browser(tmp_path_factory):
         b.close()
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def visited(server, browser):
     "Every page of the site, visited once: its text, links, images, anchors, math and sidebar."
     SHOTS.mkdir(parents=True, exist_ok=True)

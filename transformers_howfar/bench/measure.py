@@ -24,7 +24,7 @@ from ..core import check_positive, machine_info
 # %% auto #0
 __all__ = ['RESULT_MARK', 'REFERENCES', 'make_record', 'write_records', 'read_records', 'time_call', 'print_result', 'run_child',
            'peak_rss_gb', 'check_cpus', 'run_isolated', 'run_reference', 'memory_first_options', 'matmul_benchmark',
-           'records_table', 'plot_records']
+           'records_table', 'plot_records', 'measurement_conditions']
 
 # %% ../../nbs/50_bench.measure.ipynb #bd28d0a3
 def make_record(benchmark: str, config: dict, metric: str, value, unit: str, machine: dict | None = None) -> dict:
@@ -242,3 +242,21 @@ def plot_records(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     return ax
+
+# %% ../../nbs/50_bench.measure.ipynb #a5a92934
+def measurement_conditions(records: list[dict]) -> str:
+    "Markdown: the machine(s), threads and load average under which `records` were measured, read from the records."
+    machines = [json.loads(m) for m in sorted({json.dumps(r['machine'], sort_keys=True) for r in records})]
+    where = '; '.join(f"{m['cpu']} ({m['cpu_cores']} cores, {m['memory_gb']} GB), {m['platform']}, jax {m['jax']}, "
+                      f"flax {m['flax']}" for m in machines)
+    pinned = [r for r in records if 'threads' in r['config']]
+    threads = sorted({(r['config']['threads'], r['config'].get('cores')) for r in pinned})
+    threads = ', '.join(f'{t} thread(s)' + (f' on {c} core(s)' if c else '') for t, c in threads)
+    threads = ("each process had the whole machine (XLA's default threads)" if not pinned else
+               f'{threads} per process' if len(pinned) == len(records) else
+               f"{threads} in the {len(pinned)} records that set threads, XLA's default threads in the others")
+    loads = [x for r in records if r['config'].get('load_average') is not None  # a number, or [start, end]
+             for x in (r['config']['load_average'] if isinstance(r['config']['load_average'], list)
+                       else [r['config']['load_average']])]
+    load = f'load average {min(loads):.1f} to {max(loads):.1f}' if loads else 'load not recorded'
+    return f'**Measured on** {where}; {threads}; {load}; {len(records)} records.'

@@ -25,7 +25,7 @@ from .measure import (make_record, memory_first_options, run_isolated, run_refer
 # %% auto #0
 __all__ = ['MEMORY_GRID', 'SINGLE_THREAD_XLA', 'TORCH_GRID', 'bench_config', 'training_step', 'memory_point', 'memory_benchmark',
            'million_benchmark', 'torch_lm_step', 'torch_point', 'reformer_pytorch_benchmark', 'profile_step',
-           'profile_benchmark', 'profile_shares', 'measurement_conditions']
+           'profile_benchmark', 'profile_shares']
 
 # %% ../../nbs/53_bench.reformer.ipynb #261af19f
 def bench_config(n_layers: int, length: int, residual: str = 'reversible', attention: str = 'lsh', d_model: int = 256,
@@ -197,16 +197,3 @@ def profile_shares(records: list[dict], n_layers: int = 2) -> list[dict]:
     config, machine = records[0]['config'], records[0]['machine']
     return [make_record('reformer_profile', {'length': config['length'], 'part': name}, 'share', 100 * t / total, '%',
                         machine) for name, t in seconds.items()]
-
-# %% ../../nbs/53_bench.reformer.ipynb #a5a92934
-def measurement_conditions(records: list[dict]) -> str:
-    "Markdown: the machine(s), threads and load average under which `records` were measured, read from the records."
-    machines = [json.loads(m) for m in sorted({json.dumps(r['machine'], sort_keys=True) for r in records})]
-    where = '; '.join(f"{m['cpu']} ({m['cpu_cores']} cores, {m['memory_gb']} GB), {m['platform']}, jax {m['jax']}, "
-                      f"flax {m['flax']}" for m in machines)
-    threads = sorted({(r['config']['threads'], r['config'].get('cores')) for r in records if 'threads' in r['config']})
-    threads = (', '.join(f'{t} thread(s) on {c} core(s)' for t, c in threads) + ' per process' if threads
-               else "each process had the whole machine (XLA's default threads)")
-    loads = [r['config']['load_average'] for r in records if r['config'].get('load_average') is not None]
-    load = f'load average {min(loads):.1f} to {max(loads):.1f}' if loads else 'load not recorded'
-    return f'**Measured on** {where}; {threads}; {load}; {len(records)} records.'

@@ -5,7 +5,6 @@
 # %% ../../nbs/53_bench.reformer.ipynb #8317d72c
 from __future__ import annotations
 
-import json
 import os
 import time
 

@@ -6,9 +6,12 @@ Screenshots go to build/screenshots/. Build the site first (`make docs`).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import http.server
 import json
+import os
 import re
 import shutil
 import threading
@@ -16,8 +19,6 @@ from pathlib import Path
 from urllib.parse import urldefrag, urljoin, urlparse
 
 import pytest
-
-pytestmark = pytest.mark.xdist_group('docs_site')  # one worker visits the site once for every test
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / 'docs'
@@ -35,8 +36,9 @@ def expected_pages() -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope='session')
-def server():
+@contextlib.contextmanager
+def serve_site():
+    "A local HTTP server for docs/; yields its base URL."
     if not (SITE / 'index.html').exists(): pytest.fail('docs/index.html missing: build the site with `make docs`')
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SITE))
     handler.log_message = lambda *a: None
@@ -46,8 +48,8 @@ def server():
     httpd.shutdown()
 
 
-@pytest.fixture(scope='session')
-def browser(tmp_path_factory):
+@contextlib.contextmanager
+def open_browser():
     exe = shutil.which('chromium') or shutil.which('chromium-browser')
     if not exe: pytest.fail('chromium not found: `make chromium` installs Debian\'s chromium')
     from playwright.sync_api import sync_playwright
@@ -58,8 +60,20 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def visited(server, browser):
-    "Every page of the site, visited once: its text, links, images, anchors, math and sidebar."
+def visited(tmp_path_factory):
+    """Every page of the site, visited once per test run: its text, links (`SITE/` for the site's own), images,
+    anchors, math and sidebar. Parallel workers share one visit through a file, under a lock."""
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if os.environ.get('PYTEST_XDIST_WORKER') else root) / 'docs_site_visited.json'
+    with open(f'{shared}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not shared.exists():
+            with serve_site() as server, open_browser() as browser:
+                shared.write_text(json.dumps(visit_site(server, browser)))
+        return json.loads(shared.read_text())
+
+
+def visit_site(server: str, browser) -> dict:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={'width': 1280, 'height': 1000})
     results = {}
@@ -81,6 +95,8 @@ def visited(server, browser):
         }''')
         page.screenshot(path=str(SHOTS / (html.stem + '.png')), full_page=True)
     page.close()
+    for r in results.values():  # the site's own links without this server's address
+        r['links'] = ['SITE/' + link[len(server):] if link.startswith(server) else link for link in r['links']]
     return results
 
 
@@ -91,15 +107,15 @@ def test_every_notebook_has_a_page_in_the_sidebar(visited):
         assert page == 'index.html' or page in sidebar, f'{nb}: {page} missing from the sidebar {sorted(sidebar)}'
 
 
-def test_no_broken_internal_links_or_images(visited, server):
+def test_no_broken_internal_links_or_images(visited):
     broken = []
     for name, r in visited.items():
         for img in r['images']:
             if not img['ok']: broken.append(f'{name}: image {img["src"]}')
         for link in r['links']:
-            if not link.startswith(server): continue
+            if not link.startswith('SITE/'): continue
             url, frag = urldefrag(link)
-            target = urlparse(url).path.lstrip('/') or 'index.html'
+            target = urlparse(url[len('SITE/'):]).path or 'index.html'
             if not (SITE / target).exists(): broken.append(f'{name}: link to missing {target}')
             elif frag and target in visited and frag not in visited[target]['ids']: broken.append(f'{name}: link to missing anchor {target}#{frag}')
     assert not broken, '\n'.join(broken)

@@ -6,13 +6,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
+
+import jax
 
 import transformers_howfar
 from .data.sources import SOURCES, FetchError, cache_dir, fetch, list_sources
 from .train.trainer import NonFiniteLoss
 from .train.tasks import TASKS, load_run, train_task
+from .train.distributed import initialize, is_primary, launch
+from .core import check_positive
 from .decoding import beam_search, generate, left_pad
 from .data.tokenizer import EOS_ID
 from .models.saving import load, load_tokenizer
@@ -83,6 +89,14 @@ def add_train_arguments(p: argparse.ArgumentParser):
         '--run-dir', default=None, help='run directory (default: runs/TASK-PRESET); an existing run is resumed'
     )
     p.add_argument('--fresh', action='store_true', help="discard the run directory's checkpoints and log first")
+    p.add_argument('--processes', type=int, default=1,
+                   help='run as this many local processes of one JAX job (one device each on CPU)')
+    p.add_argument('--coordinator', default=None, help='host:port of process 0, to join a job of --num-processes')
+    p.add_argument('--num-processes', type=int, default=None, help='processes in the job (with --coordinator)')
+    p.add_argument('--process-id', type=int, default=None, help='this process, 0 .. num-processes - 1')
+    p.add_argument('--join-timeout', type=int, default=120, help='seconds to wait for every process to join the job')
+    p.add_argument('--cluster', action='store_true',
+                   help='join the job that JAX detects from the cluster (SLURM, Open MPI, TPU pod, Kubernetes)')
     plain = p.parse_known_args
 
     def intermixed(
@@ -111,17 +125,36 @@ def add_train_arguments(p: argparse.ArgumentParser):
     p.parse_known_args = intermixed
 
 
+def _launch_train(args) -> int:
+    "`howfar train ... --processes N`: the same command as N local processes (`train.distributed.launch`)."
+    check_positive('processes', args.processes)
+    if args.cluster or args.coordinator is not None:
+        raise ValueError('processes: --processes starts a local job of its own; leave out --coordinator and --cluster')
+    argv, rest = list(args.argv), []
+    while argv:  # drop --processes N / --processes=N
+        a = argv.pop(0)
+        if a == '--processes': argv.pop(0)
+        elif not a.startswith('--processes='): rest.append(a)
+    return launch([sys.executable, '-c', 'import sys; from transformers_howfar.cli import main; sys.exit(main())',
+                   *rest], args.processes)
+
+
 def run_train_command(args) -> int:
     "Run `howfar train` with parsed `args`."
     if not args.task:
         for name, spec in sorted(TASKS.items()):
             print(f"{name:12s} presets: {', '.join(spec.presets)}  {spec.help}")
         return 0
+    if args.processes != 1:
+        return _launch_train(args)
+    if args.cluster or any(x is not None for x in (args.coordinator, args.num_processes, args.process_id)):
+        initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.join_timeout)
     overrides = args.overrides
     try:
         trainer, summary = train_task(args.task, args.preset, overrides, args.run_dir, fresh=args.fresh)
     except NonFiniteLoss as e:
         raise ValueError(str(e)) from None
+    if not is_primary(): return 0  # process 0 speaks for the job
     for split in ('train', 'eval'):
         if summary[split]:
             print(
@@ -315,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     "Run `howfar` with `argv` (default: the process's arguments); returns the exit status."
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not args.command:
         parser.print_help()
         return 0
@@ -322,4 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][2](args) or 0
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f'howfar {args.command}: error: {e}', file=sys.stderr)
-        return 2
+        return _leave_job(2)
+    except Exception:
+        traceback.print_exc()
+        return _leave_job(1)
+
+
+def _leave_job(status: int) -> int:
+    "`status`; a process of a multi-process job exits at once, instead of waiting for peers that wait for it."
+    if jax.distributed.is_initialized():
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(status)
+    return status

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -58,7 +59,10 @@ def save_model(model: nnx.Module, path, tokenizer=None, *, overwrite: bool = Fal
             'config_class': class_path(type(model.config)), 'config': model.config.to_dict()}
     (new / 'model.json').write_text(json.dumps(meta, indent=1))
     params = nnx.state(model, nnx.Param).to_pure_dict()
-    with ocp.StandardCheckpointer() as checkpointer: checkpointer.save(new / 'params', params)
+    me = jax.process_index()  # this process writes alone (host arrays), also inside a job of several processes
+    if jax.process_count() > 1: params = jax.tree.map(np.asarray, params)
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckpt: ckpt.save(new / 'params', params)
     if tokenizer is not None: tokenizer.save(new / 'tokenizer')
     old = path.with_name(f'.{path.name}.old-{uuid.uuid4().hex[:8]}')
     if path.exists(): os.replace(path, old)  # the old copy stays whole until the new one is in place

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 from flax import nnx
 
 from ..models.bert import BertConfig
@@ -23,6 +24,7 @@ from ..models.rnn import RNNConfig
 from ..data.tokenizer import NUM_SPECIAL
 from ..scratchpad import AdditionConfig, AdditionLM, addition_batches, addition_loss
 from .trainer import Trainer, TrainConfig
+from .distributed import ProcessShard, host_copy, is_primary, sync
 from .metrics import read_metrics
 from ..models.lm import lm_loss
 from ..models.transformer import TransformerConfig
@@ -229,7 +231,7 @@ def train_task(
     trainer and summary."""
     model_config, train_config = resolve_config(task, preset, overrides)
     run_dir = Path(run_dir or Path('runs') / f'{task}-{preset}')
-    if fresh:
+    if fresh and is_primary():  # with several processes, process 0 keeps the run directory
         for name in ('checkpoints', 'plots', 'model'):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in ('metrics.jsonl', 'config.json'):
@@ -241,20 +243,25 @@ def train_task(
                 f"run_dir: {run_dir} holds a run of {old['task']!r} with another model config; "
                 'pass --fresh to start it over, or choose another --run-dir'
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / 'config.json').write_text(
-        json.dumps(
-            {'task': task, 'preset': preset, 'overrides': list(overrides),
-             'model': {'class': type(model_config).__name__, 'config': model_config.to_dict()},
-             'train': train_config.to_dict()},
-            indent=1,
-        )
-    )
+    if is_primary():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = {'task': task, 'preset': preset, 'overrides': list(overrides),
+                  'model': {'class': type(model_config).__name__, 'config': model_config.to_dict()},
+                  'train': train_config.to_dict()}
+        (run_dir / 'config.json.tmp').write_text(json.dumps(config, indent=1))
+        (run_dir / 'config.json.tmp').replace(run_dir / 'config.json')
+    sync('train_task: run directory ready')  # the other processes wait for process 0's files
     built = TASKS[task].build(model_config, train_config)
+    train_data, eval_data = built.train_data, built.eval_data
+    if jax.process_count() > 1:  # every process draws the global batches and keeps its rows
+        train_data = ProcessShard(train_data)
+        eval_data = None if eval_data is None else (lambda make=eval_data: ProcessShard(make()))
     trainer = Trainer(built.model, built.loss_fn, train_config, run_dir=run_dir, batch_shapes=built.batch_shapes)
-    summary = trainer.fit(built.train_data, built.eval_data)
+    summary = trainer.fit(train_data, eval_data)
     if trainer.step >= train_config.steps:  # finished: leave a model directory that `load` and `howfar generate` read
-        save_model(trainer.model, run_dir / 'model', tokenizer=built.tokenizer, overwrite=True)
+        model = trainer.model if jax.process_count() == 1 else host_copy(trainer.model)
+        if is_primary(): save_model(model, run_dir / 'model', tokenizer=built.tokenizer, overwrite=True)
+        sync('train_task: model saved')
     return trainer, summary
 
 

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ..core import (
     Config, check_choice, check_divisible, check_positive, check_range, derive_key, make_key)
 from .checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
+from .distributed import is_primary, put_global
 from .metrics import FitProgress, MetricsLog, plot_metrics, summarize_metrics
 
 # %% auto #0
@@ -225,7 +226,7 @@ class Trainer:
         state = dict(params=params, rest=rest, opt=self.optimizer.init(params), step=jnp.zeros((), jnp.int32),
                      key=derive_key(make_key(config.seed), 'train'))
         self.shardings = state_shardings(state, self.mesh, config.fsdp_min_size)
-        self.state = jax.device_put(state, self.shardings)
+        self.state = put_global(state, self.shardings)
         self.batch_sharding, replicated = batch_sharding(self.mesh), NamedSharding(self.mesh, P())
         self._jitted_train_step = jax.jit(make_train_step(self.graphdef, loss_fn, self.optimizer, config),
                                           donate_argnums=0, in_shardings=(self.shardings, self.batch_sharding),
@@ -245,14 +246,16 @@ class Trainer:
         "Raise a `ValueError` naming the array, the step and the expected shape if `batch` does not fit the config."
         if not isinstance(batch, Mapping):
             raise ValueError(f'batch at {where}: expected a dict of arrays, got {type(batch).__name__}')
-        B = self.config.batch_size // jax.process_count()
+        B, n = self.config.batch_size // jax.process_count(), jax.process_count()  # this process's rows
         missing = sorted(set(self.batch_shapes) - set(batch))
         if missing: raise ValueError(f'batch at {where}: missing {missing}; expected keys {sorted(self.batch_shapes)}')
+        rows = f' over {n} processes' if n > 1 else ''
         for k, v in batch.items():
-            shape, want = tuple(np.shape(v)), tuple(self.batch_shapes.get(k, (B,) + tuple(np.shape(v))[1:]))
-            if shape != want or shape[:1] != (B,):
+            shape = tuple(np.shape(v))
+            want = (B,) + tuple(self.batch_shapes.get(k, shape))[1:]
+            if shape != want:
                 raise ValueError(f"batch['{k}'] at {where}: expected shape {want} "
-                                 f"(batch_size = {self.config.batch_size} and the task's config), got {shape}")
+                                 f"(batch_size = {self.config.batch_size}{rows} and the task's config), got {shape}")
 
     def put(self, batch: Mapping) -> dict:
         "`batch` (this process's rows, host arrays) as global arrays split along the batch axis over the mesh."
@@ -321,10 +324,10 @@ class Trainer:
         "Restore the newest checkpoint and `train_data`'s position if `resume`; open the metrics log and progress bar."
         started = time.perf_counter()
         if resume and self.latest_checkpoint() is not None: self.restore(train_data)
-        log = MetricsLog(self.run_dir / 'metrics.jsonl' if self.run_dir else None, after=self.step)
+        log = MetricsLog(self.run_dir / 'metrics.jsonl' if self.run_dir and is_primary() else None, after=self.step)
         before = max((r.get('seconds', 0.0) for r in log.records), default=0.0)
         from tqdm.auto import tqdm
-        bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.config.progress, desc='train',
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not (self.config.progress and is_primary()), desc='train',
                    leave=False)
         return FitProgress(log, bar, started, before)
 
@@ -369,7 +372,7 @@ class Trainer:
         if eval_data is not None:
             last_eval = dict(self.evaluate(eval_data), step=self.step, split='eval', seconds=progress.seconds())
             progress.log.write(last_eval)
-        if self.run_dir and progress.log.records: self._plot(progress.log.records)
+        if self.run_dir and progress.log.records and is_primary(): self._plot(progress.log.records)
         return {'step': self.step, 'train': progress.last, 'eval': last_eval, 'seconds': progress.seconds()}
 
     def _non_finite_message(self, step, loss) -> str:

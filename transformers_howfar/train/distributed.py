@@ -44,7 +44,7 @@ def _check_port_free(port: int):
     "Process 0 serves the coordinator on `port` of every interface: it must be free."
     with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as s:
         try: s.bind(('', port))
-        except OSError: raise ValueError(f'coordinator: port {port} is in use on this machine; choose another') from None
+        except OSError: raise ValueError(f'coordinator: port {port} is in use on this machine; pick another') from None
 
 def _wait_for(host: str, port: int, timeout: float):
     "Wait until something accepts connections at `host:port`, for at most `timeout` seconds."

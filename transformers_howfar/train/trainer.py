@@ -327,7 +327,8 @@ class Trainer:
         log = MetricsLog(self.run_dir / 'metrics.jsonl' if self.run_dir and is_primary() else None, after=self.step)
         before = max((r.get('seconds', 0.0) for r in log.records), default=0.0)
         from tqdm.auto import tqdm
-        bar = tqdm(total=self.config.steps, initial=self.step, disable=not (self.config.progress and is_primary()), desc='train',
+        quiet = not (self.config.progress and is_primary())  # one progress bar for the job
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=quiet, desc='train',
                    leave=False)
         return FitProgress(log, bar, started, before)
 

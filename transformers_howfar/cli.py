@@ -29,6 +29,7 @@ from .experiments.longcontext import longcontext_experiment
 from .bench.reformer import memory_benchmark, million_benchmark, profile_benchmark, reformer_pytorch_benchmark
 from .bench.train import train_benchmark
 from .bench.generate import generate_benchmark
+from .bench.distributed import distributed_benchmark
 from .experiments.scratchpad import scratchpad_experiment
 from .experiments.common import run_experiment
 from .experiments.duplication import duplication_experiment
@@ -254,6 +255,7 @@ BENCHMARKS = {  # howfar bench NAME -> a function (quick: bool) -> records
     'reformer_profile': profile_benchmark,
     'train': train_benchmark,
     'generate': generate_benchmark,
+    'distributed': distributed_benchmark,
 }
 
 EXPERIMENTS = {  # howfar experiment NAME -> a function (quick: bool[, out_dir, resume]) -> records

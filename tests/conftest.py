@@ -12,6 +12,7 @@ SWEEPS = {
     'test_attention_variants.py::test_memory_compressed_equals_dense_on_summaries': 1,
     'test_attention_variants.py::test_sparse_equals_dense_with_mask': 1,
     'test_decoding.py::test_beam_size_one_is_greedy': 1,
+    'test_distributed.py::test_bad_settings_give_one_line': 2,
     'test_lsh.py::test_causal_no_gradient_from_future': 1,
     'test_lsh.py::test_equals_reference_sweep': 1,
     'test_lsh.py::test_fully_masked_rows_finite': 1,

@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from transformers_howfar import decoding
 from transformers_howfar.decoding import beam_search, filter_logits, generate, left_pad
 from transformers_howfar.models.lm import LM, LMConfig
 from transformers_howfar.models.rnn import RNNConfig, RNNEncoderDecoder
@@ -54,10 +53,19 @@ def test_sampling_is_reproducible_given_a_key():
 
 
 def test_one_compile_per_shape_not_per_token():
-    before = decoding._sample._cache_size()
-    generate(LM_MODEL, [[7, 8, 9, 10]], 12, stop_tokens=())
-    generate(LM_MODEL, [[20, 21, 22, 23]], 12, stop_tokens=())  # same shapes and settings: no new compile
-    assert decoding._sample._cache_size() - before <= 1
+    traced = []  # JAX reports every trace of a jitted function: a program that is not reused is traced again
+    def listen(event, seconds, **kw):
+        if event == '/jax/core/compile/jaxpr_trace_duration': traced.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        generate(LM_MODEL, [[7, 8, 9, 10]], 12, stop_tokens=())
+        first = len(traced)
+        generate(LM_MODEL, [[20, 21, 22, 23]], 12, stop_tokens=())  # same shapes and settings: nothing new
+        again = len(traced) - first
+        generate(LM_MODEL, [[20, 21, 22, 23, 24]], 12, stop_tokens=())  # another prompt length: a new program
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert again == 0 and len(traced) > first
 
 
 def test_prompt_mask_any_padding_side():

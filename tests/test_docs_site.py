@@ -2,7 +2,8 @@
 
 Checks what a reader would see: every notebook has a page in the sidebar, no broken internal link or image,
 no raw nbdev directive, show_doc call or Quarto fence in the text, and formulas rendered by MathJax.
-Screenshots go to build/screenshots/. Build the site first (`make docs`).
+Screenshots of each page's first screen go to build/screenshots/ (whole pages with HOWFAR_FULL_SCREENSHOTS=1).
+Build the site first (`make docs`).
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def visit_site(server: str, browser) -> dict:
               sidebar: [...document.querySelectorAll('.bd-sidebar a.reference')].map(a => a.getAttribute('href')),
             };
         }''')
-        page.screenshot(path=str(SHOTS / (html.stem + '.png')), full_page=True)
+        page.screenshot(path=str(SHOTS / (html.stem + '.png')), full_page=bool(os.environ.get('HOWFAR_FULL_SCREENSHOTS')))
     page.close()
     for r in results.values():  # the site's own links without this server's address
         r['links'] = ['SITE/' + link[len(server):] if link.startswith(server) else link for link in r['links']]

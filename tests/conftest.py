@@ -37,8 +37,7 @@ def pytest_collection_modifyitems(config, items):
         if name in SWEEPS:
             seen[name] = seen.get(name, 0) + 1
             if seen[name] > SWEEPS[name]: item.add_marker(pytest.mark.slow)
-    missing = sorted(set(SWEEPS) - set(seen))
-    if missing and len({item.path.name for item in items}) > 1 and not config.getoption('keyword'):
-        for name in missing:  # a renamed test must not silently leave the table
-            if any(item.path.name == name.split('::')[0] for item in items):
-                raise pytest.UsageError(f'tests/conftest.py SWEEPS names {name}, which no longer exists')
+    files = {item.path.name for item in items}
+    for name in sorted(set(SWEEPS) - set(seen)):  # a renamed test must not silently leave the table
+        if name.split('::')[0] in files and not config.getoption('keyword'):
+            raise pytest.UsageError(f'tests/conftest.py SWEEPS names {name}, which no longer exists')

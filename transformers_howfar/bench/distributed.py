@@ -56,8 +56,10 @@ def layout_throughput(processes: int, devices: int, steps: int) -> float:
         if processes == 1:
             r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
             if r.returncode: raise RuntimeError(f'benchmark job failed: {r.stderr.strip().splitlines()[-1:]}')
-        elif launch(command, processes, timeout=1800, env=env, out=open(os.devnull, 'w')):
-            raise RuntimeError(f'benchmark job of {processes} processes failed')
+        else:
+            with open(os.devnull, 'w') as quiet:
+                if launch(command, processes, timeout=1800, env=env, out=quiet):
+                    raise RuntimeError(f'benchmark job of {processes} processes failed')
         return _throughput(d)
 
 # %% ../../nbs/56_bench.distributed.ipynb #21e857e6

@@ -33,22 +33,22 @@ def test_experiment_dir_rejects_paths(bad):
 @pytest.fixture
 def registered():
     seen = []
-    def plain(quick: bool = False):
-        seen.append(('plain', quick)); return [make_record('_plain', {}, 'x', 1, 'count')]
-    def full(quick: bool = False, out_dir=None, resume: bool = False):
+    def old_style(quick: bool = False):
+        seen.append(('old', quick)); return [make_record('_old', {}, 'x', 1, 'count')]
+    def full(quick: bool = False, out_dir='experiments/results', resume: bool = False):
         seen.append(('full', quick, out_dir, resume)); return [make_record('_full', {}, 'x', 2, 'count')]
-    return seen, plain, full
+    return seen, old_style, full
 
 
-def test_run_experiment_passes_out_dir_and_resume_only_where_taken(registered, tmp_path):
-    registered, plain, full = registered
-    assert read_records(run_experiment(plain, '_plain', tmp_path, quick=True))[0]['value'] == 1
+def test_run_experiment_passes_quick_out_dir_and_resume(registered, tmp_path):
+    registered, old_style, full = registered
     path = run_experiment(full, '_full', tmp_path / 'r', resume=True)
     assert path == tmp_path / 'r' / '_full.json' and json.loads(path.read_text())[0]['value'] == 2
     run_experiment(full, '_full', tmp_path, quick=True)
-    assert registered == [('plain', True), ('full', False, tmp_path / 'r', True), ('full', True, tmp_path, False)]
-    with pytest.raises(ValueError, match="resume: experiment '_plain' cannot resume"): run_experiment(plain, '_plain', tmp_path, resume=True)
-    assert len(registered) == 3  # refused before running
+    assert registered == [('full', False, tmp_path / 'r', True), ('full', True, tmp_path, False)]
+    with pytest.raises(ValueError, match=r"fn: expected an experiment function .* 'old_style' lacks \('out_dir', 'resume'\)"):
+        run_experiment(old_style, '_old', tmp_path)
+    assert len(registered) == 2 and not (tmp_path / '_old.json').exists()  # refused before running
 
 
 def test_memory_first_options_leave_out_ynnpack_fusions():
@@ -68,3 +68,13 @@ def test_run_isolated_pins_the_child_to_the_cores_given(tmp_path):
     assert run_isolated('cores_probe:f', {}, env=env)['cpus'] == sorted(os.sched_getaffinity(0))
     for bad in ([], [-1], [10**6]):
         with pytest.raises(ValueError, match='cpus: expected a non-empty subset'): check_cpus(bad)
+
+
+def test_every_experiment_has_the_one_signature():
+    import inspect
+    from transformers_howfar.cli import EXPERIMENTS
+    for name, fn in EXPERIMENTS.items():
+        params = inspect.signature(fn).parameters
+        defaults = {p: params[p].default for p in ('quick', 'out_dir', 'resume')}
+        assert defaults == {'quick': False, 'out_dir': 'experiments/results', 'resume': False}, name
+        assert all(p.default is not inspect.Parameter.empty for p in params.values()), name  # own parameters optional

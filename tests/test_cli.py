@@ -40,10 +40,11 @@ def test_bench_lists_and_rejects_unknown_names(tmp_path):
     assert 'Traceback' not in r.stderr
 
 
-def test_experiment_resume_is_refused_by_an_experiment_that_cannot_resume(tmp_path):
-    r = howfar('experiment', 'influence', '--quick', '--resume', '--out', str(tmp_path))
-    assert r.returncode == 2 and "howfar experiment: error: resume: experiment 'influence' cannot resume" in r.stderr
-    assert not (tmp_path / 'influence.json').exists() and 'Traceback' not in r.stderr
+def test_quick_runs_default_to_a_quick_folder(tmp_path):
+    r = howfar('bench', 'matmul', '--quick', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / 'benchmarks' / 'results' / 'quick' / 'matmul.json').exists()
+    assert not (tmp_path / 'benchmarks' / 'results' / 'matmul.json').exists()  # a full run's results are never replaced
 
 
 @pytest.mark.slow

@@ -109,3 +109,7 @@ def test_cli_quick_run(tmp_path):
     rankings = {x['config']['ranking'] for x in records if x['metric'] == 'precision_at_k'}
     assert rankings == {'self_influence_all', 'self_influence_last', 'final_loss', 'random'}
     assert all(0 <= x['value'] <= 1 for x in records if x['metric'] in ('precision_at_k', 'recall_at_k', 'test_accuracy'))
+    again = subprocess.run([str(BIN / 'howfar'), 'experiment', 'influence', '--quick', '--resume', '--out', str(tmp_path)],
+                           capture_output=True, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONWARNINGS': 'ignore'})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / 'influence.json').read_text()) == records  # the finished run is reused, not redone

@@ -258,7 +258,7 @@ BENCHMARKS = {  # howfar bench NAME -> a function (quick: bool) -> records
     'distributed': distributed_benchmark,
 }
 
-EXPERIMENTS = {  # howfar experiment NAME -> a function (quick: bool[, out_dir, resume]) -> records
+EXPERIMENTS = {  # howfar experiment NAME -> a function (quick, out_dir, resume) -> records (experiments.common)
     'scratchpad': scratchpad_experiment,
     'duplication': duplication_experiment,
     'translation': translation_experiment,
@@ -282,10 +282,10 @@ def _add_run_arguments(what: str, default_out: str, resume: bool = False):
     def add(p: argparse.ArgumentParser):
         p.add_argument('name', nargs='?', help=f'{what} to run; omit to list them')
         p.add_argument('--quick', action='store_true', help='a small version (seconds), as the tests run it')
-        p.add_argument('--out', default=default_out, help='folder for NAME.json')
+        p.add_argument('--out', help=f'folder for NAME.json (default {default_out}, or {default_out}/quick with --quick)')
+        p.set_defaults(default_out=default_out)
         if resume:
-            p.add_argument('--resume', action='store_true',
-                           help='keep what an interrupted run finished (for experiments that take `resume`)')
+            p.add_argument('--resume', action='store_true', help='reuse the parts an interrupted run finished')
 
     return add
 
@@ -302,12 +302,17 @@ def _list(table: dict):
         print(f'{n:20s} {(fn.__doc__ or "").strip().splitlines()[0]}')
 
 
+def _out(args) -> Path:
+    "`--out`, else the default results folder, with `quick/` below it for a quick run (a full run's file stays)."
+    return Path(args.out) if args.out else Path(args.default_out) / ('quick' if args.quick else '')
+
+
 def run_bench_command(args) -> int:
     "Run `howfar bench` with parsed `args`."
     if not args.name:
         _list(BENCHMARKS)
         return 0
-    _print_records(run_benchmark(args.name, args.out, quick=args.quick))
+    _print_records(run_benchmark(args.name, _out(args), quick=args.quick))
     return 0
 
 
@@ -318,7 +323,7 @@ def run_experiment_command(args) -> int:
         return 0
     if args.name not in EXPERIMENTS:
         raise ValueError(f'name: expected one of {sorted(EXPERIMENTS)}, got {args.name!r}')
-    _print_records(run_experiment(EXPERIMENTS[args.name], args.name, args.out, quick=args.quick, resume=args.resume))
+    _print_records(run_experiment(EXPERIMENTS[args.name], args.name, _out(args), quick=args.quick, resume=args.resume))
     return 0
 
 # %% ../nbs/99_cli.ipynb #16e0e216

@@ -24,7 +24,7 @@ from ..core import check_positive, machine_info
 # %% auto #0
 __all__ = ['RESULT_MARK', 'REFERENCES', 'make_record', 'write_records', 'read_records', 'time_call', 'print_result', 'run_child',
            'peak_rss_gb', 'check_cpus', 'run_isolated', 'run_reference', 'memory_first_options', 'matmul_benchmark',
-           'records_table', 'plot_records', 'measurement_conditions']
+           'config_field', 'records_table', 'plot_records', 'measurement_conditions']
 
 # %% ../../nbs/50_bench.measure.ipynb #bd28d0a3
 def make_record(benchmark: str, config: dict, metric: str, value, unit: str, machine: dict | None = None) -> dict:
@@ -187,33 +187,54 @@ def _cell(value, digits: int) -> str:
     return str(value)
 
 
+def config_field(config: dict, name: str):
+    "The value of field `name` in a record's `config`; dots reach into nested dicts (`model_config.d_model`)."
+    if name in config:
+        return config[name]
+    for part in name.split('.'):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _keep(config: dict, where: dict | None) -> bool:
+    tests = {k: v if callable(v) else (lambda x, v=v: x == v) for k, v in (where or {}).items()}
+    return all(test(config_field(config, k)) for k, test in tests.items())
+
+
 def records_table(
     records: list[dict],
-    metric: str,
+    metric: str | list[str],  # one metric, or a list of metrics (one column each)
     rows: list[str],
     columns: str | None = None,
     digits: int = 3,  # significant digits of each value
     where: dict | None = None,
-) -> str:  # keep only records whose config has these values
+) -> str:  # keep only records whose config fields equal these values (or pass these tests)
     "A Markdown table of `metric`: one row per value of the `rows` config fields, one column per value of `columns`."
-    picked = [
-        r for r in records if r['metric'] == metric and all(r['config'].get(k) == v for k, v in (where or {}).items())
-    ]
-    if not picked:
-        raise ValueError(f'metric: no records with metric {metric!r}; have {sorted({r["metric"] for r in records})}')
-    keys = list(dict.fromkeys(tuple(r['config'].get(f) for f in rows) for r in picked))
-    cols = list(dict.fromkeys(r['config'].get(columns) for r in picked)) if columns else [None]
-    cells = {
-        (tuple(r['config'].get(f) for f in rows), r['config'].get(columns) if columns else None): r['value']
-        for r in picked
-    }
-    unit = picked[0]['unit']
-    head = [*rows, *(f'{columns}={c}' for c in cols)] if columns else [*rows, f'{metric} ({unit})']
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    if columns and len(metrics) > 1:
+        raise ValueError(f'columns: expected None with a list of metrics, got {columns!r}')
+    picked = [r for r in records if r['metric'] in metrics and _keep(r['config'], where)]
+    missing = [m for m in metrics if not any(r['metric'] == m for r in picked)]
+    if missing:
+        raise ValueError(f'metric: no records with metric {missing[0]!r}; have {sorted({r["metric"] for r in records})}')
+    hashable = lambda v: tuple(v) if isinstance(v, list) else v  # a list-valued field (seeds, load) is one cell
+    row_of = lambda r: tuple(hashable(config_field(r['config'], f)) for f in rows)
+    column_of = lambda r: hashable(config_field(r['config'], columns)) if columns else r['metric']
+    cols = list(dict.fromkeys(map(column_of, picked))) if columns else metrics
+    cells = {}
+    for r in picked:
+        key = (row_of(r), column_of(r))
+        if key in cells:
+            n = sum((row_of(x), column_of(x)) == key for x in picked)
+            raise ValueError(f'rows: {n} records share the cell {key}; add the field that tells them apart to rows or where')
+        cells[key] = r['value']
+    units = {r['metric']: r['unit'] for r in picked}
+    head = [*rows, *(f'{columns}={c}' for c in cols)] if columns else [*rows, *(f'{m} ({units[m]})' for m in cols)]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for k in keys:
+    for k in dict.fromkeys(map(row_of, picked)):
         values = [_cell(cells[(k, c)], digits) if (k, c) in cells else '–' for c in cols]
-        lines.append('| ' + ' | '.join([*map(str, k), *values]) + ' |')
-    return '\n'.join(lines) + (f'\n\n{metric} in {unit}' if columns else '')
+        lines.append('| ' + ' | '.join([*(_cell(v, digits) if isinstance(v, float) else str(v) for v in k), *values]) + ' |')
+    return '\n'.join(lines) + (f'\n\n{metric} in {units[metric]}' if columns else '')
 
 # %% ../../nbs/50_bench.measure.ipynb #b50295d4
 def plot_records(

@@ -23,25 +23,22 @@ import optax
 from ..core import check_positive
 
 # %% auto #0
-__all__ = ['run_experiment', 'experiment_dir', 'mean_ci', 'bag_of_words', 'logistic_regression', 'predict_logistic']
+__all__ = ['EXPERIMENT_PARAMETERS', 'run_experiment', 'experiment_dir', 'mean_ci', 'bag_of_words', 'logistic_regression',
+           'predict_logistic']
 
 # %% ../../nbs/60_experiments.common.ipynb #fa5ed5d4
+EXPERIMENT_PARAMETERS = ('quick', 'out_dir', 'resume')  # the one signature every experiment function has
+
 def run_experiment(
     fn: Callable[..., list[dict]], name: str, out_dir='experiments/results', quick: bool = False, resume: bool = False
 ) -> Path:
-    """Run the experiment `fn`, write its records to `out_dir/name.json`; `out_dir` and `resume` go to an `fn` that
-    takes them."""
-    takes, kwargs = inspect.signature(fn).parameters, {'quick': quick}
-    if 'out_dir' in takes:
-        kwargs['out_dir'] = out_dir
-    if 'resume' in takes:
-        kwargs['resume'] = resume
-    elif resume:
-        raise ValueError(
-            f'resume: experiment {name!r} cannot resume (its function takes no `resume` argument); run it without '
-            f'--resume'
-        )
-    return write_records(Path(out_dir) / f'{name}.json', fn(**kwargs))
+    "Run the experiment `fn(quick=, out_dir=, resume=)` and write its records to `out_dir/name.json`."
+    missing = [p for p in EXPERIMENT_PARAMETERS if p not in inspect.signature(fn).parameters]
+    if missing:
+        raise ValueError(f'fn: expected an experiment function taking {EXPERIMENT_PARAMETERS}, '
+                         f'{getattr(fn, "__name__", fn)!r} lacks {tuple(missing)}')
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return write_records(Path(out_dir) / f'{name}.json', fn(quick=quick, out_dir=out_dir, resume=resume))
 
 # %% ../../nbs/60_experiments.common.ipynb #b23dc44a
 def experiment_dir(name: str) -> Path:

@@ -341,10 +341,12 @@ def heads_records(results: dict) -> list[dict]:
     return out
 
 # %% ../../nbs/65_experiments.heads.ipynb #d320d40b
-def heads_experiment(quick: bool = False, out_dir='experiments/results') -> list[dict]:
+def heads_experiment(quick: bool = False, out_dir='experiments/results', resume: bool = False) -> list[dict]:
     """Score every head of the pre-trained BERT and of a trained decoder LM for previous-token, separator and pronoun
-    attention."""
-    start = time.perf_counter()
+    attention; the scores go to `out_dir/heads_scores.json`, which `resume` reuses."""
+    start, side = time.perf_counter(), Path(out_dir) / 'heads_scores.json'
+    if resume and side.exists():  # one piece: a finished run is reused whole
+        return heads_records({k: v for k, v in json.loads(side.read_text()).items() if isinstance(v, dict)})
     if quick:  # untrained tiny models on toy sentences: the pipeline, in seconds
         tok, sentences = CharTokenizer(TOY_ALPHABET), ['the cat sees a dog.', 'a small bird likes the red cat.']
         pronouns = [
@@ -362,10 +364,6 @@ def heads_experiment(quick: bool = False, out_dir='experiments/results') -> list
     for name, (model, _) in models.items():
         results[name]['config'] = model.config.to_dict()
     results['lm']['source'] = lm_source
-    if not quick:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / 'heads_scores.json').write_text(
-            json.dumps(dict(results, seconds=time.perf_counter() - start, load=list(os.getloadavg())))
-        )
+    side.parent.mkdir(parents=True, exist_ok=True)
+    side.write_text(json.dumps(dict(results, seconds=time.perf_counter() - start, load=list(os.getloadavg()))))
     return heads_records(results)

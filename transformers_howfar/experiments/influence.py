@@ -190,8 +190,14 @@ def precision_recall_at_k(scores, flagged, ks) -> dict[int, tuple[float, float]]
     return {int(k): (float(flagged[order[:k]].sum() / k), float(flagged[order[:k]].sum() / flagged.sum())) for k in ks}
 
 # %% ../../nbs/67_experiments.influence.ipynb #5b05c0be
-def run_influence(setup: InfluenceSetup, out_dir) -> list[dict]:
-    "Run the experiment with `setup`; writes `out_dir/influence_examples.json` and returns the records."
+def run_influence(setup: InfluenceSetup, out_dir, resume: bool = False) -> list[dict]:
+    """Run the experiment with `setup`; writes `out_dir/influence_examples.json` (with the records) and returns the
+    records; `resume` reuses a finished run of the same setup."""
+    side_path = Path(out_dir) / 'influence_examples.json'
+    if resume and side_path.exists():  # one piece: a finished run is reused whole
+        saved = json.loads(side_path.read_text())
+        if saved.get('setup') == setup.to_dict() and 'records' in saved:
+            return saved['records']
     start, load = time.perf_counter(), os.getloadavg()[0]
     data = load_influence_data(setup)
     with tempfile.TemporaryDirectory() as d:
@@ -270,16 +276,14 @@ def run_influence(setup: InfluenceSetup, out_dir) -> list[dict]:
             'original_fitted': fitted[originals].tolist(), 'checkpoints': [(s, lr) for s, lr, _ in ckpts],
             'test_accuracy': test_accuracy, 'curve_k': curve_k, 'found': curves,
             'original_ranks': rank_of[originals].tolist(), 'copy_ranks': rank_of[np.flatnonzero(flagged)].tolist(),
-            'top_self_influence': top, 'examples': examples}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / 'influence_examples.json').write_text(json.dumps(side, indent=1))
+            'top_self_influence': top, 'examples': examples, 'records': records}
+    side_path.parent.mkdir(parents=True, exist_ok=True)
+    side_path.with_suffix('.json.tmp').write_text(json.dumps(side, indent=1))
+    os.replace(side_path.with_suffix('.json.tmp'), side_path)  # atomic: an interrupted write leaves the old file
     return records
 
 
-def influence_experiment(quick: bool = False, out_dir='experiments/results') -> list[dict]:
+def influence_experiment(quick: bool = False, out_dir='experiments/results', resume: bool = False) -> list[dict]:
     """TracIn over 5 checkpoints of a bag-of-embeddings classifier on Rotten Tomatoes (SGD, 2000 steps): finding 100
     injected mislabelled copies; proponents and opponents."""
-    if quick:
-        with tempfile.TemporaryDirectory() as d:
-            return run_influence(InfluenceSetup.tiny(), d)  # the quick run keeps no examples file
-    return run_influence(InfluenceSetup(), out_dir)
+    return run_influence(InfluenceSetup.tiny() if quick else InfluenceSetup(), out_dir, resume=resume)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -34,8 +33,7 @@ from ..train.metrics import read_metrics
 
 # %% auto #0
 __all__ = ['SIZES', 'QUICK_SIZES', 'ScalingSetup', 'scaling_config', 'parameter_counts', 'load_scaling_data', 'scaling_batches',
-           'train_size', 'sample_texts', 'load_scaling_model', 'fit_power_law', 'scaling_experiment', 'scaling_table',
-           'plot_scaling']
+           'train_size', 'sample_texts', 'load_scaling_model', 'fit_power_law', 'scaling_experiment', 'plot_scaling']
 
 # %% ../../nbs/64_experiments.scaling.ipynb #90c53afc
 SIZES = {  # d_model, n_layers, n_heads, d_ff: width and depth grow together, d_ff = 4 d_model
@@ -193,14 +191,12 @@ def fit_power_law(n: Sequence[float], loss: Sequence[float]) -> dict[str, float]
 
 # %% ../../nbs/64_experiments.scaling.ipynb #95df115e
 def scaling_experiment(
-    quick: bool = False, out_dir=None, resume: bool = False, folder=None, resample: bool = False
+    quick: bool = False, out_dir='experiments/results', resume: bool = False, folder=None, resample: bool = False
 ) -> list[dict]:
     """Four LM sizes (0.1M to 3.7M parameters) on the same Wikipedia+Brown tokens: validation loss, power-law fit,
     samples; models kept in `folder` (default `experiment_dir('scaling')`)."""
     setup, sizes = (ScalingSetup.tiny(), QUICK_SIZES) if quick else (ScalingSetup(), SIZES)
     machine = machine_info()
-    if out_dir is None:
-        out_dir = Path(tempfile.mkdtemp()) if quick else Path('experiments/results')
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp()) if quick else experiment_dir('scaling')
@@ -236,32 +232,6 @@ def scaling_experiment(
     return records
 
 # %% ../../nbs/64_experiments.scaling.ipynb #9ecc7424
-def scaling_table(records: list[dict]) -> str:
-    """A markdown table with one row per size: parameters, tokens, steps, seconds and validation loss (nats and bits
-    per token)."""
-    rows = {}
-    for r in records:
-        if 'size' in r['config']:
-            rows.setdefault(r['config']['size'], dict(r['config']))[r['metric']] = r['value']
-    if not rows:
-        raise ValueError('records: expected scaling records with a size, got none')
-    out = (
-        '| size | d_model | layers | params | non-embedding | tokens | steps | train s | valid loss | bits/token '
-        '|\n|---|'
-        + '---:|' * 9
-        + '\n'
-    )
-    for size, v in sorted(rows.items(), key=lambda kv: kv[1]['params']):
-        m = v['model_config']
-        out += (
-            f"| {size} | {m['d_model']} | {m['n_layers']} | {v['params']:,} | {v['non_embedding_params']:,} | "
-            f"{v['tokens']:,} | {v['steps']} | "
-            f"{v.get('train_seconds', float('nan')):.0f} | {v['valid_nll']:.3f} | "
-            f"{v['valid_nll'] / math.log(2):.3f} |\n"
-        )
-    return out
-
-
 def plot_scaling(records: list[dict], sides: dict | None = None, axes=None):
     """Validation loss against parameters (log-log) with the power-law fits; with `sides`, validation loss against
     tokens."""

@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 from ..core import machine_info
 from ..layers.blocks import count_parameters
 from ..scratchpad import evaluate_addition
 from ..train.tasks import train_task
-from ..bench.measure import make_record
+from ..bench.measure import make_record, records_table
 from .common import experiment_dir
 
 # %% auto #0
-__all__ = ['EVAL_DIGITS', 'EXPERIMENT_MODELS', 'run_model', 'result_records', 'accuracy_table', 'scratchpad_experiment',
-           'load_results', 'plot_length_generalisation']
+__all__ = ['EVAL_DIGITS', 'EXPERIMENT_MODELS', 'TABLE_DIGITS', 'run_model', 'result_records', 'accuracy_table',
+           'scratchpad_experiment', 'load_results', 'plot_length_generalisation']
 
 # %% ../../nbs/69_experiments.scratchpad.ipynb #d71c2a04
 EVAL_DIGITS = tuple(range(1, 11)) + (12, 14, 16, 20, 24, 28, 32)
@@ -105,25 +102,16 @@ def result_records(results: list[dict]) -> list[dict]:
     return out
 
 # %% ../../nbs/69_experiments.scratchpad.ipynb #423a216a
-def accuracy_table(results: list[dict], groups=((1, 8), (9, 16), (20, 20), (24, 24), (28, 28), (32, 32))) -> str:
-    "A Markdown table of mean exact match (%) per model over the digit ranges `groups`."
-    ranges = [f'{a}-{b}' if a != b else str(a) for a, b in groups]
-    lines = ['| model | parameters | steps | train s | ' + ' | '.join(ranges) + ' |', '|' + '---|' * (4 + len(groups))]
-    for r in results:
-        cells = []
-        for a, b in groups:
-            vals = [row['exact_match'] for row in r['eval'] if a <= row['n_digits'] <= b]
-            cells.append(f'{100 * np.mean(vals):.1f}' if vals else '-')
-        lines.append(
-            f"| {r['model']} | {r['parameters']:,} | {r['steps']} | {r['train_seconds']:.0f} | "
-            + ' | '.join(cells)
-            + ' |'
-        )
-    return '\n'.join(lines)
+TABLE_DIGITS = (1, 4, 8, 12, 16, 20, 24, 28, 32)  # the lengths the results table shows (all are in the records)
+
+def accuracy_table(records: list[dict]) -> str:
+    "A Markdown table of exact match per model at the lengths `TABLE_DIGITS`, from the records."
+    return records_table(records, 'exact_match', ['model', 'parameters', 'steps', 'train_seconds'], 'n_digits',
+                         where={'n_digits': lambda n: n in TABLE_DIGITS})
 
 
 def scratchpad_experiment(
-    quick: bool = False, models=None, out_dir='experiments/results', resume: bool = True
+    quick: bool = False, out_dir='experiments/results', resume: bool = False, models=None
 ) -> list[dict]:
     """Train every model of `EXPERIMENT_MODELS` (or `models`), evaluate at 1..32 digits, print the table; quick: two
     tiny models."""
@@ -132,13 +120,12 @@ def scratchpad_experiment(
             'scratchpad-digits': ('format=scratchpad', 'steps=20'),
             'direct-learned': ('format=direct', 'position=learned', 'steps=20'),
         }
-        out_dir = tempfile.mkdtemp(prefix='scratchpad_quick_')  # tiny runs never replace the full run's files
         kw = dict(preset='tiny', digits=(1, 3), count=8, run_root=Path(out_dir) / 'runs')
     else:
         plan, kw = {k: EXPERIMENT_MODELS[k] for k in (models or EXPERIMENT_MODELS)}, {}
-    results = [run_model(name, overrides, out_dir, resume=resume, **kw) for name, overrides in plan.items()]
-    print(accuracy_table(results))
-    return result_records(results)
+    records = result_records([run_model(name, overrides, out_dir, resume=resume, **kw) for name, overrides in plan.items()])
+    print(accuracy_table(records))
+    return records
 
 # %% ../../nbs/69_experiments.scratchpad.ipynb #5829b2cb
 def load_results(out_dir='experiments/results', models=None) -> list[dict]:

@@ -35,7 +35,7 @@ from ..models.transformer import EncoderDecoder, TransformerConfig
 # %% auto #0
 __all__ = ['MODELS', 'BASES', 'TranslationSetup', 'translation_configs', 'load_translation_data', 'measure_throughput',
            'translate', 'score_translations', 'make_trainer', 'train_translator', 'translation_experiment',
-           'translation_table', 'plot_translation_curves', 'plt_axes']
+           'plot_translation_curves', 'plt_axes']
 
 # %% ../../nbs/62_experiments.translation.ipynb #6ce9ecfb
 @dataclasses.dataclass(frozen=True)
@@ -259,13 +259,11 @@ def _records(results: dict, throughput: dict, configs: dict, machine: dict) -> l
     return out
 
 # %% ../../nbs/62_experiments.translation.ipynb #79f8c921
-def translation_experiment(quick: bool = False, out_dir=None, resume: bool = False) -> list[dict]:
+def translation_experiment(quick: bool = False, out_dir='experiments/results', resume: bool = False) -> list[dict]:
     """Transformer against LSTM with attention on EN→FR: same tokenizer, data and wall-clock budget; BLEU, chrF,
     throughput, curves."""
     configs, machine = translation_configs(quick), machine_info()
     setup = configs['setup']
-    if out_dir is None:
-        out_dir = Path(tempfile.mkdtemp()) if quick else Path('experiments/results')
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     side = lambda name: out_dir / f'translation_{name}.json'
@@ -295,30 +293,6 @@ def translation_experiment(quick: bool = False, out_dir=None, resume: bool = Fal
     return _records(results, throughput, configs, machine)
 
 # %% ../../nbs/62_experiments.translation.ipynb #223a52b0
-_COLUMNS = [('params', 'params', '{:,.0f}'), ('steps', 'steps', '{:.0f}'), ('train_seconds', 'train s', '{:.0f}'),
-            ('tokens_per_s', 'tok/s (probe)', '{:.0f}'), ('tokens_per_s_training', 'tok/s (training)', '{:.0f}'),
-            ('valid_nll', 'valid loss', '{:.3f}'), ('bleu/greedy', 'BLEU greedy', '{:.2f}'),
-            ('bleu/beam', 'BLEU beam', '{:.2f}'), ('chrf/greedy', 'chrF greedy', '{:.2f}'),
-            ('chrf/beam', 'chrF beam', '{:.2f}')]
-
-
-def translation_table(records: list[dict]) -> str:
-    "A markdown table with one row per model: size, budget, throughput, validation loss, BLEU and chrF."
-    rows = {}
-    for r in records:
-        key = r['metric'] + (f"/{r['config']['decoding']}" if 'decoding' in r['config'] else '')
-        rows.setdefault(r['config']['model'], {'params': r['config']['params'], 'steps': r['config']['steps']})[key] = (
-            r['value']
-        )
-    if not rows:
-        raise ValueError('records: expected translation records, got none')
-    head = '| model | ' + ' | '.join(c[1] for c in _COLUMNS) + ' |\n|---|' + '---:|' * len(_COLUMNS) + '\n'
-    fmt = lambda v, f: '–' if v is None else f.format(v)
-    return head + ''.join(
-        f'| {m} | ' + ' | '.join(fmt(v.get(k), f) for k, _, f in _COLUMNS) + ' |\n' for m, v in rows.items()
-    )
-
-
 def plot_translation_curves(models: dict, axes=None):
     "Training (lines) and validation (dots) loss of each model's side file against seconds and against steps."
     axes = plt_axes(axes)

@@ -90,6 +90,8 @@ def add_train_arguments(p: argparse.ArgumentParser):
         '--run-dir', default=None, help='run directory (default: runs/TASK-PRESET); an existing run is resumed'
     )
     p.add_argument('--fresh', action='store_true', help="discard the run directory's checkpoints and log first")
+    p.add_argument('--accept-changes', action='store_true',
+                   help='resume although training settings (learning rate, seed, ...) changed; config.json records it')
     p.add_argument('--processes', type=int, default=1,
                    help='run as this many local processes of one JAX job (one device each on CPU)')
     p.add_argument('--coordinator', default=None, help='host:port of process 0, to join a job of --num-processes')
@@ -152,7 +154,8 @@ def run_train_command(args) -> int:
         initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.join_timeout)
     overrides = args.overrides
     try:
-        trainer, summary = train_task(args.task, args.preset, overrides, args.run_dir, fresh=args.fresh)
+        trainer, summary = train_task(args.task, args.preset, overrides, args.run_dir, fresh=args.fresh,
+                                      accept_changes=args.accept_changes)
     except NonFiniteLoss as e:
         raise ValueError(str(e)) from None
     if not is_primary(): return 0  # process 0 speaks for the job
@@ -212,6 +215,10 @@ def generate_command(args) -> list[str]:
             raise ValueError(
                 f'prompts: expected space-separated integer token ids with --ids, got {args.prompts}'
             ) from None
+        vocab = model.config.vocab_size
+        bad = next((t for r in rows for t in r if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f'prompts: expected token ids in [0, {vocab}) for this model, got {bad}')
     elif tokenizer is None:
         raise ValueError(f'prompts: {args.model_dir} has no tokenizer; pass token ids with --ids')
     else:
@@ -364,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f'howfar {args.command}: error: {e}', file=sys.stderr)
         return _leave_job(2)
+    except KeyboardInterrupt as e:  # Ctrl-C: what was saved, in one line (training checkpoints its last step)
+        print(f'howfar {args.command}: {e or "interrupted"}', file=sys.stderr)
+        return _leave_job(130)
     except Exception:
         traceback.print_exc()
         return _leave_job(1)

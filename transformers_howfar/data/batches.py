@@ -14,9 +14,9 @@ from ..core import check_positive, check_range
 from .tokenizer import BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, Tokenizer
 
 # %% auto #0
-__all__ = ['batch_iterator', 'encode_documents', 'lm_batches', 'encode_pairs', 'seq2seq_batch', 'seq2seq_batches', 'mask_tokens',
-           'mlm_batches', 'classification_batch', 'classification_batches', 'duplication_batches', 'copy_batches',
-           'reverse_batches', 'SyntheticBatches']
+__all__ = ['TOKEN_ARRAYS', 'batch_iterator', 'encode_documents', 'lm_batches', 'encode_pairs', 'seq2seq_batch', 'seq2seq_batches',
+           'mask_tokens', 'mlm_batches', 'classification_batch', 'classification_batches', 'duplication_batches',
+           'copy_batches', 'reverse_batches', 'SyntheticBatches', 'check_token_ids']
 
 # %% ../../nbs/12_data.batches.ipynb #ef496ded
 def batch_iterator(
@@ -299,3 +299,16 @@ class SyntheticBatches:
         if set(state) != {'seed', 'index'} or state['seed'] != self.seed:
             raise ValueError(f"state: expected {{'seed': {self.seed}, 'index': ...}}, got {dict(state)!r}")
         self.index = int(state['index'])
+
+# %% ../../nbs/12_data.batches.ipynb #e8694d53
+TOKEN_ARRAYS = {'inputs': None, 'src': None, 'tgt_in': None, 'targets': 'loss_mask', 'tgt_out': 'tgt_mask'}  # -> mask
+
+def check_token_ids(batch: Mapping, vocab_size: int, where: str = 'batch') -> None:
+    "Raise a `ValueError` naming the array if a token id of `batch` lies outside [0, vocab_size) where it counts."
+    for key, mask in TOKEN_ARRAYS.items():
+        ids = np.asarray(batch[key]) if key in batch else None
+        if ids is None or not np.issubdtype(ids.dtype, np.integer) or not ids.size: continue
+        counted = ids[np.asarray(batch[mask]) > 0] if mask in batch else ids.ravel()
+        bad = counted[(counted < 0) | (counted >= vocab_size)]
+        if bad.size:
+            raise ValueError(f"batch['{key}'] at {where}: expected token ids in [0, {vocab_size}), got {int(bad[0])}")

@@ -30,12 +30,16 @@ def cross_entropy_sums(
     if mask is not None and tuple(mask.shape) != tuple(targets.shape):
         raise ValueError(f'mask: expected shape {tuple(targets.shape)} like targets, got {tuple(mask.shape)}')
     logits = logits.astype(jnp.float32)  # (..., V), fp32 even under bf16 compute
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    counted, in_range = mask > 0, (targets >= 0) & (targets < logits.shape[-1])
+    safe = jnp.where(in_range, targets, 0).astype(jnp.int32)  # a masked-out target may hold anything (-100, ...)
     lse = jax.nn.logsumexp(logits, -1)  # log Z
-    nll = lse - jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = jnp.where(in_range, lse - jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0], jnp.nan)
     per_token = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1)) if label_smoothing else nll
-    mask = jnp.ones(nll.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    return {'loss': (per_token * mask).sum(), 'nll': (nll * mask).sum(),
-            'correct': ((logits.argmax(-1) == targets) * mask).sum(), 'tokens': mask.sum()}
+    # select, not multiply: a masked position adds 0 whatever it holds (nan, inf); a counted bad target gives nan
+    total = lambda x: jnp.where(counted, x * mask, 0.0).sum()
+    return {'loss': total(per_token), 'nll': total(nll), 'correct': total(logits.argmax(-1) == targets),
+            'tokens': mask.sum()}
 
 
 def normalise_sums(sums: dict) -> tuple[jax.Array, dict]:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import jax
@@ -64,6 +65,7 @@ def save_model(model: nnx.Module, path, tokenizer=None, *, overwrite: bool = Fal
     alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckpt: ckpt.save(new / 'params', params)
     if tokenizer is not None: tokenizer.save(new / 'tokenizer')
+    (new / '.complete').touch()  # written last: `model_dir` may finish a swap cut short with this copy
     old = path.with_name(f'.{path.name}.old-{uuid.uuid4().hex[:8]}')
     if path.exists(): os.replace(path, old)  # the old copy stays whole until the new one is in place
     os.replace(new, path)
@@ -85,9 +87,22 @@ LEGACY_CLASSES = {  # model.json version 1 named classes without their module
 }
 
 
+def _finish_swap(path: Path) -> None:
+    "Put a whole copy back at `path` when `save_model` was killed between moving the old copy aside and the new in."
+    if path.exists() or not path.parent.is_dir():
+        return
+    new = [c for c in path.parent.glob(f'.{path.name}.new-*') if (c / '.complete').exists()]
+    old = [c for c in path.parent.glob(f'.{path.name}.old-*') if (c / 'model.json').exists()]
+    if new or old:
+        os.replace((new or old)[0], path)
+        warnings.warn(f'{path}: a save was cut short; restored the {"new" if new else "previous"} copy', stacklevel=3)
+
+
 def model_dir(path) -> Path:
     "The model directory at `path`: `path` itself, or the `model/` folder a finished training run leaves."
     path = Path(path)
+    _finish_swap(path)
+    _finish_swap(path / 'model')
     if (path / 'model.json').exists():
         return path
     if (path / 'model' / 'model.json').exists():

@@ -5,6 +5,9 @@
 # %% ../../nbs/40_train.checkpoint.ipynb #778b0eb4
 from __future__ import annotations
 
+import os
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,7 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 
 # %% auto #0
-__all__ = ['fingerprint', 'checkpoint_manager', 'save_checkpoint', 'restore_checkpoint']
+__all__ = ['fingerprint', 'checkpoint_manager', 'save_checkpoint', 'CheckpointMismatch', 'restore_checkpoint',
+           'DamagedCheckpointWarning', 'restore_newest_intact']
 
 # %% ../../nbs/40_train.checkpoint.ipynb #178cf95a
 def _is_key(x): return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -51,17 +55,43 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, data_state
     manager.save(step, args=items, force=True)
     manager.wait_until_finished()
 
+class CheckpointMismatch(ValueError):
+    "The checkpoint holds the state of another model or optimizer: a wrong command, not a damaged file."
+
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, like) -> tuple[Any, dict, dict]:
     "Checkpoint `step` as (state shaped and sharded like `like`, data state, meta); refuse one from another model."
     where = Path(manager.directory) / str(step)
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     diff = _first_difference(meta['params'], fingerprint(like['params']))
-    if diff: raise ValueError(f'checkpoint {where} is from another model: {diff}')
+    if diff: raise CheckpointMismatch(f'checkpoint {where} is from another model: {diff}')
     diff = _first_difference(meta['opt'], fingerprint(like['opt']))
     if diff:
-        raise ValueError(f"checkpoint {where} holds optimizer state of another optimizer "
+        raise CheckpointMismatch(f"checkpoint {where} holds optimizer state of another optimizer "
                          f"({meta.get('optimizer')!r}): {diff}")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _keys_to_data(like))
     items = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
     out = manager.restore(step, args=items)
     return _data_to_keys(out['state'], like), out['data'], meta
+
+# %% ../../nbs/40_train.checkpoint.ipynb #2998355b
+class DamagedCheckpointWarning(UserWarning):
+    "A checkpoint could not be read back; it was moved aside and an older one was used."
+
+def restore_newest_intact(manager: ocp.CheckpointManager, like, aside) -> tuple[int, Any, dict, dict] | None:
+    """The newest checkpoint that reads back whole, as (step, state, data state, meta), after moving each newer damaged
+    one into the folder `aside` with a warning; None when none is left."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return (step, *restore_checkpoint(manager, step, like))
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # truncated, zeroed or missing parts: keep the files, try the checkpoint before
+            where, dest = Path(manager.directory) / str(step), Path(aside).absolute() / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+            if jax.process_index() == 0:  # one process moves the shared folder
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(where, dest)
+            manager.reload()
+            reason = (str(e).strip().splitlines() or [''])[0][:160]
+            warnings.warn(f'checkpoint {where} is damaged ({type(e).__name__}: {reason}); moved to {dest}',
+                          DamagedCheckpointWarning, stacklevel=2)
+    return None

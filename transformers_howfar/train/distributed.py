@@ -5,6 +5,7 @@
 # %% ../../nbs/40a_train.distributed.ipynb #2bf155fc
 from __future__ import annotations
 
+import math
 import re
 import signal
 import socket
@@ -19,12 +20,42 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..core import check_positive
 
 # %% auto #0
-__all__ = ['free_port', 'parse_coordinator', 'initialize', 'is_primary', 'sync', 'put_global', 'host_copy', 'process_rows',
-           'ProcessShard', 'launch']
+__all__ = ['make_mesh', 'param_spec', 'state_shardings', 'batch_sharding', 'free_port', 'parse_coordinator', 'initialize',
+           'is_primary', 'sync', 'put_global', 'host_copy', 'process_rows', 'ProcessShard', 'launch']
+
+# %% ../../nbs/40a_train.distributed.ipynb #9a1bf613
+def make_mesh(
+    fsdp: int = 1,  # devices along the 'fsdp' axis, over which parameters are split
+    data_parallel: int = 0,  # devices along the 'data' axis; 0 takes all the others
+    devices=None,  # default: all devices
+) -> Mesh:
+    "A `('data', 'fsdp')` mesh over `devices` of shape (data_parallel, fsdp), as `TrainConfig` sets them."
+    devices = list(jax.devices() if devices is None else devices)
+    data = data_parallel or len(devices) // fsdp
+    if data < 1 or data * fsdp > len(devices):
+        raise ValueError(f'fsdp: data_parallel × fsdp = {max(data, 0)} × {fsdp} needs more than the {len(devices)} '
+                         'device(s) available')
+    return Mesh(np.array(devices[:data * fsdp]).reshape(data, fsdp), ('data', 'fsdp'))
+
+def param_spec(shape, mesh: Mesh, min_size: int = 2**16) -> P:
+    "Shard the largest axis of `shape` that the mesh's `fsdp` size divides; small arrays stay replicated."
+    n = mesh.shape['fsdp']
+    if n == 1 or math.prod(shape) < min_size: return P()
+    axes = sorted((i for i, s in enumerate(shape) if s % n == 0), key=lambda i: -shape[i])
+    return P(*[('fsdp' if i == axes[0] else None) for i in range(len(shape))]) if axes else P()
+
+def state_shardings(state, mesh: Mesh, min_size: int = 2**16):
+    "A `NamedSharding` for every array of a training state, by `param_spec`."
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, mesh, min_size)), state)
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    "Split axis 0 of every batch array over all devices of the mesh."
+    return NamedSharding(mesh, P(('data', 'fsdp')))
 
 # %% ../../nbs/40a_train.distributed.ipynb #3ab201c2
 def free_port() -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 # %% auto #0
-__all__ = ['summarize_metrics', 'read_metrics', 'MetricsLog', 'plot_metrics', 'FitProgress']
+__all__ = ['summarize_metrics', 'read_metrics', 'MetricsLog', 'plot_metrics', 'save_loss_plot', 'FitProgress']
 
 # %% ../../nbs/39_train.metrics.ipynb #840c4a5d
 def summarize_metrics(rows: list[Mapping]) -> dict:
@@ -36,7 +37,19 @@ def read_metrics(path) -> list[dict]:
     path = Path(path)
     if path.is_dir(): path = path / 'metrics.jsonl'
     if not path.exists(): raise FileNotFoundError(f'path: no metrics log at {path}')
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text, records = path.read_text(errors='replace'), []
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not text.endswith('\n'): break  # the last write of a killed run, cut short
+            raise ValueError(f'{path}: line {n} is not a JSON record ({e.msg}); fix or delete that line') from None
+        if record is None: continue
+        if not isinstance(record, dict) or not isinstance(record.get('step'), int):
+            raise ValueError(f'{path}: line {n} is not a metrics record with an integer step; fix or delete that line')
+        records.append(record)
+    return records
 
 class MetricsLog:
     "Append-only JSON-lines log; reopened at step `after`, it drops the records a killed run wrote past it."
@@ -44,9 +57,11 @@ class MetricsLog:
         self.path, self.records = (Path(path) if path else None), []
         if self.path and self.path.exists():
             self.records = [r for r in read_metrics(self.path) if after is None or r['step'] <= after]
-        if self.path:
+        if self.path:  # rewritten beside, then renamed: a kill here leaves the old log whole
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(''.join(json.dumps(r) + '\n' for r in self.records))
+            tmp = self.path.with_name(self.path.name + '.tmp')
+            tmp.write_text(''.join(json.dumps(r) + '\n' for r in self.records))
+            os.replace(tmp, self.path)
     def write(self, record: Mapping):
         self.records.append(dict(record))
         if self.path:
@@ -78,6 +93,17 @@ def plot_metrics(
     if title: ax.set_title(title)
     return ax
 
+
+def save_loss_plot(records: list[dict], path, title: str | None = None) -> Path:
+    "Draw the loss of `records` as `plot_metrics` does into the PNG file `path` (no pyplot state: safe in any thread)."
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 3.5))
+    plot_metrics(records, ('loss',), ax=fig.subplots(), title=title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, bbox_inches='tight')
+    return path
+
 # %% ../../nbs/39_train.metrics.ipynb #9c0573e9
 @dataclasses.dataclass
 class FitProgress:
@@ -89,6 +115,12 @@ class FitProgress:
     window: list = dataclasses.field(default_factory=list)  # per-step metrics since the last train record
     window_start: float = dataclasses.field(default_factory=time.perf_counter)
     last: dict = dataclasses.field(default_factory=dict)  # the last train record written
+    data_step: int = -1  # the step at which `data_state` was taken
+    data_state: dict | None = None  # the data iterator's position before the batch of step `data_step`
+
+    def mark(self, step: int, data) -> None:
+        "Note `data`'s position before the batch of `step` is drawn: what an interrupted step must save."
+        self.data_step, self.data_state = step, (data.get_state() if hasattr(data, 'get_state') else None)
 
     def seconds(self) -> float:
         "Wall-clock seconds of the run so far, over all its `fit` calls."

@@ -5,8 +5,11 @@
 # %% ../../nbs/43_train.tasks.ipynb #65c84af5
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +37,8 @@ from .families import (Task, TaskSpec, LMTask, ReformerLMTask, MLMTask, Classify
 
 # %% auto #0
 __all__ = ['LM_TASK', 'REFORMER_LM', 'MLM', 'CLASSIFY', 'TRANSLATE', 'TRANSLATE_RNN', 'DUPLICATE', 'SMALL', 'SMALL_TRAIN',
-           'ADDITION', 'TASKS', 'DuplicateConfig', 'build_addition', 'resolve_config', 'train_task', 'Run', 'load_run']
+           'ADDITION', 'TASKS', 'RESUMABLE_CHANGES', 'DuplicateConfig', 'build_addition', 'resolve_config',
+           'run_dir_lock', 'check_resume', 'train_task', 'Run', 'load_run']
 
 # %% ../../nbs/43_train.tasks.ipynb #324c07bb
 _tiny_train = TrainConfig.tiny()
@@ -224,30 +228,93 @@ def resolve_config(task: str, preset: str, overrides=()) -> tuple[Config, TrainC
     return model.override(to_model), train.override(to_train)
 
 # %% ../../nbs/43_train.tasks.ipynb #cc820cc4
+RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'checkpoint_every', 'keep_checkpoints',
+                     'progress')  # training settings a resumed run may change without --accept-changes
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir):
+    "Hold `run_dir/.lock` while training there: a second process is refused; a killed one's lock is free at once."
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / '.lock', 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel releases it when the holder dies
+    except BlockingIOError:
+        f.seek(0); holder = f.read().strip() or '?'; f.close()
+        raise ValueError(f'run_dir: {run_dir} is in use by another training process (pid {holder}); wait for it '
+                         'to finish, or choose another --run-dir') from None
+    f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
+    try:
+        yield
+    finally:
+        f.close()
+
+
+def _read_run_config(path: Path) -> dict:
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path}: not valid JSON ({e}); put the file back, or pass --fresh to start over') from None
+    if not isinstance(old, dict) or not {'task', 'model', 'train'} <= set(old) or 'config' not in old['model']:
+        raise ValueError(f'{path}: expected a run config with task, model.config and train; put the file back, or '
+                         'pass --fresh to start over')
+    return old
+
+
+def check_resume(run_dir, task: str, model_config: Config, train_config: TrainConfig,
+                 accept_changes: bool = False) -> list[dict]:
+    """The history of training-setting changes a resume in `run_dir` continues (with this one's); refuses another task
+    or model, checkpoints without `config.json`, and changed settings unless `accept_changes`."""
+    run_dir = Path(run_dir)
+    steps = [int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit()]
+    if not (run_dir / 'config.json').exists():
+        if steps:
+            raise ValueError(f'run_dir: {run_dir} has checkpoints but no config.json, so nothing says which settings '
+                             'made them; put config.json back, or pass --fresh to start over (it deletes them)')
+        return []
+    old = _read_run_config(run_dir / 'config.json')
+    if old['task'] != task or old['model']['config'] != model_config.to_dict():
+        raise ValueError(f"run_dir: {run_dir} holds a run of {old['task']!r} with another model config; pass --fresh "
+                         'to start it over (it deletes its checkpoints), or choose another --run-dir')
+    history = list(old.get('changes', []))
+    new = train_config.to_dict()
+    changed = {k: [old['train'].get(k), v] for k, v in new.items()
+               if k not in RESUMABLE_CHANGES and old['train'].get(k) != v}
+    if not steps or not changed:
+        return history
+    if not accept_changes:
+        said = ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())
+        raise ValueError(f'run_dir: {run_dir} was trained up to step {max(steps)} with other settings ({said}); pass '
+                         '--accept-changes to go on and record the change, --fresh to start over, or another --run-dir')
+    return history + [{'step': max(steps), 'changed': changed}]
+
+
 def train_task(
-    task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, fresh: bool = False
+    task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, fresh: bool = False, accept_changes: bool = False
 ) -> tuple[Trainer, dict]:
     """Build `task` with `preset` and `overrides`, train it in `run_dir` (resuming what is there) and return the
     trainer and summary."""
     model_config, train_config = resolve_config(task, preset, overrides)
     run_dir = Path(run_dir or Path('runs') / f'{task}-{preset}')
-    if fresh and is_primary():  # with several processes, process 0 keeps the run directory
-        for name in ('checkpoints', 'plots', 'model'):
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f'run_dir: expected a folder, got the file {run_dir}')
+    with run_dir_lock(run_dir) if is_primary() else contextlib.nullcontext():  # process 0 keeps the run directory
+        return _train_in(run_dir, task, preset, overrides, model_config, train_config, fresh, accept_changes)
+
+
+def _train_in(run_dir, task, preset, overrides, model_config, train_config, fresh, accept_changes):
+    if fresh and is_primary():
+        for name in ('checkpoints', 'damaged_checkpoints', 'plots', 'model'):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in ('metrics.jsonl', 'config.json'):
             (run_dir / name).unlink(missing_ok=True)
-    if (run_dir / 'config.json').exists():
-        old = json.loads((run_dir / 'config.json').read_text())
-        if old['task'] != task or old['model']['config'] != model_config.to_dict():
-            raise ValueError(
-                f"run_dir: {run_dir} holds a run of {old['task']!r} with another model config; "
-                'pass --fresh to start it over, or choose another --run-dir'
-            )
-    if is_primary():
+    changes = check_resume(run_dir, task, model_config, train_config, accept_changes)
+    if is_primary():  # written once the resume is accepted
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {'task': task, 'preset': preset, 'overrides': list(overrides),
                   'model': {'class': type(model_config).__name__, 'config': model_config.to_dict()},
-                  'train': train_config.to_dict()}
+                  'train': train_config.to_dict(), **({'changes': changes} if changes else {})}
         (run_dir / 'config.json.tmp').write_text(json.dumps(config, indent=1))
         (run_dir / 'config.json.tmp').replace(run_dir / 'config.json')
     sync('train_task: run directory ready')  # the other processes wait for process 0's files
@@ -284,7 +351,7 @@ def load_run(run_dir, step: int | None = None) -> Run:
     run_dir = Path(run_dir)
     if not (run_dir / 'config.json').exists():
         raise FileNotFoundError(f'run_dir: no config.json in {run_dir}')
-    d = json.loads((run_dir / 'config.json').read_text())
+    d = _read_run_config(run_dir / 'config.json')
     check_choice('task', d['task'], sorted(TASKS))
     spec = TASKS[d['task']]
     model_cls = next((type(m) for m, _ in spec.presets.values() if type(m).__name__ == d['model']['class']), None)

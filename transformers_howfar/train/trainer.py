@@ -17,17 +17,18 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..core import (
     Config, check_choice, check_divisible, check_positive, check_range, derive_key, make_key)
-from .checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
-from .distributed import is_primary, put_global
-from .metrics import FitProgress, MetricsLog, plot_metrics, summarize_metrics
+from ..data.batches import check_token_ids
+from .checkpoint import checkpoint_manager, restore_checkpoint, restore_newest_intact, save_checkpoint
+from .distributed import batch_sharding, is_primary, make_mesh, put_global, state_shardings
+from .metrics import FitProgress, MetricsLog, read_metrics, save_loss_plot, summarize_metrics
 
 # %% auto #0
-__all__ = ['TrainConfig', 'make_schedule', 'make_optimizer', 'sam_gradient', 'make_mesh', 'param_spec', 'state_shardings',
-           'batch_sharding', 'cast_floats', 'make_train_step', 'make_eval_step', 'NonFiniteLoss', 'Trainer']
+__all__ = ['TrainConfig', 'make_schedule', 'make_optimizer', 'sam_gradient', 'cast_floats', 'make_train_step', 'make_eval_step',
+           'NonFiniteLoss', 'TrainingInterrupted', 'Trainer']
 
 # %% ../../nbs/41_train.trainer.ipynb #c57f3912
 @dataclasses.dataclass(frozen=True)
@@ -131,32 +132,6 @@ def sam_gradient(
         return grad_fn(ascent, *args)[0], aux
     return wrapped
 
-# %% ../../nbs/41_train.trainer.ipynb #9a1bf613
-def make_mesh(config: TrainConfig, devices=None) -> Mesh:
-    "A `('data', 'fsdp')` mesh over `devices` (default: all) shaped by `config.data_parallel` and `config.fsdp`."
-    devices = list(jax.devices() if devices is None else devices)
-    fsdp = config.fsdp
-    data = config.data_parallel or len(devices) // fsdp
-    if data < 1 or data * fsdp > len(devices):
-        raise ValueError(f'fsdp: data_parallel × fsdp = {max(data, 0)} × {fsdp} needs more than the {len(devices)} '
-                         'device(s) available')
-    return Mesh(np.array(devices[:data * fsdp]).reshape(data, fsdp), ('data', 'fsdp'))
-
-def param_spec(shape, mesh: Mesh, min_size: int = 2**16) -> P:
-    "Shard the largest axis of `shape` that the mesh's `fsdp` size divides; small arrays stay replicated."
-    n = mesh.shape['fsdp']
-    if n == 1 or math.prod(shape) < min_size: return P()
-    axes = sorted((i for i, s in enumerate(shape) if s % n == 0), key=lambda i: -shape[i])
-    return P(*[('fsdp' if i == axes[0] else None) for i in range(len(shape))]) if axes else P()
-
-def state_shardings(state, mesh: Mesh, min_size: int = 2**16):
-    "A `NamedSharding` for every array of a training state, by `param_spec`."
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, mesh, min_size)), state)
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    "Split axis 0 of every batch array over all devices of the mesh."
-    return NamedSharding(mesh, P(('data', 'fsdp')))
-
 # %% ../../nbs/41_train.trainer.ipynb #ec22dcca
 def cast_floats(tree, dtype):
     "`tree` with every floating-point array cast to `dtype`; integer arrays and keys as they are."
@@ -210,6 +185,9 @@ def make_eval_step(graphdef, loss_fn: Callable, config: TrainConfig) -> Callable
 class NonFiniteLoss(FloatingPointError):
     "Training produced a nan or infinite loss; the message names the step and the last good checkpoint."
 
+class TrainingInterrupted(KeyboardInterrupt):
+    "Ctrl-C stopped `Trainer.fit`; the last finished step was checkpointed and the message says where."
+
 # %% ../../nbs/41_train.trainer.ipynb #3628e947
 class Trainer:
     "Train an NNX `model` on `loss_fn(model, batch, rngs) -> (loss, metrics)`: sharded, checkpointed, resumable."
@@ -218,8 +196,9 @@ class Trainer:
                  batch_shapes: Mapping[str, tuple] | None = None,  # expected shape of each batch array
                  devices=None):  # devices for the mesh; default all
         self.config, self.loss_fn, self.batch_shapes = config, loss_fn, dict(batch_shapes or {})
+        self.vocab_size = getattr(getattr(model, 'config', None), 'vocab_size', None)  # token ids are checked against it
         self.run_dir, self._manager = (Path(run_dir) if run_dir else None), None
-        self.mesh = make_mesh(config, devices)
+        self.mesh = make_mesh(config.fsdp, config.data_parallel, devices)
         check_divisible('batch_size', config.batch_size, config.accumulate * self.mesh.size, 'accumulate × devices')
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         self.optimizer = make_optimizer(config)
@@ -256,6 +235,7 @@ class Trainer:
             if shape != want:
                 raise ValueError(f"batch['{k}'] at {where}: expected shape {want} "
                                  f"(batch_size = {self.config.batch_size}{rows} and the task's config), got {shape}")
+        if self.vocab_size: check_token_ids(batch, self.vocab_size, where)
 
     def put(self, batch: Mapping) -> dict:
         "`batch` (this process's rows, host arrays) as global arrays split along the batch axis over the mesh."
@@ -291,12 +271,19 @@ class Trainer:
         return self.run_dir / 'checkpoints' / str(self.step)
 
     def restore(self, data=None, step: int | None = None) -> int:
-        "Load checkpoint `step` (default the newest) and `data`'s iterator position; return the step."
+        """Load checkpoint `step` (default the newest that reads back whole, damaged newer ones moved to
+        `run_dir/damaged_checkpoints`) and `data`'s iterator position; return the step."""
         steps = self.manager.all_steps() if self.manager else []
         if not steps: raise FileNotFoundError(f'run_dir: no checkpoint under {self.run_dir}/checkpoints')
-        step = max(steps) if step is None else step
-        if step not in steps: raise ValueError(f'step: expected one of the checkpoints {sorted(steps)}, got {step}')
-        self.state, data_state, _ = restore_checkpoint(self.manager, step, self.state)
+        if step is None:
+            found = restore_newest_intact(self.manager, self.state, self.run_dir / 'damaged_checkpoints')
+            if found is None:
+                raise FileNotFoundError(f'run_dir: no checkpoint under {self.run_dir}/checkpoints reads back whole; '
+                                        f'the damaged ones are in {self.run_dir}/damaged_checkpoints')
+            step, self.state, data_state, _ = found
+        else:
+            if step not in steps: raise ValueError(f'step: expected one of the checkpoints {sorted(steps)}, got {step}')
+            self.state, data_state, _ = restore_checkpoint(self.manager, step, self.state)
         if data is not None and hasattr(data, 'set_state') and data_state: data.set_state(data_state)
         return step
 
@@ -314,16 +301,21 @@ class Trainer:
         "Train to `config.steps`, resuming from the newest checkpoint if any; the last train and eval records, seconds."
         if not hasattr(train_data, '__next__'): train_data = iter(train_data)
         progress = self.begin(train_data, resume)
-        while self.step < self.config.steps:
-            self.fit_step(train_data, progress)
-            self.checkpoint_if_due(train_data)
-            self.evaluate_if_due(eval_data, progress)
+        try:
+            while self.step < self.config.steps:
+                progress.mark(self.step, train_data)
+                self.fit_step(train_data, progress)
+                self.checkpoint_if_due(train_data)
+                self.evaluate_if_due(eval_data, progress)
+        except KeyboardInterrupt:
+            raise self.interrupted(train_data, progress) from None
         return self.finish(train_data, eval_data, progress)
 
     def begin(self, train_data: Iterator, resume: bool = True) -> FitProgress:
         "Restore the newest checkpoint and `train_data`'s position if `resume`; open the metrics log and progress bar."
         started = time.perf_counter()
         if resume and self.latest_checkpoint() is not None: self.restore(train_data)
+        if resume and self.step == 0: self._refuse_lost_progress()
         log = MetricsLog(self.run_dir / 'metrics.jsonl' if self.run_dir and is_primary() else None, after=self.step)
         before = max((r.get('seconds', 0.0) for r in log.records), default=0.0)
         from tqdm.auto import tqdm
@@ -373,8 +365,30 @@ class Trainer:
         if eval_data is not None:
             last_eval = dict(self.evaluate(eval_data), step=self.step, split='eval', seconds=progress.seconds())
             progress.log.write(last_eval)
-        if self.run_dir and progress.log.records and is_primary(): self._plot(progress.log.records)
+        if self.run_dir and progress.log.records and is_primary():
+            save_loss_plot(progress.log.records, self.run_dir / 'plots' / 'loss.png', self.run_dir.name)
         return {'step': self.step, 'train': progress.last, 'eval': last_eval, 'seconds': progress.seconds()}
+
+    def interrupted(self, train_data, progress: FitProgress) -> TrainingInterrupted:
+        "After Ctrl-C: checkpoint the last finished step (one process, a run directory) and say where to resume."
+        progress.bar.close()
+        if self.manager and self.step > 0 and jax.process_count() == 1 and self.step not in self.manager.all_steps():
+            position = progress.data_state if progress.data_step == self.step else (  # the step's batch was drawn
+                train_data.get_state() if hasattr(train_data, 'get_state') else None)
+            save_checkpoint(self.manager, self.step, self.state, position or {}, {'optimizer': self.config.optimizer})
+        last = self.latest_checkpoint()
+        return TrainingInterrupted(f'interrupted at step {self.step}; ' + (
+            f'checkpoint {last} holds step {last.name}: run the same command again to resume' if last
+            else 'no checkpoint was written'))
+
+    def _refuse_lost_progress(self) -> None:
+        "Refuse to start over when `metrics.jsonl` shows that checkpoints were written and none is left."
+        path = self.run_dir / 'metrics.jsonl' if self.run_dir else None
+        logged = max((r['step'] for r in read_metrics(path)), default=0) if path and path.exists() else 0
+        if logged >= (self.config.checkpoint_every or self.config.steps):
+            raise FileNotFoundError(
+                f'run_dir: {path} records {logged} steps but no checkpoint is left under {self.run_dir}/checkpoints; '
+                'starting over would discard them: pass fresh=True (howfar train --fresh) to start over')
 
     def _non_finite_message(self, step, loss) -> str:
         last = self.latest_checkpoint()
@@ -382,10 +396,3 @@ class Trainer:
                  else 'No checkpoint was written before it')
         return f'loss is {loss} at step {step}; training stopped. ' + where
 
-    def _plot(self, records):
-        from matplotlib.figure import Figure
-        fig = Figure(figsize=(6, 3.5))
-        ax = fig.subplots()
-        plot_metrics(records, ('loss',), ax=ax, title=self.run_dir.name)
-        (self.run_dir / 'plots').mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.run_dir / 'plots' / 'loss.png', dpi=90, bbox_inches='tight')

@@ -289,7 +289,7 @@ def _add_run_arguments(what: str, default_out: str, resume: bool = False):
     def add(p: argparse.ArgumentParser):
         p.add_argument('name', nargs='?', help=f'{what} to run; omit to list them')
         p.add_argument('--quick', action='store_true', help='a small version (seconds), as the tests run it')
-        p.add_argument('--out', help=f'folder for NAME.json (default {default_out}, or {default_out}/quick with --quick)')
+        p.add_argument('--out', help=f'folder for NAME.json (default {default_out}; {default_out}/quick with --quick)')
         p.set_defaults(default_out=default_out)
         if resume:
             p.add_argument('--resume', action='store_true', help='reuse the parts an interrupted run finished')

@@ -216,7 +216,8 @@ def records_table(
     picked = [r for r in records if r['metric'] in metrics and _keep(r['config'], where)]
     missing = [m for m in metrics if not any(r['metric'] == m for r in picked)]
     if missing:
-        raise ValueError(f'metric: no records with metric {missing[0]!r}; have {sorted({r["metric"] for r in records})}')
+        have = sorted({r['metric'] for r in records})
+        raise ValueError(f'metric: no records with metric {missing[0]!r}; have {have}')
     hashable = lambda v: tuple(v) if isinstance(v, list) else v  # a list-valued field (seeds, load) is one cell
     row_of = lambda r: tuple(hashable(config_field(r['config'], f)) for f in rows)
     column_of = lambda r: hashable(config_field(r['config'], columns)) if columns else r['metric']
@@ -226,14 +227,16 @@ def records_table(
         key = (row_of(r), column_of(r))
         if key in cells:
             n = sum((row_of(x), column_of(x)) == key for x in picked)
-            raise ValueError(f'rows: {n} records share the cell {key}; add the field that tells them apart to rows or where')
+            raise ValueError(f'rows: {n} records share the cell {key}; add the field that tells them apart to rows '
+                             'or where')
         cells[key] = r['value']
     units = {r['metric']: r['unit'] for r in picked}
     head = [*rows, *(f'{columns}={c}' for c in cols)] if columns else [*rows, *(f'{m} ({units[m]})' for m in cols)]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for k in dict.fromkeys(map(row_of, picked)):
         values = [_cell(cells[(k, c)], digits) if (k, c) in cells else '–' for c in cols]
-        lines.append('| ' + ' | '.join([*(_cell(v, digits) if isinstance(v, float) else str(v) for v in k), *values]) + ' |')
+        fields = [_cell(v, digits) if isinstance(v, float) else str(v) for v in k]
+        lines.append('| ' + ' | '.join([*fields, *values]) + ' |')
     return '\n'.join(lines) + (f'\n\n{metric} in {units[metric]}' if columns else '')
 
 # %% ../../nbs/50_bench.measure.ipynb #b50295d4

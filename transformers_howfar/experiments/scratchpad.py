@@ -123,7 +123,8 @@ def scratchpad_experiment(
         kw = dict(preset='tiny', digits=(1, 3), count=8, run_root=Path(out_dir) / 'runs')
     else:
         plan, kw = {k: EXPERIMENT_MODELS[k] for k in (models or EXPERIMENT_MODELS)}, {}
-    records = result_records([run_model(name, overrides, out_dir, resume=resume, **kw) for name, overrides in plan.items()])
+    results = [run_model(name, overrides, out_dir, resume=resume, **kw) for name, overrides in plan.items()]
+    records = result_records(results)
     print(accuracy_table(records))
     return records
 

@@ -86,7 +86,8 @@ def restore_newest_intact(manager: ocp.CheckpointManager, like, aside) -> tuple[
         except CheckpointMismatch:
             raise
         except Exception as e:  # truncated, zeroed or missing parts: keep the files, try the checkpoint before
-            where, dest = Path(manager.directory) / str(step), Path(aside).absolute() / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+            where = Path(manager.directory) / str(step)
+            dest = Path(aside).absolute() / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
             if jax.process_index() == 0:  # one process moves the shared folder
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(where, dest)

@@ -196,7 +196,7 @@ class Trainer:
                  batch_shapes: Mapping[str, tuple] | None = None,  # expected shape of each batch array
                  devices=None):  # devices for the mesh; default all
         self.config, self.loss_fn, self.batch_shapes = config, loss_fn, dict(batch_shapes or {})
-        self.vocab_size = getattr(getattr(model, 'config', None), 'vocab_size', None)  # token ids are checked against it
+        self.vocab_size = getattr(getattr(model, 'config', None), 'vocab_size', None)  # checks the batches' token ids
         self.run_dir, self._manager = (Path(run_dir) if run_dir else None), None
         self.mesh = make_mesh(config.fsdp, config.data_parallel, devices)
         check_divisible('batch_size', config.batch_size, config.accumulate * self.mesh.size, 'accumulate × devices')

@@ -19,7 +19,7 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['AXES', 'check_shape', 'check_positive', 'check_range', 'check_choice', 'check_divisible', 'Config', 'make_key',
-           'derive_key', 'split_keys', 'use_init_signatures', 'machine_info']
+           'derive_key', 'split_keys', 'use_init_signatures', 'write_json', 'machine_info']
 
 # %% ../nbs/00_core.ipynb #e92e3b43
 AXES: dict[str, str] = {'B': 'batch', 'T': 'query length (time)', 'S': 'key/value length (source)',
@@ -190,6 +190,16 @@ def use_init_signatures():
     type(nnx.Module).__signature__ = property(_init_signature)
 
 use_init_signatures()
+
+# %% ../nbs/00_core.ipynb #b2fa2fbb
+def write_json(path, obj, indent: int | None = 1) -> Path:
+    "Write `obj` as JSON to `path` atomically: a temporary file beside it, renamed into place; returns `path`."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(obj, indent=indent))
+    os.replace(tmp, path)
+    return path
 
 # %% ../nbs/00_core.ipynb #57ac23fd
 def _cpu_model() -> str:

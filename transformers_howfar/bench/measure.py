@@ -19,7 +19,7 @@ import jax
 
 import transformers_howfar
 
-from ..core import check_positive, machine_info
+from ..core import check_positive, machine_info, write_json
 
 # %% auto #0
 __all__ = ['RESULT_MARK', 'REFERENCES', 'make_record', 'write_records', 'read_records', 'time_call', 'print_result', 'run_child',
@@ -33,12 +33,8 @@ def make_record(benchmark: str, config: dict, metric: str, value, unit: str, mac
             'value': None if value is None else float(value), 'unit': unit, 'machine': machine or machine_info()}
 
 def write_records(path, records: list[dict]) -> Path:
-    "Write `records` as JSON atomically (a temporary file renamed into place)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + '.tmp')
-    tmp.write_text(json.dumps(records, indent=1))
-    os.replace(tmp, path)
-    return path
+    "Write `records` as JSON atomically (`core.write_json`)."
+    return write_json(path, records)
 
 def read_records(path) -> list[dict]:
     "Read the records written by `write_records`."

@@ -37,7 +37,6 @@ def run_experiment(
     if missing:
         raise ValueError(f'fn: expected an experiment function taking {EXPERIMENT_PARAMETERS}, '
                          f'{getattr(fn, "__name__", fn)!r} lacks {tuple(missing)}')
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
     return write_records(Path(out_dir) / f'{name}.json', fn(quick=quick, out_dir=out_dir, resume=resume))
 
 # %% ../../nbs/60_experiments.common.ipynb #b23dc44a

@@ -21,7 +21,7 @@ from ..bench.measure import make_record
 from .common import experiment_dir
 from ..models.bert import Bert, BertConfig
 from ..layers.blocks import attention_maps
-from ..core import check_choice, check_positive, machine_info
+from ..core import check_choice, check_positive, machine_info, write_json
 from ..data.loaders import load_split
 from ..data.batches import encode_documents, lm_batches
 from ..models.lm import LM, LMConfig
@@ -345,8 +345,9 @@ def heads_experiment(quick: bool = False, out_dir='experiments/results', resume:
     """Score every head of the pre-trained BERT and of a trained decoder LM for previous-token, separator and pronoun
     attention; the scores go to `out_dir/heads_scores.json`, which `resume` reuses."""
     start, side = time.perf_counter(), Path(out_dir) / 'heads_scores.json'
-    if resume and side.exists():  # one piece: a finished run is reused whole
-        return heads_records({k: v for k, v in json.loads(side.read_text()).items() if isinstance(v, dict)})
+    saved = json.loads(side.read_text()) if resume and side.exists() else {}
+    if saved.get('quick', False) == quick and 'lm' in saved:  # one piece: a finished run of this size is reused whole
+        return heads_records({k: v for k, v in saved.items() if isinstance(v, dict)})
     if quick:  # untrained tiny models on toy sentences: the pipeline, in seconds
         tok, sentences = CharTokenizer(TOY_ALPHABET), ['the cat sees a dog.', 'a small bird likes the red cat.']
         pronouns = [
@@ -364,6 +365,5 @@ def heads_experiment(quick: bool = False, out_dir='experiments/results', resume:
     for name, (model, _) in models.items():
         results[name]['config'] = model.config.to_dict()
     results['lm']['source'] = lm_source
-    side.parent.mkdir(parents=True, exist_ok=True)
-    side.write_text(json.dumps(dict(results, seconds=time.perf_counter() - start, load=list(os.getloadavg()))))
+    write_json(side, dict(results, quick=quick, seconds=time.perf_counter() - start, load=list(os.getloadavg())), None)
     return heads_records(results)

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from ..bench.measure import make_record
-from ..core import Config, check_choice, check_positive, machine_info
+from ..core import Config, check_choice, check_positive, machine_info, write_json
 from ..data.loaders import load_split
 from ..data.batches import classification_batch, classification_batches
 from ..layers.losses import cross_entropy
@@ -277,9 +277,7 @@ def run_influence(setup: InfluenceSetup, out_dir, resume: bool = False) -> list[
             'test_accuracy': test_accuracy, 'curve_k': curve_k, 'found': curves,
             'original_ranks': rank_of[originals].tolist(), 'copy_ranks': rank_of[np.flatnonzero(flagged)].tolist(),
             'top_self_influence': top, 'examples': examples, 'records': records}
-    side_path.parent.mkdir(parents=True, exist_ok=True)
-    side_path.with_suffix('.json.tmp').write_text(json.dumps(side, indent=1))
-    os.replace(side_path.with_suffix('.json.tmp'), side_path)  # atomic: an interrupted write leaves the old file
+    write_json(side_path, side)
     return records
 
 

@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 
 from ..models.bert import BertConfig
-from ..core import Config, check_choice, check_positive, derive_key, make_key
+from ..core import Config, check_choice, check_positive, derive_key, make_key, write_json
 from ..data.batches import duplication_batches
 from ..models.lm import LM, LMConfig
 from ..models.reformer import ReformerConfig
@@ -315,8 +315,7 @@ def _train_in(run_dir, task, preset, overrides, model_config, train_config, fres
         config = {'task': task, 'preset': preset, 'overrides': list(overrides),
                   'model': {'class': type(model_config).__name__, 'config': model_config.to_dict()},
                   'train': train_config.to_dict(), **({'changes': changes} if changes else {})}
-        (run_dir / 'config.json.tmp').write_text(json.dumps(config, indent=1))
-        (run_dir / 'config.json.tmp').replace(run_dir / 'config.json')
+        write_json(run_dir / 'config.json', config)
     sync('train_task: run directory ready')  # the other processes wait for process 0's files
     built = TASKS[task].build(model_config, train_config)
     train_data, eval_data = built.train_data, built.eval_data

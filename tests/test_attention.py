@@ -106,7 +106,7 @@ def test_memory_efficient_temporaries_grow_linearly():
 
 
 @pytest.mark.parametrize('bad,msg', [
-    (dict(block_q=0), 'block_q: expected a number > 0'),
+    (dict(block_q=0), 'block_q: expected a whole number > 0'),
     (dict(dropout_rate=1.0), 'dropout_rate: expected a number in [0, 1)'),
     (dict(dropout_rate=0.1), 'dropout_key: expected a PRNG key'),
     (dict(padding_mask=jnp.ones((2, 5), bool)), 'padding_mask: expected shape (B, S)'),
@@ -130,7 +130,7 @@ def test_kv_cache_update_and_pytree():
     assert int(c.index) == 2 and float(c.k[0, 2:].sum()) == 0.0
     leaves, tree = jax.tree_util.tree_flatten(c)
     assert jax.tree_util.tree_unflatten(tree, leaves).max_len == 5
-    with pytest.raises(ValueError, match='max_len: expected a number > 0'):
+    with pytest.raises(ValueError, match='max_len: expected a whole number > 0'):
         KVCache.zeros(1, 0, 2, 3)
 
 

@@ -132,11 +132,11 @@ def test_registry_names():
 
 
 @pytest.mark.parametrize('call,msg', [
-    (lambda q, k, v: local_attention(q, k, v, block_size=0), 'block_size: expected a number > 0'),
-    (lambda q, k, v: local_attention(q, k, v, look_ahead=-1), 'look_ahead: expected a number >= 0'),
+    (lambda q, k, v: local_attention(q, k, v, block_size=0), 'block_size: expected a whole number > 0'),
+    (lambda q, k, v: local_attention(q, k, v, look_ahead=-1), 'look_ahead: expected a whole number >= 0'),
     (lambda q, k, v: sparse_attention(q, k, v, pattern='dilated'), "pattern: expected one of ['fixed', 'strided']"),
     (lambda q, k, v: sparse_attention(q, k, v, stride=4, summary=0), 'summary: expected a number in [1, stride = 4]'),
-    (lambda q, k, v: memory_compressed_attention(q, k, v, stride=0), 'stride: expected a number > 0'),
+    (lambda q, k, v: memory_compressed_attention(q, k, v, stride=0), 'stride: expected a whole number > 0'),
     (lambda q, k, v: ssmax_attention(q, k, v, s=jnp.ones(4)), 's: expected'),
     (lambda q, k, v: memory_compressed_attention(q, k, v, kernel_k=jnp.zeros((2, 2, 8, 8))), 'kernel: expected shape (3, K, H, H)'),
 ])

@@ -117,7 +117,7 @@ def test_bad_arguments():
         generate(LM_MODEL, PROMPTS, 4, top_p=1.5)
     with pytest.raises(ValueError, match='prompts: expected a non-empty list'):
         left_pad([])
-    with pytest.raises(ValueError, match='beam_size: expected a number > 0'):
+    with pytest.raises(ValueError, match='beam_size: expected a whole number > 0'):
         beam_search(LM_MODEL, PROMPTS, 4, beam_size=0)
 
 

@@ -176,8 +176,8 @@ def test_property_matches_reference(T, C, R, causal):
 
 
 @pytest.mark.parametrize('bad,msg', [
-    (dict(n_rounds=0), 'n_rounds: expected a number > 0'),
-    (dict(chunk_length=0), 'chunk_length: expected a number > 0'),
+    (dict(n_rounds=0), 'n_rounds: expected a whole number > 0'),
+    (dict(chunk_length=0), 'chunk_length: expected a whole number > 0'),
     (dict(n_buckets=3), 'n_buckets: expected even'),
     (dict(padding_mask=jnp.ones((2, 5), bool)), 'padding_mask'),
 ])

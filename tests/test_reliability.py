@@ -118,12 +118,80 @@ def test_ctrl_c_checkpoints_and_says_where_to_resume(tmp_path):
             'checkpoint_every=100000']
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 300
-    while time.time() < deadline and not (run / 'metrics.jsonl').exists():
+    metrics = run / 'metrics.jsonl'
+    # Interrupt only once a step has finished (a cold compile cache can take a while), so there is a step to save.
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.5)
-    time.sleep(3)
+    time.sleep(1)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 130, err[-2000:]
     assert 'Traceback' not in err and 'run the same command again to resume' in err.strip().splitlines()[-1]
     step = int(err.split('interrupted at step ')[1].split(';')[0])
     assert step > 0 and (run / 'checkpoints' / str(step)).is_dir()
+
+
+def _damage(model: Path, case: str):
+    "Damage a saved model as a bad copy, a full disk or a hand edit would."
+    data = [p for p in (model / 'params').rglob('*') if p.is_file() and p.parent.name == 'd' and 'ocdbt' in str(p)]
+    if case == 'zeroed weights':
+        for f in data: f.write_bytes(bytes(f.stat().st_size))
+    elif case == 'truncated weights':
+        for f in data: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif case == 'garbled model.json':
+        (model / 'model.json').write_text((model / 'model.json').read_text()[:40])
+    elif case == 'model.json without its class':
+        meta = json.loads((model / 'model.json').read_text()); del meta['class']
+        (model / 'model.json').write_text(json.dumps(meta))
+    elif case == 'config that disagrees with the weights':
+        meta = json.loads((model / 'model.json').read_text()); meta['config']['d_model'] *= 2
+        (model / 'model.json').write_text(json.dumps(meta))
+    elif case == 'config with a wrong type':
+        meta = json.loads((model / 'model.json').read_text()); meta['config']['n_layers'] = 'two'
+        (model / 'model.json').write_text(json.dumps(meta))
+
+
+CASES = {'zeroed weights': 'params: the weights are damaged or incomplete',
+         'truncated weights': 'params: the weights are damaged or incomplete',
+         'garbled model.json': 'model.json: not valid JSON', 'model.json without its class': "model.json: missing 'class'",
+         'config that disagrees with the weights': 'model.json: the config and the weights disagree',
+         'config with a wrong type': 'model.json: '}
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_a_damaged_model_directory_is_one_line_naming_the_file(tmp_path, case):
+    save_model(LM(LMConfig.tiny(), rngs=nnx.Rngs(0)), tmp_path / 'model')
+    _damage(tmp_path / 'model', case)
+    with pytest.raises(ValueError, match='^' + str(tmp_path / 'model') + '.*') as e:
+        load(tmp_path / 'model')
+    assert CASES[case] in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('case', ['zeroed weights', 'garbled model.json'])
+def test_generate_from_a_damaged_model_prints_one_line(tmp_path, case):
+    save_model(LM(LMConfig.tiny(), rngs=nnx.Rngs(0)), tmp_path / 'model')
+    _damage(tmp_path / 'model', case)
+    r = subprocess.run([HOWFAR, 'generate', str(tmp_path / 'model'), '1 2 3', '--ids'], capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count('\n') == 0, r.stderr[-3000:]
+    assert CASES[case] in r.stderr
+
+
+def test_command_line_slips_are_one_line_each(tmp_path, capsys):
+    from transformers_howfar.cli import main
+    from transformers_howfar.data.tokenizer import CharTokenizer
+    run = str(tmp_path / 'run')
+    cases = [(['train', 'duplicate', '--run-dir', run, 'steps=2', 'steps=3'], "override: steps is given twice"),
+             (['train', 'duplicate', '--run-dir', run, '--batch-size', '-4'], 'batch_size: expected a number > 0, got -4')]
+    model = LM(LMConfig.tiny().replace(vocab_size=CharTokenizer.digits().vocab_size), rngs=nnx.Rngs(0))
+    save_model(model, tmp_path / 'model', CharTokenizer.digits())
+    not_utf8 = b'12\xff3'.decode('utf-8', 'surrogateescape')  # how Python passes on an argument that is not UTF-8
+    cases += [(['generate', str(tmp_path / 'model'), not_utf8], 'expected text that is valid Unicode'),
+              (['generate', str(tmp_path / 'model'), '12', '--max-new-tokens', str(10**12)],
+               'max_new_tokens: expected at most'),
+              (['generate', str(tmp_path / 'model'), '12', '--max-new-tokens', '4', '--temperature', '1',
+                '--seed', str(2**70)], 'seed: expected an integer in [-2^63, 2^63)')]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and '\n' not in err, (argv, err)

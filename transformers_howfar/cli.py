@@ -21,7 +21,7 @@ from .train.distributed import initialize, is_primary, launch
 from .core import check_positive
 from .decoding import beam_search, generate, left_pad
 from .data.tokenizer import EOS_ID
-from .models.saving import load, load_tokenizer
+from .models.saving import ABANDONED_READS, load, load_tokenizer
 from .bench.measure import matmul_benchmark, read_records, write_records
 from .bench.attention import attention_benchmark
 from .bench.lsh import lsh_benchmark
@@ -62,7 +62,8 @@ def run_data_command(args) -> int:
     if args.action == 'list':
         print(f'cache folder: {cache_dir(args.data_dir)}')
         for r in list_sources(args.data_dir):
-            counts = ', '.join(f'{k} {v}' for k, v in r['counts'].items()) if r['fetched'] else 'not fetched'
+            counts = (', '.join(f'{k} {v}' for k, v in r['counts'].items()) if r['fetched'] else
+                      f"damaged: {r['problem']}" if r['problem'] else 'not fetched')
             print(f"{r['name']:18s} {r['kind']:9s} {counts}")
         return 0
     if not args.names and not args.all:
@@ -77,6 +78,13 @@ def run_data_command(args) -> int:
     return 0
 
 # %% ../nbs/99_cli.ipynb #d736b989
+def _is_option(arg: str) -> bool:
+    "Whether a command-line word is an option (`--fresh`), not a value such as `-4` or `-1e-3`."
+    if not arg.startswith('-'): return False
+    try: float(arg); return False
+    except ValueError: return True
+
+
 def add_train_arguments(p: argparse.ArgumentParser):
     p.add_argument('task', nargs='?', help='task to train; omit to list the tasks and their presets')
     p.add_argument(
@@ -116,7 +124,7 @@ def add_train_arguments(p: argparse.ArgumentParser):
             elif e.startswith('--') and '=' in e:
                 key, value = e[2:].split('=', 1)
                 overrides.append(f"{key.replace('-', '_')}={value}")
-            elif e.startswith('--') and i + 1 < len(extras) and not extras[i + 1].startswith('-'):
+            elif e.startswith('--') and i + 1 < len(extras) and not _is_option(extras[i + 1]):
                 overrides.append(f"{e[2:].replace('-', '_')}={extras[i + 1]}")
                 i += 1
             else:
@@ -374,14 +382,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C: what was saved, in one line (training checkpoints its last step)
         print(f'howfar {args.command}: {e or "interrupted"}', file=sys.stderr)
         return _leave_job(130)
-    except Exception:
+    except MemoryError as e:
+        print(f'howfar {args.command}: error: out of memory ({e or "MemoryError"}); try smaller sizes', file=sys.stderr)
+        return _leave_job(1)
+    except Exception as e:
+        if 'RESOURCE_EXHAUSTED' in str(e):  # XLA's out-of-memory: what it could not allocate, in one line
+            print(f'howfar {args.command}: error: out of memory on the device ({str(e).splitlines()[0][:300]}); try '
+                  'smaller sizes (batch, length, --max-new-tokens)', file=sys.stderr)
+            return _leave_job(1)
         traceback.print_exc()
         return _leave_job(1)
 
 
 def _leave_job(status: int) -> int:
-    "`status`; a process of a multi-process job exits at once, instead of waiting for peers that wait for it."
-    if jax.distributed.is_initialized():
+    """`status`; a process of a multi-process job exits at once, instead of waiting for peers that wait for it, and so
+    does one whose failed weights restore left reads behind (they would print tracebacks on the way out)."""
+    if jax.distributed.is_initialized() or ABANDONED_READS:
         sys.stdout.flush(); sys.stderr.flush()
         os._exit(status)
     return status

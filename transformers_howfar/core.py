@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 # %% auto #0
-__all__ = ['AXES', 'check_shape', 'check_positive', 'check_range', 'check_choice', 'check_divisible', 'Config', 'make_key',
-           'derive_key', 'split_keys', 'use_init_signatures', 'write_json', 'machine_info']
+__all__ = ['AXES', 'check_shape', 'check_positive', 'check_count', 'check_range', 'check_choice', 'check_divisible', 'write_json',
+           'read_json', 'Config', 'make_key', 'derive_key', 'split_keys', 'use_init_signatures', 'machine_info']
 
 # %% ../nbs/00_core.ipynb #e92e3b43
 AXES: dict[str, str] = {'B': 'batch', 'T': 'query length (time)', 'S': 'key/value length (source)',
@@ -57,6 +57,14 @@ def check_positive(name: str, value, allow_zero: bool = False):
         raise ValueError(f"{name}: expected a number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return value
 
+def check_count(name: str, value, allow_zero: bool = False) -> int:
+    "Raise unless `value` is a whole number > 0 (or >= 0 with `allow_zero`); returns it as an int (2.0 → 2; 2.5 fails)."
+    whole = isinstance(value, (int, np.integer))
+    whole = whole or isinstance(value, (float, np.floating)) and float(value).is_integer()  # not nan, not inf
+    if isinstance(value, bool) or not whole or not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{name}: expected a whole number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return int(value)
+
 def check_range(name: str, value, low, high, *, inclusive_high: bool = True):
     "Raise unless `low <= value <= high` (or `< high` with `inclusive_high=False`)."
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
@@ -76,6 +84,26 @@ def check_divisible(name: str, value: int, divisor: int, divisor_name: str):
     if value % divisor:
         raise ValueError(f'{name}: expected a multiple of {divisor_name} = {divisor}, got {value}')
     return value
+
+# %% ../nbs/00_core.ipynb #b2fa2fbb
+def write_json(path, obj, indent: int | None = 1) -> Path:
+    "Write `obj` as JSON to `path` atomically: a temporary file beside it, renamed into place; returns `path`."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(obj, indent=indent))
+    os.replace(tmp, path)
+    return path
+
+def read_json(path, required: Iterable[str] = (), fix: str = '') -> dict:
+    "The JSON object in `path`; a file that is not one, or lacks a `required` key, is one ValueError naming it."
+    path = Path(path)
+    try: obj = json.loads(path.read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as e: raise ValueError(f'{path}: not valid JSON ({e}){fix}') from None
+    if not isinstance(obj, dict): raise ValueError(f'{path}: expected a JSON object, got a {type(obj).__name__}{fix}')
+    missing = [k for k in required if k not in obj]
+    if missing: raise ValueError(f"{path}: missing {', '.join(map(repr, missing))}{fix}")
+    return obj
 
 # %% ../nbs/00_core.ipynb #7cbb6bbf
 def _parse_value(text: str, current):
@@ -134,12 +162,14 @@ class Config:
 
     def override(self, assignments: Sequence[str]):
         "Apply `['d_model=64', 'attention=full,lsh']` style strings, typed like the current values."
-        changes = {}
+        changes, given = {}, {}
         for a in assignments:
             if '=' not in a:
                 raise ValueError(f"override: expected 'name=value', got {a!r}")
             k, v = a.split('=', 1)
             self._check_names([k], 'override')
+            if k in given: raise ValueError(f'override: {k} is given twice ({given[k]!r} and {a!r}); keep one')
+            given[k] = a
             try:
                 changes[k] = _parse_value(v, getattr(self, k))
             except ValueError as e:
@@ -153,7 +183,7 @@ class Config:
     @classmethod
     def load(cls, path):
         "Read a config written by `save`; the class name must match."
-        d = json.loads(Path(path).read_text())
+        d = read_json(path, ('class', 'config'))
         if d.get('class') != cls.__name__:
             raise ValueError(f"path: {path} holds a {d.get('class')!r} config, expected {cls.__name__!r}")
         return cls.from_dict(d['config'])
@@ -161,8 +191,8 @@ class Config:
 # %% ../nbs/00_core.ipynb #a92de9c3
 def make_key(seed: int) -> jax.Array:
     "A typed JAX PRNG key from an integer seed."
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f'seed: expected an integer, got {seed!r}')
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**63:
+        raise ValueError(f'seed: expected an integer in [-2^63, 2^63), got {seed!r}')
     return jax.random.key(int(seed))
 
 
@@ -190,16 +220,6 @@ def use_init_signatures():
     type(nnx.Module).__signature__ = property(_init_signature)
 
 use_init_signatures()
-
-# %% ../nbs/00_core.ipynb #b2fa2fbb
-def write_json(path, obj, indent: int | None = 1) -> Path:
-    "Write `obj` as JSON to `path` atomically: a temporary file beside it, renamed into place; returns `path`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=indent))
-    os.replace(tmp, path)
-    return path
 
 # %% ../nbs/00_core.ipynb #57ac23fd
 def _cpu_model() -> str:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .core import check_positive, check_range, check_shape, make_key
+from .core import check_count, check_positive, check_range, check_shape, make_key
 from .data.tokenizer import EOS_ID, PAD_ID
 
 # %% auto #0
@@ -121,6 +121,15 @@ def _inputs(model, inputs, mask):
     check_shape(mask, 'B S', 'mask', B=src.shape[0], S=src.shape[1])
     return src, np.asarray(mask, bool)
 
+def _check_room(model, tokens, max_new_tokens: int):
+    "Refuse more new tokens than the positions hold: learned ones end at `max_len`, int32 ones at 2^31 - 1."
+    c, used = model.config, 0 if getattr(model, 'is_encoder_decoder', False) else tokens.shape[1]
+    learned = getattr(c, 'position', None) == 'learned'
+    room = (c.max_len if learned else 2**31 - 1) - used
+    if max_new_tokens > room:
+        raise ValueError(f'max_new_tokens: expected at most {room} (the prompt holds {used} of the '
+                         f"{'max_len = ' + str(c.max_len) if learned else '2^31 - 1'} positions), got {max_new_tokens}")
+
 def generate(
     model: nnx.Module,  # a model with `start` and `step` (`LM`, `EncoderDecoder`)
     prompts,  # list of token lists, or (B, P) ints with `prompt_mask`; source tokens (B, S) for an encoder-decoder
@@ -133,12 +142,13 @@ def generate(
     use_cache: bool = True,
 ) -> np.ndarray:  # (B, max_new_tokens) new tokens; after a stop token, padding
     "Continue each prompt by greedy decoding or sampling, in one jitted loop."
-    check_positive('max_new_tokens', max_new_tokens); check_positive('temperature', temperature, allow_zero=True)
-    check_positive('top_k', top_k, allow_zero=True); check_range('top_p', top_p, 0, 1, inclusive_high=True)
+    check_count('max_new_tokens', max_new_tokens); check_positive('temperature', temperature, allow_zero=True)
+    check_count('top_k', top_k, allow_zero=True); check_range('top_p', top_p, 0, 1, inclusive_high=True)
     if top_p == 0: raise ValueError('top_p: expected a number in (0, 1], got 0')
     if top_k > getattr(model.config, 'vocab_size', top_k):
         raise ValueError(f'top_k: expected at most vocab_size = {model.config.vocab_size}, got {top_k}')
     tokens, mask = _inputs(model, prompts, prompt_mask)
+    _check_room(model, tokens, max_new_tokens)
     if not use_cache and getattr(model, 'is_encoder_decoder', False):
         raise ValueError('use_cache: the uncached loop is for decoder-only models; '
                          'an encoder-decoder decodes with its cache')
@@ -196,11 +206,12 @@ def beam_search(
     eos_id: int = EOS_ID,
 ) -> tuple[np.ndarray, np.ndarray]:  # tokens (B, W, max_new_tokens) best first, scores (B, W)
     "Beam search with the GNMT length penalty, in one jitted loop."
-    check_positive('max_new_tokens', max_new_tokens); check_positive('beam_size', beam_size)
+    check_count('max_new_tokens', max_new_tokens); check_count('beam_size', beam_size)
     check_positive('alpha', alpha, allow_zero=True)
     V = getattr(model.config, 'output_vocab_size', model.config.vocab_size)
     if 2 * beam_size > V: raise ValueError(f'beam_size: expected at most vocab_size / 2 = {V // 2}, got {beam_size}')
     tokens, m = _inputs(model, inputs, mask)
+    _check_room(model, tokens, max_new_tokens)
     graphdef, params = nnx.split(model)
     seqs, scores = _beam(graphdef, params, jnp.asarray(tokens), jnp.asarray(m), int(beam_size), int(max_new_tokens),
                          float(alpha), int(eos_id))

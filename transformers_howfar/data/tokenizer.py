@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +14,7 @@ import numpy as np
 import sentencepiece as spm
 from fastcore.basics import patch
 
-from ..core import check_choice, check_positive
+from ..core import check_choice, check_positive, read_json, write_json
 
 # %% auto #0
 __all__ = ['PAD_ID', 'UNK_ID', 'BOS_ID', 'EOS_ID', 'MASK_ID', 'SEP_ID', 'CLS_ID', 'SPECIAL_TOKENS', 'NUM_SPECIAL',
@@ -44,6 +43,14 @@ def _fit(ids: list[int], bos: bool, eos: bool, max_len: int | None, truncate: st
     return [BOS_ID] * bos + ids + [EOS_ID] * eos
 
 
+def _check_unicode(text: str, name: str) -> str:
+    "`text`, unless it holds a lone surrogate (bytes that were not UTF-8, decoded with surrogateescape)."
+    try: text.encode('utf-8')
+    except UnicodeEncodeError as e:
+        raise ValueError(f'{name}: expected text that is valid Unicode, got a lone surrogate at character {e.start} '
+                         '(bytes that are not UTF-8?)') from None
+    return text
+
 def _check_texts(texts, name='texts') -> list[str]:
     if isinstance(texts, str):
         raise ValueError(f'{name}: expected a list of strings, got one string (use encode)')
@@ -51,6 +58,7 @@ def _check_texts(texts, name='texts') -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise ValueError(f'{name}[{i}]: expected a string, got {type(t).__name__}')
+        _check_unicode(t, f'{name}[{i}]')
     return texts
 
 # %% ../../nbs/10_data.tokenizer.ipynb #ac09fe14
@@ -68,6 +76,7 @@ class Tokenizer:
                truncate: str = 'right') -> np.ndarray:
         "Ids of `text` as an int32 array (T,), optionally wrapped in `<s>`...`</s>`."
         if not isinstance(text, str): raise ValueError(f'text: expected a string, got {type(text).__name__}')
+        _check_unicode(text, 'text')
         if max_len is not None: check_positive('max_len', max_len)
         check_choice('truncate', truncate, ['right', 'left', 'error'])
         return np.asarray(_fit(self._encode(text), bos, eos, max_len, truncate), dtype=np.int32)
@@ -129,7 +138,7 @@ def save(self: Tokenizer, directory) -> Path:
     "Write `tokenizer.json` (kind and settings) and any model file into `directory`."
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     self._save_files(d)
-    (d / 'tokenizer.json').write_text(json.dumps({'kind': self.kind, 'settings': self._settings()}, indent=2))
+    write_json(d / 'tokenizer.json', {'kind': self.kind, 'settings': self._settings()}, indent=2)
     return d
 
 
@@ -321,13 +330,13 @@ def load_tokenizer(directory) -> Tokenizer:
         raise FileNotFoundError(f'directory: {d} is not a directory')
     if not (d / 'tokenizer.json').is_file():
         raise FileNotFoundError(f'directory: {d} has no tokenizer.json (was it written by Tokenizer.save?)')
-    try:
-        meta = json.loads((d / 'tokenizer.json').read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f'directory: {d}/tokenizer.json is not valid JSON ({e})') from None
-    kind = check_choice('tokenizer.json kind', meta.get('kind'), list(TOKENIZER_KINDS))
+    meta = read_json(d / 'tokenizer.json', ('kind', 'settings'))
+    kind = check_choice(f'{d / "tokenizer.json"}: kind', meta['kind'], list(TOKENIZER_KINDS))
+    if not isinstance(meta['settings'], dict):
+        raise ValueError(f'{d / "tokenizer.json"}: settings: expected an object, got {meta["settings"]!r}')
     if kind == 'char':
-        return CharTokenizer(**meta['settings'])
+        try: return CharTokenizer(**meta['settings'])
+        except (TypeError, ValueError) as e: raise ValueError(f'{d / "tokenizer.json"}: settings: {e}') from None
     model = d / 'tokenizer.model'
     if not model.is_file():
         raise FileNotFoundError(f'directory: {d} has no tokenizer.model')

@@ -17,12 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..core import check_divisible, check_positive, check_range, check_shape
+from ..core import check_count, check_divisible, check_range, check_shape
 
 # %% auto #0
-__all__ = ['ATTENTION', 'default_positions', 'causal_mask', 'padding_to_mask', 'check_qkv', 'attention_weights',
-           'dot_product_attention', 'KVCache', 'AttentionKind', 'register_attention', 'get_attention',
-           'parse_attention_options', 'format_attention_options', 'MultiHeadAttention', 'capture_weights']
+__all__ = ['ATTENTION', 'default_positions', 'causal_mask', 'padding_to_mask', 'check_qkv', 'nonfinite_rows',
+           'flag_nonfinite_values', 'attention_weights', 'dot_product_attention', 'KVCache', 'AttentionKind',
+           'register_attention', 'get_attention', 'parse_attention_options', 'format_attention_options',
+           'MultiHeadAttention', 'capture_weights']
 
 # %% ../../nbs/21_layers.attention.ipynb #ccddccd2
 def default_positions(length: int, offset=0) -> jax.Array:
@@ -45,6 +46,15 @@ def check_qkv(q, k, v) -> dict:
     d = check_shape(v, 'B S K _', 'v', **d)
     check_divisible('q heads (N)', d['N'], d['K'], 'key/value heads (K)')
     return d
+
+def nonfinite_rows(x) -> jax.Array:
+    "`(B, S, K)`: True where the key or value row `x[b, s, k]` of `x (B, S, K, H)` holds a NaN or an infinity."
+    return ~jnp.isfinite(x).all(-1)
+
+def flag_nonfinite_values(k, v) -> tuple[jax.Array, jax.Array]:
+    "`k, v` with each non-finite value row zeroed and its key made NaN, so it reaches exactly the queries that see it."
+    bad = nonfinite_rows(v)[..., None]
+    return jnp.where(bad, jnp.nan, k).astype(k.dtype), jnp.where(bad, 0, v).astype(v.dtype)
 
 def _combined_mask(d, padding_mask, causal, mask, q_positions, kv_positions):
     "Boolean mask broadcastable to `(B, N, T, S)`, or None when every key is visible."
@@ -77,7 +87,10 @@ def attention_weights(
     d = check_qkv(q, k, k)
     G = d['N'] // d['K']
     qg = q.reshape(d['B'], d['T'], d['K'], G, d['H'])
-    scores = jnp.einsum('btkgh,bskh->bkgts', qg, k).reshape(d['B'], d['N'], d['T'], d['S'])  # (B, N, T, S)
+    bad = nonfinite_rows(k)  # a non-finite key is zeroed, and its scores made NaN below: masked, it changes nothing
+    scores = jnp.einsum('btkgh,bskh->bkgts', qg, jnp.where(bad[..., None], 0, k))
+    scores = jnp.where(bad.transpose(0, 2, 1)[:, :, None, None], jnp.nan, scores)
+    scores = scores.reshape(d['B'], d['N'], d['T'], d['S'])  # (B, N, T, S)
     scores = scores * (scale if scale is not None else 1 / math.sqrt(d['H']))
     if bias is not None: scores = scores + bias
     scores = scores.astype(jnp.float32)
@@ -96,6 +109,7 @@ def dot_product_attention(
 ) -> jax.Array:  # (B, T, N, H)
     "Dense attention: builds the (B, N, T, S) weights. The reference every other kind is checked against."
     d = check_qkv(q, k, v)
+    k, v = flag_nonfinite_values(k, v)  # masking selects: what a masked key or value holds cannot reach the output
     w = attention_weights(q, k, padding_mask=padding_mask, causal=causal, mask=mask, bias=bias,
                           q_positions=q_positions, kv_positions=kv_positions, scale=scale)
     w = _dropout(w, dropout_rate, dropout_key)
@@ -123,7 +137,7 @@ class KVCache:
     def zeros(cls, batch: int, max_len: int, n_kv_heads: int, d_head: int, dtype=jnp.float32) -> KVCache:
         "An empty cache for `max_len` positions."
         for n, x in (('batch', batch), ('max_len', max_len), ('n_kv_heads', n_kv_heads), ('d_head', d_head)):
-            check_positive(n, x)
+            check_count(n, x)
         z = jnp.zeros((batch, max_len, n_kv_heads, d_head), dtype)
         return cls(z, z, jnp.zeros((), jnp.int32))
 
@@ -250,10 +264,10 @@ class MultiHeadAttention(nnx.Module):
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None, d_head: int | None = None,
                  attention: str = 'full', attention_options: dict | None = None, causal: bool = False,
                  dropout_rate: float = 0.0, use_bias: bool = False, rngs: nnx.Rngs):
-        check_positive('d_model', d_model)
-        check_positive('n_heads', n_heads)
+        check_count('d_model', d_model)
+        check_count('n_heads', n_heads)
         n_kv_heads = n_kv_heads or n_heads
-        check_positive('n_kv_heads', n_kv_heads)
+        check_count('n_kv_heads', n_kv_heads)
         check_divisible('n_heads', n_heads, n_kv_heads, 'n_kv_heads')
         if d_head is None: d_head = check_divisible('d_model', d_model, n_heads, 'n_heads') // n_heads
         check_range('dropout_rate', dropout_rate, 0, 1, inclusive_high=False)

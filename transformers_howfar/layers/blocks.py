@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..core import check_choice, check_divisible, check_positive, check_shape
+from ..core import check_choice, check_count, check_divisible, check_shape
 from .attention import KVCache, MultiHeadAttention, capture_weights
 
 # %% auto #0
@@ -27,7 +27,7 @@ def sinusoidal_positions(
     base: float = 10000.0,  # longest wavelength / 2π
 ) -> jax.Array:  # (*positions.shape, D), sin and cos interleaved
     "The fixed sinusoidal position code of Vaswani et al. (2017) for integer `positions`."
-    check_positive('d_model', d_model); check_divisible('d_model', d_model, 2, 'two')
+    check_count('d_model', d_model); check_divisible('d_model', d_model, 2, 'two')
     inverse_wavelength = base ** (-jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)  # (D/2,)
     angles = jnp.asarray(positions, jnp.float32)[..., None] * inverse_wavelength  # (..., D/2)
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], -1).reshape(*angles.shape[:-1], d_model)
@@ -68,7 +68,7 @@ class Embedder(nnx.Module):
         rngs: nnx.Rngs,
     ):
         for name, value in [('vocab_size', vocab_size), ('d_model', d_model), ('max_len', max_len)]:
-            check_positive(name, value)
+            check_count(name, value)
         self.position, self.max_len, self.d_model = check_choice('position', position, POSITIONS), max_len, d_model
         init = nnx.initializers.normal(d_model**-0.5)
         self.token = nnx.Embed(vocab_size, d_model, embedding_init=init, rngs=rngs)
@@ -104,7 +104,7 @@ ACTIVATIONS: dict[str, Callable] = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 's
 class FeedForward(nnx.Module):
     "Position-wise feed-forward: D → F → activation → dropout → D."
     def __init__(self, d_model: int, d_ff: int, activation: str = 'relu', dropout_rate: float = 0.0, *, rngs: nnx.Rngs):
-        check_positive('d_model', d_model); check_positive('d_ff', d_ff)
+        check_count('d_model', d_model); check_count('d_ff', d_ff)
         self.activation = check_choice('activation', activation, ACTIVATIONS)
         self.up = nnx.Linear(d_model, d_ff, rngs=rngs)
         self.down = nnx.Linear(d_ff, d_model, rngs=rngs)
@@ -136,7 +136,7 @@ def depth_plan(
     shared: bool = False,  # reuse one block per attention type at every step (Universal Transformer)
 ) -> tuple[tuple[int, str], ...]:  # (block index, attention type) for each step
     "Which distinct block runs at each depth step, and with which attention type."
-    check_positive('n_layers', n_layers)
+    check_count('n_layers', n_layers)
     if isinstance(attention_types, str) or not len(attention_types):
         raise ValueError(f'attention_types: expected a non-empty tuple of names, got {attention_types!r}')
     k = len(attention_types)

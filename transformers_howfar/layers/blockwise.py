@@ -12,8 +12,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ..core import check_positive, check_range, check_shape
-from .attention import check_qkv, default_positions, get_attention, register_attention
+from ..core import check_count, check_range, check_shape
+from .attention import (check_qkv, default_positions, flag_nonfinite_values, get_attention,
+                                                 register_attention)
 
 # %% auto #0
 __all__ = ['BIG', 'FullPattern', 'NEG', 'AttentionPattern', 'blockwise_attention', 'memory_efficient_attention']
@@ -69,9 +70,10 @@ class _Static:
     rate: float
     bias_shape: tuple | None
 
-def _scores(st, q_i, k_j, bias_ij, mask_ij):
+def _scores(st, q_i, k_j, bias_ij, mask_ij, bad_j):
     s = jnp.einsum('bkgqh,bksh->bkgqs', q_i, k_j, preferred_element_type=jnp.float32) * st.scale  # (B, K, G, Cq, Ckv)
     if bias_ij is not None: s = s + bias_ij
+    s = jnp.where(bad_j, jnp.nan, s)  # a non-finite key: NaN where visible, nothing where masked
     return s if mask_ij is None else jnp.where(mask_ij, s, NEG)
 
 def _slices(st, i, j, q, k, v, bias, kv_valid, q_pos, kv_pos, seg):
@@ -79,6 +81,8 @@ def _slices(st, i, j, q, k, v, bias, kv_valid, q_pos, kv_pos, seg):
     cq, ck = st.block_q, st.block_kv
     q_i = jax.lax.dynamic_slice_in_dim(q, i * cq, cq, axis=3)
     k_j = jax.lax.dynamic_slice_in_dim(k, j * ck, ck, axis=2)
+    bad = ~jnp.isfinite(k_j).all(-1)  # (B, K, Ckv) keys that are zeroed here and flagged in the scores
+    k_j = jnp.where(bad[..., None], 0, k_j)
     v_j = jax.lax.dynamic_slice_in_dim(v, j * ck, ck, axis=2)
     qp = jax.lax.dynamic_slice_in_dim(q_pos, i * cq, cq)
     kp = jax.lax.dynamic_slice_in_dim(kv_pos, j * ck, ck)
@@ -88,7 +92,7 @@ def _slices(st, i, j, q, k, v, bias, kv_valid, q_pos, kv_pos, seg):
     b = None
     if bias is not None:
         b = jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(bias, i * cq, cq, axis=3), j * ck, ck, axis=4)
-    return q_i, k_j, v_j, b, mask, full
+    return q_i, k_j, v_j, b, mask, full, bad[:, :, None, None, :]
 
 def _drop(st, p, key, i, j, n_kv):
     if st.rate == 0: return p
@@ -107,9 +111,9 @@ def _flash_forward(st, q, k, v, bias, kv_valid, q_pos, kv_pos, key):
         for seg, (lo, hi) in enumerate(_block_ranges(st.pattern, qp, kv_first, kv_last, st.seg_blocks)):
             def body(j, c, seg=seg):
                 m, l, acc = c
-                q_i, k_j, v_j, b, mask, full = _slices(st, i, j, q, k, v, bias, kv_valid, q_pos, kv_pos, seg)
+                q_i, k_j, v_j, b, mask, full, bad = _slices(st, i, j, q, k, v, bias, kv_valid, q_pos, kv_pos, seg)
                 def probs(masked):  # unnormalised block probabilities; the mask is applied only where needed
-                    s = _scores(st, q_i, k_j, b, mask if masked else None)
+                    s = _scores(st, q_i, k_j, b, mask if masked else None, bad)
                     m_new = jnp.maximum(m, s.max(-1))
                     e = jnp.exp(s - m_new[..., None])
                     return (jnp.where(mask, e, 0) if masked else e), m_new
@@ -141,9 +145,11 @@ def _flash_backward(st, q, k, v, bias, kv_valid, q_pos, kv_pos, key, out, lse, d
         for seg, (lo, hi) in enumerate(_block_ranges(st.pattern, qp, kv_first, kv_last, st.seg_blocks)):
             def body(j, c, seg=seg):
                 dq_i, dk, dv, dbias = c
-                q_i, k_j, v_j, b, mask, full = _slices(st, i, j, q, k, v, bias, kv_valid, q_pos, kv_pos, seg)
-                p = jax.lax.cond(full, lambda: jnp.exp(_scores(st, q_i, k_j, b, None) - lse_i[..., None]),
-                                 lambda: jnp.where(mask, jnp.exp(_scores(st, q_i, k_j, b, mask) - lse_i[..., None]), 0))
+                q_i, k_j, v_j, b, mask, full, bad = _slices(st, i, j, q, k, v, bias, kv_valid, q_pos, kv_pos, seg)
+                def probs(masked):
+                    e = jnp.exp(_scores(st, q_i, k_j, b, mask if masked else None, bad) - lse_i[..., None])
+                    return jnp.where(mask, e, 0) if masked else e
+                p = jax.lax.cond(full, lambda: probs(False), lambda: probs(True))
                 pd = _drop(st, p, key, i, j, n_kv)
                 dv_j = jnp.einsum('bkgqs,bkgqh->bksh', pd, do_i, preferred_element_type=jnp.float32)
                 dp = jnp.einsum('bkgqh,bksh->bkgqs', do_i, v_j, preferred_element_type=jnp.float32)
@@ -218,8 +224,9 @@ def blockwise_attention(
 ) -> jax.Array:  # (B, T, N, H)
     "Exact attention over the keys `pattern` allows: blocks, an online softmax and a recomputing backward pass."
     d = check_qkv(q, k, v)
-    check_positive('block_q', block_q)
-    check_positive('block_kv', block_kv)
+    k, v = flag_nonfinite_values(k, v)  # what a masked key or value holds cannot reach the output
+    check_count('block_q', block_q)
+    check_count('block_kv', block_kv)
     check_range('dropout_rate', dropout_rate, 0, 1, inclusive_high=False)
     if dropout_rate > 0 and dropout_key is None:
         raise ValueError('dropout_key: expected a PRNG key when dropout_rate > 0, got None')

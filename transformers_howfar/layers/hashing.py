@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import check_positive, check_shape, derive_key
+from ..core import check_count, check_shape, derive_key
+from .attention import flag_nonfinite_values
 
 # %% auto #0
 __all__ = ['SELF_VALUE', 'MASK_VALUE', 'bucket_factors', 'hash_vectors', 'collision_probability', 'auto_buckets',
@@ -38,7 +39,7 @@ def hash_vectors(
     n_rounds: int = 1,  # independent hashes (R)
 ) -> jax.Array:  # (R, ..., T) int32 bucket ids in [0, prod(n_buckets))
     "Angular LSH: bucket = argmax([xR; -xR]) for a random Gaussian rotation R, one per round (and per factor)."
-    fs = bucket_factors(n_buckets); check_positive('n_rounds', n_rounds)
+    fs = bucket_factors(n_buckets); check_count('n_rounds', n_rounds)
     x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
     out = jnp.zeros((n_rounds,) + x.shape[:-1], jnp.int32)
     if fs == (1,): return out
@@ -68,7 +69,7 @@ def collision_probability(
 # %% ../../nbs/24_layers.hashing.ipynb #ff5306af
 def auto_buckets(length: int, chunk_length: int, max_factor: int = 64) -> tuple[int, ...]:
     "About `2·length/chunk_length` buckets (a power of two), split into factors of at most `max_factor`."
-    check_positive('length', length); check_positive('chunk_length', chunk_length)
+    check_count('length', length); check_count('chunk_length', chunk_length)
     bits = max(1, int(math.floor(math.log2(max(2, 2 * length // chunk_length)))))
     per = max(1, int(math.log2(max_factor)))
     k = -(-bits // per)  # number of factors
@@ -92,6 +93,7 @@ def shared_qk_attention(
     d = check_shape(qk, 'B T N H', 'qk')
     check_shape(v, 'B T N H', 'v', **d)
     T = d['T']
+    qk, v = flag_nonfinite_values(qk, v)  # a non-finite value: NaN scores where visible, nothing where masked
     s = shared_qk_scores(qk)
     s = jnp.where(jnp.eye(T, dtype=bool), SELF_VALUE, s)
     ok = jnp.ones((T, T), bool) if not causal else jnp.tril(jnp.ones((T, T), bool))

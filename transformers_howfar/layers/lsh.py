@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from ..core import check_divisible, check_positive, check_shape
-from .attention import register_attention
+from ..core import check_count, check_divisible, check_shape
+from .attention import flag_nonfinite_values, register_attention
 from .hashing import MASK_VALUE, SELF_VALUE, auto_buckets, hash_vectors, shared_qk_attention, bucket_factors
 
 # %% auto #0
@@ -237,7 +237,7 @@ def heads_mesh():
 
 def heads_devices(devices: int = 1):
     "A context whose mesh spreads LSH slices over the first `devices` devices (for one device, it does nothing)."
-    check_positive('devices', devices)
+    check_count('devices', devices)
     if devices > len(jax.devices()):
         raise ValueError(f'devices: expected at most {len(jax.devices())} '
                          f'(more need XLA_FLAGS=--xla_force_host_platform_device_count), got {devices}')
@@ -284,8 +284,11 @@ def lsh_attention(
     check_shape(v, 'B T N H', 'v', **d)
     B, T, N, H = d['B'], d['T'], d['N'], d['H']
     for name, value in (('n_rounds', n_rounds), ('chunk_length', chunk_length), ('block_length', block_length)):
-        check_positive(name, value)
+        check_count(name, value)
     if padding_mask is not None: check_shape(padding_mask, 'B T', 'padding_mask', **d)
+    qk, v = flag_nonfinite_values(qk, v)  # a non-finite value: NaN scores where visible, nothing where masked
+    if padding_mask is not None:  # a padded token is no one's key, and its own row is not to poison gradients
+        qk = jnp.where(~jnp.asarray(padding_mask, bool)[:, :, None, None] & ~jnp.isfinite(qk), 0, qk)
     if T <= (chunk_length if dense_threshold is None else dense_threshold):
         return shared_qk_attention(qk, v, causal=causal, padding_mask=padding_mask)
     n_blocks, chunks_per_block, padded_length = lsh_block_plan(T, chunk_length, block_length)
@@ -354,9 +357,9 @@ class LSHSelfAttention(nnx.Module):
                  dense_threshold: int | None = None, use_bias: bool = False, rngs: nnx.Rngs):
         for name, value in (('d_model', d_model), ('n_heads', n_heads), ('n_rounds', n_rounds),
                             ('chunk_length', chunk_length)):
-            check_positive(name, value)
+            check_count(name, value)
         d_head = d_head or d_model // n_heads
-        check_positive('d_head', d_head)
+        check_count('d_head', d_head)
         if n_buckets is not None: n_buckets = bucket_factors(n_buckets)  # validated, and a hashable tuple
         # plain hashable fields (no dict): the graph definition must hash under nnx.jit and split/merge + jax.jit
         self.n_heads, self.d_head, self.causal, self.n_rounds = int(n_heads), int(d_head), bool(causal), int(n_rounds)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..core import check_choice, check_positive, check_range, check_shape, derive_key
+from ..core import check_choice, check_count, check_range, check_shape, derive_key
 from .losses import cross_entropy_sums, normalise_sums
 
 # %% auto #0
@@ -144,7 +144,7 @@ class ReversibleSequence(nnx.Module):
     repeats."""
 
     def __init__(self, sublayers: Sequence[nnx.Module], period: int = 1, mode: str = 'reversible'):
-        check_positive('period', period)
+        check_count('period', period)
         if not len(sublayers) or len(sublayers) % period:
             raise ValueError(
                 f'sublayers: expected a positive multiple of period = {period} modules, got {len(sublayers)}'
@@ -174,7 +174,7 @@ def chunked_apply(
 ) -> jax.Array:  # (B, T, ...) = fn(x) chunk by chunk
     """Apply a position-wise `fn` to length chunks one at a time, rematerialised, so its insides exist for one chunk
     only."""
-    check_positive('chunk_size', chunk_size)
+    check_count('chunk_size', chunk_size)
     body = jax.checkpoint(lambda xc, j: fn(xc, None if key is None else jax.random.fold_in(key, j)))
     xs = _to_chunks(x, chunk_size)  # (n, B, C, ...)
     ys = jax.lax.map(lambda args: body(*args), (xs, jnp.arange(xs.shape[0])))  # (n, B, C, ...)
@@ -202,7 +202,7 @@ def chunked_cross_entropy(
     sizes = check_shape(hidden, 'B T D', 'hidden')
     check_shape(targets, 'B T', 'targets', B=sizes['B'], T=sizes['T'])
     check_range('label_smoothing', label_smoothing, 0.0, 1.0, inclusive_high=False)
-    check_positive('chunk_size', chunk_size)
+    check_count('chunk_size', chunk_size)
     mask = (
         jnp.ones(targets.shape, jnp.float32)
         if mask is None

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..core import check_choice, check_positive, check_shape
+from ..core import check_choice, check_count, check_positive, check_shape
 from .attention import causal_mask, default_positions, dot_product_attention, register_attention
 from .blockwise import BIG, AttentionPattern, blockwise_attention
 
@@ -49,9 +49,9 @@ def local_attention(
     scale: float | None = None, dropout_rate: float = 0.0, dropout_key=None,
 ) -> jax.Array:  # (B, T, N, H)
     "Blocked local attention (Liu et al. 2018): each block sees itself and its neighbouring blocks."
-    check_positive('block_size', block_size)
-    check_positive('look_back', look_back, allow_zero=True)
-    check_positive('look_ahead', look_ahead, allow_zero=True)
+    check_count('block_size', block_size)
+    check_count('look_back', look_back, allow_zero=True)
+    check_count('look_ahead', look_ahead, allow_zero=True)
     pattern = LocalPattern(causal=causal, block_size=block_size, look_back=look_back, look_ahead=look_ahead)
     return blockwise_attention(q, k, v, pattern=pattern, padding_mask=padding_mask, bias=bias, q_positions=q_positions,
                                kv_positions=kv_positions, scale=scale, dropout_rate=dropout_rate,
@@ -65,7 +65,7 @@ def compress_kv(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # (B, S', K, H) summaries, (B, S') validity, (S',) positions
     "Strided convolution over length with kernel = stride: one summary per `stride` tokens."
     check_shape(x, 'B S K H', 'x')
-    check_positive('stride', stride)
+    check_count('stride', stride)
     B, S, K, H = x.shape
     n = -(-S // stride)
     valid = jnp.ones((B, S), bool) if padding_mask is None else jnp.asarray(padding_mask, bool)
@@ -104,7 +104,7 @@ def memory_compressed_attention(
 class KVCompression(nnx.Module):
     "Learned taps of the key and value compression of memory-compressed attention."
     def __init__(self, n_kv_heads: int, d_head: int, *, stride: int = 3, rngs: nnx.Rngs, **_):
-        check_positive('stride', stride)
+        check_count('stride', stride)
         eye = jnp.broadcast_to(jnp.eye(d_head) / stride, (stride, n_kv_heads, d_head, d_head))
         noise = lambda: 0.02 / math.sqrt(d_head) * jax.random.normal(rngs.params(), eye.shape)
         self.kernel_k, self.kernel_v = nnx.Param(eye + noise()), nnx.Param(eye + noise())
@@ -154,7 +154,7 @@ def sparse_attention(
 ) -> jax.Array:  # (B, T, N, H)
     "Fixed or strided sparse attention (Child et al. 2019), exact for its pattern."
     check_choice('pattern', pattern, ('fixed', 'strided'))
-    check_positive('stride', stride)
+    check_count('stride', stride)
     if pattern == 'fixed' and not 0 < summary <= stride:
         raise ValueError(f'summary: expected a number in [1, stride = {stride}], got {summary!r}')
     p = SparsePattern(causal=causal, kind=pattern, stride=stride, summary=summary)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from fastcore.basics import patch
 
-from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
+from ..core import Config, check_choice, check_count, check_divisible, check_range, check_shape
 from ..layers.attention import KVCache, get_attention, parse_attention_options
 from ..layers.blocks import ACTIVATIONS, POSITIONS, Embedder, Stack
 from ..layers.losses import cross_entropy
@@ -44,9 +44,9 @@ class LMConfig(Config):
 
     def validate(self):
         for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len'):
-            check_positive(f, getattr(self, f))
+            check_count(f, getattr(self, f))
         check_divisible('d_model', self.d_model, self.n_heads, 'n_heads')
-        check_positive('n_kv_heads', self.n_kv_heads, allow_zero=True)
+        check_count('n_kv_heads', self.n_kv_heads, allow_zero=True)
         check_divisible('n_heads', self.n_heads, self.kv_heads, 'n_kv_heads')
         check_range('dropout_rate', self.dropout_rate, 0, 1, inclusive_high=False)
         if isinstance(self.attention, str) or not self.attention:

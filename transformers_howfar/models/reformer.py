@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..core import (Config, check_choice, check_divisible, check_positive, check_range, check_shape,
+from ..core import (Config, check_choice, check_count, check_divisible, check_range, check_shape,
                                       derive_key, make_key)
 from ..layers.attention import (MultiHeadAttention, format_attention_options, get_attention,
                                                   parse_attention_options)
@@ -50,7 +50,7 @@ class ReformerConfig(Config):
 
     def validate(self):
         for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len', 'ff_chunk', 'loss_chunk'):
-            check_positive(f, getattr(self, f))
+            check_count(f, getattr(self, f))
         check_divisible('d_model', self.d_model, self.n_heads, 'n_heads')
         if isinstance(self.attention, str) or not self.attention:
             raise ValueError(f'attention: expected a non-empty tuple of attention types, got {self.attention!r}')
@@ -105,7 +105,7 @@ class AxialPositions(nnx.Module):
 # %% ../../nbs/33_models.reformer.ipynb #df732a75
 def axial_factors(length: int) -> tuple[int, int]:
     "An `axial_shape` (A1, A2) covering `length` positions: A2 a power of two at or above sqrt(length), A1 the rest."
-    check_positive('length', length)
+    check_count('length', length)
     second = 2 ** int(np.ceil(np.log2(np.sqrt(length))))
     return (-(-length // second), second)
 

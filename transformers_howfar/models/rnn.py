@@ -13,7 +13,7 @@ from flax import nnx
 from fastcore.basics import patch
 
 from ..layers.attention import dot_product_attention
-from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
+from ..core import Config, check_choice, check_count, check_divisible, check_positive, check_range, check_shape
 from ..layers.blocks import Embedder
 from ..data.tokenizer import BOS_ID, PAD_ID
 
@@ -37,7 +37,7 @@ class RNNConfig(Config):
 
     def validate(self):
         for f in ('vocab_size', 'd_model', 'n_layers', 'max_len'):
-            check_positive(f, getattr(self, f))
+            check_count(f, getattr(self, f))
         check_positive('target_vocab_size', self.target_vocab_size, allow_zero=True)
         check_divisible('d_model', self.d_model, 2, 'two (one half per encoder direction)')
         check_choice('cell', self.cell, ('lstm', 'gru'))

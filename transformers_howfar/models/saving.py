@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -18,11 +19,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ..core import Config
+from ..core import Config, read_json
 
 # %% auto #0
-__all__ = ['PACKAGE', 'LEGACY_CLASSES', 'class_path', 'resolve_class', 'save_model', 'model_dir', 'read_model_config', 'load',
-           'load_tokenizer']
+__all__ = ['PACKAGE', 'LEGACY_CLASSES', 'ABANDONED_READS', 'class_path', 'resolve_class', 'save_model', 'model_dir',
+           'read_model_config', 'load', 'load_tokenizer']
 
 # %% ../../nbs/29_models.saving.ipynb #990ca6ef
 PACKAGE = 'transformers_howfar'
@@ -121,7 +122,7 @@ def read_model_config(
 ) -> tuple[type, Config]:
     "The model class and the config saved in the model directory `path`."
     path = model_dir(path)
-    meta = json.loads((path / 'model.json').read_text())
+    meta = read_json(path / 'model.json', ('format', 'class', 'config_class', 'config'))
     if meta.get('format') != 'transformers_howfar.model':
         raise ValueError(f"path: {path}/model.json is not a transformers_howfar model (format {meta.get('format')!r})")
     names = [meta.get('class'), meta.get('config_class')]
@@ -137,7 +138,51 @@ def read_model_config(
         model_cls, config_cls = resolve_class(names[0]), resolve_class(names[1], 'config_class')
     if not issubclass(config_cls, Config):
         raise ValueError(f'model.json: config_class {names[1]!r} is not a Config')
-    return model_cls, config_cls.from_dict(meta['config'])
+    try: return model_cls, config_cls.from_dict(meta['config'])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f'{path / "model.json"}: config: {e}') from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0][:160] if lines else type(e).__name__).rstrip('.:')
+
+def _shapes(tree) -> dict[str, tuple]:
+    "`{'stack/blocks/0/mlp/kernel': shape}` of a tree of arrays or of orbax's array metadata."
+    name = lambda path: '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    return {name(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+
+ABANDONED_READS = []  # the weights folders whose restore failed in this process, leaving orbax reads behind
+
+def _quiet_abandoned_reads():
+    "After a failed restore orbax leaves reads that complain when collected (hundreds of lines): drop only those."
+    previous = sys.unraisablehook
+    if getattr(previous, 'howfar_quiet', False): return
+    def hook(unraisable):
+        code = getattr(unraisable.object, 'cr_code', None)
+        late = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'
+        if not late and (code is None or 'orbax' not in code.co_filename): previous(unraisable)
+    hook.howfar_quiet = True
+    sys.unraisablehook = hook
+
+def _restore_params(path: Path, target: dict) -> dict:
+    "The weights in `path/params`, laid out as `target`: a mismatch with the config or damage is one ValueError."
+    damaged = (f"{path / 'params'}: the weights are damaged or incomplete ({{}}); copy the model directory again, "
+               'or save the model again')
+    try:
+        with ocp.StandardCheckpointer() as ckpt: stored = ckpt.metadata(path / 'params').item_metadata
+        have = _shapes(stored)
+    except Exception as e: raise ValueError(damaged.format(_first_line(e))) from None
+    want = _shapes(target)
+    for name in sorted(set(want) | set(have)):
+        if want.get(name) != have.get(name):
+            raise ValueError(f"{path / 'model.json'}: the config and the weights disagree: the config makes "
+                             f"{name} {want.get(name, 'absent')}, the weights hold {have.get(name, 'nothing')}")
+    try:
+        with ocp.StandardCheckpointer() as ckpt: return ckpt.restore(path / 'params', target)
+    except Exception as e:
+        _quiet_abandoned_reads(); ABANDONED_READS.append(path / 'params')
+        raise ValueError(damaged.format(_first_line(e))) from None
 
 
 def load(
@@ -153,9 +198,7 @@ def load(
         rest
     ):  # state that is not a parameter (an RNG stream's key and count) is made as the constructor makes it
         rest = nnx.split(model_cls(config, rngs=nnx.Rngs(0)), nnx.Param, ...)[2]
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path / 'params', params.to_pure_dict())
-    params.replace_by_pure_dict(restored)
+    params.replace_by_pure_dict(_restore_params(path, params.to_pure_dict()))
     return nnx.merge(graphdef, params, rest)
 
 

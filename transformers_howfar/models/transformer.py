@@ -14,7 +14,7 @@ from flax import nnx
 from fastcore.basics import patch
 
 from ..layers.attention import KVCache, get_attention
-from ..core import Config, check_choice, check_divisible, check_positive, check_range, check_shape
+from ..core import Config, check_choice, check_count, check_divisible, check_range, check_shape
 from ..layers.blocks import ACTIVATIONS, POSITIONS, Embedder, Stack
 from ..data.tokenizer import BOS_ID, PAD_ID
 from ..layers.losses import cross_entropy
@@ -47,9 +47,9 @@ class TransformerConfig(Config):
 
     def validate(self):
         for f in ('vocab_size', 'd_model', 'd_ff', 'n_heads', 'n_layers', 'max_len'):
-            check_positive(f, getattr(self, f))
+            check_count(f, getattr(self, f))
         for f in ('target_vocab_size', 'n_kv_heads', 'n_decoder_layers'):
-            check_positive(f, getattr(self, f), allow_zero=True)
+            check_count(f, getattr(self, f), allow_zero=True)
         check_divisible('d_model', self.d_model, self.n_heads, 'n_heads')
         check_divisible('n_heads', self.n_heads, self.kv_heads, 'n_kv_heads')
         if self.share_embeddings and self.output_vocab_size != self.vocab_size:

@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][2](args) or 0
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f'howfar {args.command}: error: {e}', file=sys.stderr)
-        return _leave_job(2)
+        return _leave_job(2, argv is None)
     except KeyboardInterrupt as e:  # Ctrl-C: what was saved, in one line (training checkpoints its last step)
         print(f'howfar {args.command}: {e or "interrupted"}', file=sys.stderr)
         return _leave_job(130)
@@ -394,10 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         return _leave_job(1)
 
 
-def _leave_job(status: int) -> int:
+def _leave_job(status: int, entry: bool = False) -> int:
     """`status`; a process of a multi-process job exits at once, instead of waiting for peers that wait for it, and so
-    does one whose failed weights restore left reads behind (they would print tracebacks on the way out)."""
-    if jax.distributed.is_initialized() or ABANDONED_READS:
+    does the `howfar` process (`entry`) whose failed weights restore left reads behind (they would print tracebacks on
+    the way out)."""
+    if jax.distributed.is_initialized() or entry and ABANDONED_READS:
         sys.stdout.flush(); sys.stderr.flush()
         os._exit(status)
     return status

@@ -14,7 +14,7 @@ import numpy as np
 import sentencepiece as spm
 from fastcore.basics import patch
 
-from ..core import check_choice, check_positive, read_json, write_json
+from ..core import check_choice, check_count, read_json, write_json
 
 # %% auto #0
 __all__ = ['PAD_ID', 'UNK_ID', 'BOS_ID', 'EOS_ID', 'MASK_ID', 'SEP_ID', 'CLS_ID', 'SPECIAL_TOKENS', 'NUM_SPECIAL',
@@ -77,7 +77,7 @@ class Tokenizer:
         "Ids of `text` as an int32 array (T,), optionally wrapped in `<s>`...`</s>`."
         if not isinstance(text, str): raise ValueError(f'text: expected a string, got {type(text).__name__}')
         _check_unicode(text, 'text')
-        if max_len is not None: check_positive('max_len', max_len)
+        if max_len is not None: check_count('max_len', max_len)
         check_choice('truncate', truncate, ['right', 'left', 'error'])
         return np.asarray(_fit(self._encode(text), bos, eos, max_len, truncate), dtype=np.int32)
 
@@ -96,7 +96,7 @@ def encode_batch(self: Tokenizer, texts: Sequence[str], *, bos: bool = False, eo
                  truncate: str = 'right', as_jax: bool = False) -> dict:
     "Encode `texts` into `ids` (B, T) int32, `mask` (B, T) float32 (1 = token) and `lengths` (B,) int32."
     texts = _check_texts(texts)
-    check_positive('pad_multiple', pad_multiple)
+    check_count('pad_multiple', pad_multiple)
     rows = [self.encode(t, bos=bos, eos=eos, max_len=max_len, truncate=truncate).tolist() for t in texts]
     longest = max((len(r) for r in rows), default=0)
     if pad_to is not None and pad_to < longest:
@@ -279,7 +279,7 @@ class SentencePieceTokenizer(Tokenizer):
         """Train on `corpus`: a text file, a list of `Path`s, or an iterable of strings (one sentence or paragraph per
         line)."""
         check_choice('model_type', model_type, ['unigram', 'bpe'])
-        check_positive('vocab_size', vocab_size)
+        check_count('vocab_size', vocab_size)
         symbols, lines = _check_symbols(user_defined_symbols), _corpus_lines(corpus)
         settings = dict(vocab_size=vocab_size, model_type=model_type, user_defined_symbols=symbols,
                         split_digits=split_digits, character_coverage=character_coverage, seed=seed,

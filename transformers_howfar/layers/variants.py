@@ -72,11 +72,13 @@ def compress_kv(
     pos = default_positions(S) if kv_positions is None else jnp.asarray(kv_positions, jnp.int32)
     x = jnp.where(valid[:, :, None, None], x, 0)
     x = jnp.pad(x, ((0, 0), (0, n * stride - S), (0, 0), (0, 0))).reshape(B, n, stride, K, H)
-    if kernel is None: y = x.mean(2)
+    window = jnp.pad(valid, ((0, 0), (0, n * stride - S))).reshape(B, n, stride)
+    if kernel is None:  # the mean of a window's real tokens (a short last window or padding counts no zeros)
+        y = x.sum(2) / jnp.maximum(window.sum(-1), 1)[:, :, None, None].astype(x.dtype)
     else:
         check_shape(kernel, f'{stride} K H H', 'kernel', K=K, H=H)
         y = jnp.einsum('bnrkh,rkhg->bnkg', x, kernel.astype(x.dtype))
-    valid = jnp.pad(valid, ((0, 0), (0, n * stride - S))).reshape(B, n, stride).any(-1)
+    valid = window.any(-1)
     # a short last window still ends at 3j+2
     pos = jnp.concatenate([pos, pos[-1] + 1 + jnp.arange(n * stride - S, dtype=jnp.int32)])
     pos = pos.reshape(n, stride)[:, -1]  # a summary's position: the last position of its window

@@ -1,21 +1,27 @@
 """experiments.longcontext: byte windows, count baselines, training and resuming a run, the cost of a step, gathering runs."""
+import dataclasses
 import json
 import shutil
 
 import numpy as np
 import pytest
 
+from transformers_howfar.data.sources import SOURCES, fetch
 from transformers_howfar.experiments.longcontext import (LONGCONTEXT_RUNS, longcontext_cost, longcontext_experiment,
                                                          ngram_bits, train_longcontext)
 
 
-def test_longcontext_training_on_a_small_corpus(tmp_path):
+def cache(data_dir, monkeypatch, docs):
+    "Fetch `docs` (lists of lines) into `data_dir` as the wikipedia and brown sources, checksums and all."
+    for name in ('wikipedia', 'brown'):
+        monkeypatch.setitem(SOURCES, name, dataclasses.replace(SOURCES[name], extract=lambda tmp: docs))
+        fetch([name], data_dir, progress=False)
+
+
+def test_longcontext_training_on_a_small_corpus(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     words = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'and', 'dog', 'ran']
-    for name in ('wikipedia', 'brown'):
-        (tmp_path / name).mkdir()
-        docs = ['\n'.join(' '.join(rng.choice(words, 12)) for _ in range(3)) for _ in range(80)]
-        (tmp_path / name / 'text.txt').write_text('\n\n'.join(docs) + '\n')
+    cache(tmp_path, monkeypatch, [[' '.join(rng.choice(words, 12)) for _ in range(3)] for _ in range(80)])
     r = train_longcontext('transformer_1k', 8, quick=True, data_dir=tmp_path, evals=4)
     assert r['context'] == 16 and r['steps'] == 8 and [p['step'] for p in r['curve']] == [2, 4, 6, 8]
     assert r['valid_bits_per_byte'] < r['curve'][0]['valid_bits'] < 8.5  # learns the small vocabulary of letters
@@ -24,11 +30,9 @@ def test_longcontext_training_on_a_small_corpus(tmp_path):
 
 
 @pytest.mark.slow
-def test_longcontext_resumes_from_its_checkpoints(tmp_path):
+def test_longcontext_resumes_from_its_checkpoints(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
-    for name in ('wikipedia', 'brown'):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / 'text.txt').write_text('\n\n'.join(' '.join(rng.choice(['ab', 'cd', 'ef'], 40)) for _ in range(80)) + '\n')
+    cache(tmp_path, monkeypatch, [[' '.join(rng.choice(['ab', 'cd', 'ef'], 40))] for _ in range(80)])
     whole = train_longcontext('reformer_local_lsh_16k', 6, quick=True, data_dir=tmp_path, evals=2)
     run_dir = tmp_path / 'run'
     train_longcontext('reformer_local_lsh_16k', 6, quick=True, data_dir=tmp_path, evals=2, run_dir=run_dir)

@@ -65,6 +65,8 @@ def test_attention_is_a_convex_mix_of_the_values_or_a_clear_error(name, data, T,
         real = slice(None) if padding is None else np.asarray(padding[b])
         low, high = group[b, real].min(0), group[b, real].max(0)  # (N, H)
         rows = out[b] if padding is None else out[b, np.asarray(padding[b])]
+        if name == 'memory_compressed' and causal:  # a query before the first whole summary sees nothing: zeros
+            rows = rows[np.abs(rows).sum((1, 2)) > 0]
         assert (rows >= low - tol).all() and (rows <= high + tol).all(), (name, options)
     if name == 'chunked' and dtype == jnp.float32:
         np.testing.assert_allclose(out, dot_product_attention(q, k, v, causal=causal, padding_mask=padding),
@@ -119,7 +121,7 @@ def test_cross_entropy_is_the_mean_over_counted_tokens_or_a_clear_error(shape, d
     else:  # masked targets may hold anything: they change nothing
         log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         nll = -np.take_along_axis(log_p, np.clip(targets, 0, V - 1)[..., None], -1)[..., 0]
-        np.testing.assert_allclose(float(m['nll']), nll[counted].mean(), rtol=1e-5)
+        np.testing.assert_allclose(float(m['nll']), nll[counted].mean(), rtol=1e-5, atol=1e-6)
 
 
 LM_MODEL = LM(LMConfig.tiny().replace(position='rotary'), rngs=nnx.Rngs(0))

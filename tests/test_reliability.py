@@ -195,3 +195,53 @@ def test_command_line_slips_are_one_line_each(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert message in err and '\n' not in err, (argv, err)
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    import errno
+    from transformers_howfar.train import trainer as trainer_module
+    run = tmp_path / 'run'
+    straight, _ = train_task('duplicate', 'tiny', TINY, tmp_path / 'straight')
+    real = trainer_module.save_checkpoint
+
+    def disk_full_at_15(manager, step, *args, **kwargs):
+        if step != 15: return real(manager, step, *args, **kwargs)
+        (run / 'checkpoints' / '15').mkdir()  # what a write cut short by a full disk may leave
+        (run / 'checkpoints' / '15' / 'partial').write_bytes(b'\0' * 7)
+        raise OSError(errno.ENOSPC, 'No space left on device', str(run / 'checkpoints' / '15'))
+
+    monkeypatch.setattr(trainer_module, 'save_checkpoint', disk_full_at_15)
+    with pytest.raises(OSError, match='No space left on device'):
+        train_task('duplicate', 'tiny', TINY, run)
+    monkeypatch.setattr(trainer_module, 'save_checkpoint', real)
+    assert (run / 'checkpoints' / '10').is_dir()  # the last good checkpoint is untouched
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DamagedCheckpointWarning)
+        resumed, _ = train_task('duplicate', 'tiny', TINY, run)  # room again: resumes from step 10
+    assert all(np.array_equal(a, b) for a, b in zip(params_of(resumed.model), params_of(straight.model)))
+
+
+def test_a_full_disk_on_the_command_line_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    from transformers_howfar.cli import main
+    from transformers_howfar.train import trainer as trainer_module
+    def full(*args, **kwargs): raise OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'run'))
+    monkeypatch.setattr(trainer_module, 'save_checkpoint', full)
+    assert main(['train', 'duplicate', '--run-dir', str(tmp_path / 'run'), 'steps=10', 'checkpoint_every=5']) == 1
+    err = capsys.readouterr().err.strip()
+    assert 'No space left on device' in err and '\n' not in err, err
+
+
+def test_resume_step_insists_on_one_checkpoint_and_sets_newer_ones_aside(tmp_path):
+    run = tmp_path / 'run'
+    straight, _ = train_task('duplicate', 'tiny', TINY, tmp_path / 'straight')
+    train_task('duplicate', 'tiny', TINY, run)  # checkpoints 5, 10, 15, 20
+    with pytest.raises(ValueError, match=r'resume_step: expected one of the checkpoints \[5, 10, 15, 20\]'):
+        train_task('duplicate', 'tiny', TINY, run, resume_step=7)
+    (run / 'checkpoints' / '5' / 'meta' / 'metadata').write_bytes(b'\0' * 16)  # damaged: no fallback to another
+    with pytest.raises(ValueError, match='step: checkpoint .*/5 cannot be read'):
+        train_task('duplicate', 'tiny', TINY, run, resume_step=5)
+    with pytest.warns(UserWarning, match=r'resuming from step 10: checkpoints \[15, 20\] moved to'):
+        resumed, _ = train_task('duplicate', 'tiny', TINY, run, resume_step=10)
+    assert sorted(p.name.split('-')[0] for p in (run / 'set_aside_checkpoints').iterdir()) == ['15', '20']  # kept
+    assert all(np.array_equal(a, b) for a, b in zip(params_of(resumed.model), params_of(straight.model)))

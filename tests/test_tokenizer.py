@@ -147,7 +147,7 @@ def test_load_errors(tmp_path, sp):
     with pytest.raises(FileNotFoundError, match='has no tokenizer.model'):
         load_tokenizer(tmp_path)
     (tmp_path / 'tokenizer.json').write_text('{not json')
-    with pytest.raises(ValueError, match='is not valid JSON'):
+    with pytest.raises(ValueError, match='tokenizer.json: not valid JSON'):
         load_tokenizer(tmp_path)
 
 

@@ -98,6 +98,8 @@ def add_train_arguments(p: argparse.ArgumentParser):
         '--run-dir', default=None, help='run directory (default: runs/TASK-PRESET); an existing run is resumed'
     )
     p.add_argument('--fresh', action='store_true', help="discard the run directory's checkpoints and log first")
+    p.add_argument('--resume-step', type=int, default=None, help='resume from this checkpoint and no other; newer ones '
+                   'are moved to set_aside_checkpoints/ (default: the newest that reads back whole)')
     p.add_argument('--accept-changes', action='store_true',
                    help='resume although training settings (learning rate, seed, ...) changed; config.json records it')
     p.add_argument('--processes', type=int, default=1,
@@ -110,12 +112,8 @@ def add_train_arguments(p: argparse.ArgumentParser):
                    help='join the job that JAX detects from the cluster (SLURM, Open MPI, TPU pod, Kubernetes)')
     plain = p.parse_known_args
 
-    def intermixed(
-        args=None, namespace=None
-    ):  # argparse stops collecting positionals at the first option: gather the rest
-        namespace, extras = plain(
-            args, namespace
-        )  # and read unknown `--key value` / `--key=value` as the override key=value
+    def intermixed(args=None, namespace=None):  # argparse stops collecting positionals at the first option: gather
+        namespace, extras = plain(args, namespace)  # the rest, reading `--key value` / `--key=value` as key=value
         overrides, unknown, i = list(namespace.overrides or []), [], 0
         while i < len(extras):
             e = extras[i]
@@ -163,7 +161,7 @@ def run_train_command(args) -> int:
     overrides = args.overrides
     try:
         trainer, summary = train_task(args.task, args.preset, overrides, args.run_dir, fresh=args.fresh,
-                                      accept_changes=args.accept_changes)
+                                      accept_changes=args.accept_changes, resume_step=args.resume_step)
     except NonFiniteLoss as e:
         raise ValueError(str(e)) from None
     if not is_primary(): return 0  # process 0 speaks for the job
@@ -230,9 +228,7 @@ def generate_command(args) -> list[str]:
     elif tokenizer is None:
         raise ValueError(f'prompts: {args.model_dir} has no tokenizer; pass token ids with --ids')
     else:
-        rows = [
-            [int(t) for t in tokenizer.encode(p)] for p in args.prompts
-        ]  # encode gives numpy arrays: make lists before joining
+        rows = [[int(t) for t in tokenizer.encode(p)] for p in args.prompts]  # lists (encode gives arrays)
         rows = [r + [EOS_ID] if seq2seq else [EOS_ID] + r for r in rows]
     inputs = rows
     if seq2seq:
@@ -382,15 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C: what was saved, in one line (training checkpoints its last step)
         print(f'howfar {args.command}: {e or "interrupted"}', file=sys.stderr)
         return _leave_job(130)
-    except MemoryError as e:
-        print(f'howfar {args.command}: error: out of memory ({e or "MemoryError"}); try smaller sizes', file=sys.stderr)
-        return _leave_job(1)
     except Exception as e:
-        if 'RESOURCE_EXHAUSTED' in str(e):  # XLA's out-of-memory: what it could not allocate, in one line
-            print(f'howfar {args.command}: error: out of memory on the device ({str(e).splitlines()[0][:300]}); try '
-                  'smaller sizes (batch, length, --max-new-tokens)', file=sys.stderr)
-            return _leave_job(1)
-        traceback.print_exc()
+        first = (str(e) or type(e).__name__).splitlines()[0][:300]
+        if isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in first:  # out of memory, host or XLA device
+            print(f'howfar {args.command}: error: out of memory ({first}); try smaller sizes', file=sys.stderr)
+        elif isinstance(e, OSError):  # a full disk, a read-only folder: the system's one line
+            print(f'howfar {args.command}: error: {e}', file=sys.stderr)
+        else: traceback.print_exc()
         return _leave_job(1)
 
 

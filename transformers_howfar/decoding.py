@@ -115,11 +115,15 @@ def _as_batch(prompts, prompt_mask):
 
 def _inputs(model, inputs, mask):
     "Left-padded prompts for a decoder-only model; source tokens and mask (default: not padding) for encoder-decoders."
-    if not getattr(model, 'is_encoder_decoder', False): return _as_batch(inputs, mask)
-    src = np.asarray(inputs, np.int32); check_shape(src, 'B S', 'src')
-    if mask is None: return src, src != PAD_ID
-    check_shape(mask, 'B S', 'mask', B=src.shape[0], S=src.shape[1])
-    return src, np.asarray(mask, bool)
+    if not getattr(model, 'is_encoder_decoder', False): tokens, mask = _as_batch(inputs, mask)
+    else:
+        tokens = np.asarray(inputs, np.int32); check_shape(tokens, 'B S', 'src')
+        if mask is not None: check_shape(mask, 'B S', 'mask', B=tokens.shape[0], S=tokens.shape[1])
+        mask = tokens != PAD_ID if mask is None else np.asarray(mask, bool)
+    V, counted = model.config.vocab_size, np.asarray(tokens)[np.asarray(mask, bool)]
+    bad = counted[(counted < 0) | (counted >= V)]  # an id past the embedding table would read garbage
+    if bad.size: raise ValueError(f'prompts: expected token ids in [0, {V}) for this model, got {int(bad[0])}')
+    return tokens, mask
 
 def _check_room(model, tokens, max_new_tokens: int):
     "Refuse more new tokens than the positions hold: learned ones end at `max_len`, int32 ones at 2^31 - 1."

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 
 # %% auto #0
 __all__ = ['fingerprint', 'checkpoint_manager', 'save_checkpoint', 'CheckpointMismatch', 'restore_checkpoint',
-           'DamagedCheckpointWarning', 'restore_newest_intact']
+           'DamagedCheckpointWarning', 'restore_newest_intact', 'restore_step']
 
 # %% ../../nbs/40_train.checkpoint.ipynb #178cf95a
 def _is_key(x): return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -96,3 +96,23 @@ def restore_newest_intact(manager: ocp.CheckpointManager, like, aside) -> tuple[
             warnings.warn(f'checkpoint {where} is damaged ({type(e).__name__}: {reason}); moved to {dest}',
                           DamagedCheckpointWarning, stacklevel=2)
     return None
+
+def restore_step(manager: ocp.CheckpointManager, step: int, like, aside=None) -> tuple[Any, dict, dict]:
+    """Checkpoint `step` and no other: a missing or unreadable one is a ValueError naming it. With a folder `aside`, the
+    newer checkpoints are then moved there (kept, never deleted), so training continues from `step`."""
+    steps = sorted(manager.all_steps())
+    if step not in steps: raise ValueError(f'step: expected one of the checkpoints {steps}, got {step}')
+    try: out = restore_checkpoint(manager, step, like)
+    except CheckpointMismatch: raise
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f'step: checkpoint {Path(manager.directory) / str(step)} cannot be read ({reason})') from None
+    newer = [s for s in steps if s > step] if aside is not None else []
+    if newer and jax.process_index() == 0:
+        for s in newer:
+            dest = Path(aside).absolute() / f'{s}-{time.strftime("%Y%m%d-%H%M%S")}'
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(manager.directory) / str(s), dest)
+        warnings.warn(f'resuming from step {step}: checkpoints {newer} moved to {Path(aside).absolute()}', stacklevel=2)
+    if newer: manager.reload()
+    return out

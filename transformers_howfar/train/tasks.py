@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 
 from ..models.bert import BertConfig
-from ..core import Config, check_choice, check_positive, derive_key, make_key, write_json
+from ..core import Config, check_choice, check_count, check_positive, derive_key, make_key, write_json
 from ..data.batches import duplication_batches
 from ..models.lm import LM, LMConfig
 from ..models.reformer import ReformerConfig
@@ -291,7 +291,8 @@ def check_resume(run_dir, task: str, model_config: Config, train_config: TrainCo
 
 
 def train_task(
-    task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, fresh: bool = False, accept_changes: bool = False
+    task: str, preset: str = 'tiny', overrides=(), run_dir=None, *, fresh: bool = False, accept_changes: bool = False,
+    resume_step: int | None = None,  # resume from this checkpoint and no other (newer ones are set aside, kept)
 ) -> tuple[Trainer, dict]:
     """Build `task` with `preset` and `overrides`, train it in `run_dir` (resuming what is there) and return the
     trainer and summary."""
@@ -299,11 +300,18 @@ def train_task(
     run_dir = Path(run_dir or Path('runs') / f'{task}-{preset}')
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f'run_dir: expected a folder, got the file {run_dir}')
+    if resume_step is not None:
+        check_count('resume_step', resume_step)
+        if fresh: raise ValueError('resume_step: --fresh starts the run over; leave out one of the two')
+        if not (run_dir / 'checkpoints' / str(resume_step)).is_dir():
+            have = sorted(int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit())
+            raise ValueError(f'resume_step: expected one of the checkpoints {have} in {run_dir}, got {resume_step}')
     with run_dir_lock(run_dir) if is_primary() else contextlib.nullcontext():  # process 0 keeps the run directory
-        return _train_in(run_dir, task, preset, overrides, model_config, train_config, fresh, accept_changes)
+        return _train_in(run_dir, task, preset, overrides, model_config, train_config, fresh, accept_changes,
+                         resume_step)
 
 
-def _train_in(run_dir, task, preset, overrides, model_config, train_config, fresh, accept_changes):
+def _train_in(run_dir, task, preset, overrides, model_config, train_config, fresh, accept_changes, resume_step=None):
     if fresh and is_primary():
         for name in ('checkpoints', 'damaged_checkpoints', 'plots', 'model'):
             shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -323,7 +331,7 @@ def _train_in(run_dir, task, preset, overrides, model_config, train_config, fres
         train_data = ProcessShard(train_data)
         eval_data = None if eval_data is None else (lambda make=eval_data: ProcessShard(make()))
     trainer = Trainer(built.model, built.loss_fn, train_config, run_dir=run_dir, batch_shapes=built.batch_shapes)
-    summary = trainer.fit(train_data, eval_data)
+    summary = trainer.fit(train_data, eval_data, resume=resume_step or True)
     if trainer.step >= train_config.steps:  # finished: leave a model directory that `load` and `howfar generate` read
         model = trainer.model if jax.process_count() == 1 else host_copy(trainer.model)
         if is_primary(): save_model(model, run_dir / 'model', tokenizer=built.tokenizer, overwrite=True)

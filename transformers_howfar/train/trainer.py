@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ..core import (
     Config, check_choice, check_divisible, check_positive, check_range, derive_key, make_key)
 from ..data.batches import check_token_ids
-from .checkpoint import checkpoint_manager, restore_checkpoint, restore_newest_intact, save_checkpoint
+from .checkpoint import checkpoint_manager, restore_newest_intact, restore_step, save_checkpoint
 from .distributed import batch_sharding, is_primary, make_mesh, put_global, state_shardings
 from .metrics import FitProgress, MetricsLog, read_metrics, save_loss_plot, summarize_metrics
 
@@ -270,9 +270,10 @@ class Trainer:
                             {'optimizer': self.config.optimizer})
         return self.run_dir / 'checkpoints' / str(self.step)
 
-    def restore(self, data=None, step: int | None = None) -> int:
+    def restore(self, data=None, step: int | None = None, aside=None) -> int:
         """Load checkpoint `step` (default the newest that reads back whole, damaged newer ones moved to
-        `run_dir/damaged_checkpoints`) and `data`'s iterator position; return the step."""
+        `run_dir/damaged_checkpoints`; a given `step` or an error, newer ones moved to `aside` if given) and `data`'s
+        iterator position; return the step."""
         steps = self.manager.all_steps() if self.manager else []
         if not steps: raise FileNotFoundError(f'run_dir: no checkpoint under {self.run_dir}/checkpoints')
         if step is None:
@@ -282,8 +283,7 @@ class Trainer:
                                         f'the damaged ones are in {self.run_dir}/damaged_checkpoints')
             step, self.state, data_state, _ = found
         else:
-            if step not in steps: raise ValueError(f'step: expected one of the checkpoints {sorted(steps)}, got {step}')
-            self.state, data_state, _ = restore_checkpoint(self.manager, step, self.state)
+            self.state, data_state, _ = restore_step(self.manager, step, self.state, aside)
         if data is not None and hasattr(data, 'set_state') and data_state: data.set_state(data_state)
         return step
 
@@ -297,7 +297,7 @@ class Trainer:
         if not rows: raise ValueError('eval_data: expected at least one batch, got none')
         return summarize_metrics(rows)
 
-    def fit(self, train_data: Iterator, eval_data=None, *, resume: bool = True) -> dict:
+    def fit(self, train_data: Iterator, eval_data=None, *, resume: bool | int = True) -> dict:
         "Train to `config.steps`, resuming from the newest checkpoint if any; the last train and eval records, seconds."
         if not hasattr(train_data, '__next__'): train_data = iter(train_data)
         progress = self.begin(train_data, resume)
@@ -311,17 +311,18 @@ class Trainer:
             raise self.interrupted(train_data, progress) from None
         return self.finish(train_data, eval_data, progress)
 
-    def begin(self, train_data: Iterator, resume: bool = True) -> FitProgress:
-        "Restore the newest checkpoint and `train_data`'s position if `resume`; open the metrics log and progress bar."
+    def begin(self, train_data: Iterator, resume: bool | int = True) -> FitProgress:
+        """Restore the newest checkpoint (`resume=True`) or checkpoint `resume` (a step: newer ones are set aside) and
+        `train_data`'s position; open the metrics log and progress bar."""
         started = time.perf_counter()
-        if resume and self.latest_checkpoint() is not None: self.restore(train_data)
+        if resume and self.latest_checkpoint() is not None:
+            self.restore(train_data, None if resume is True else resume, self.run_dir / 'set_aside_checkpoints')
         if resume and self.step == 0: self._refuse_lost_progress()
         log = MetricsLog(self.run_dir / 'metrics.jsonl' if self.run_dir and is_primary() else None, after=self.step)
         before = max((r.get('seconds', 0.0) for r in log.records), default=0.0)
         from tqdm.auto import tqdm
         quiet = not (self.config.progress and is_primary())  # one progress bar for the job
-        bar = tqdm(total=self.config.steps, initial=self.step, disable=quiet, desc='train',
-                   leave=False)
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=quiet, desc='train', leave=False)
         return FitProgress(log, bar, started, before)
 
     def fit_step(self, train_data: Iterator, progress: FitProgress) -> dict:

@@ -110,7 +110,8 @@ def test_memory_efficient_temporaries_grow_linearly():
     (dict(dropout_rate=1.0), 'dropout_rate: expected a number in [0, 1)'),
     (dict(dropout_rate=0.1), 'dropout_key: expected a PRNG key'),
     (dict(padding_mask=jnp.ones((2, 5), bool)), 'padding_mask: expected shape (B, S)'),
-    (dict(bias=jnp.zeros((3, 1, 19, 19))), 'bias: expected shape (1|B, 1|N, T, S)'),
+    (dict(bias=jnp.zeros((3, 1, 19, 19))), 'bias: expected a shape broadcastable to (B, N, T, S)'),
+    (dict(bias=jnp.zeros((1, 1, 19, 7))), 'bias: expected a shape broadcastable to (B, N, T, S)'),
 ])
 def test_memory_efficient_errors(bad, msg):
     q, k, v = qkv()
@@ -263,3 +264,12 @@ def test_builtin_kinds_load_their_module_in_a_fresh_process():
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ['transformers_howfar.layers.blockwise']
+
+
+@pytest.mark.parametrize('bad', [dict(mask=jnp.ones((1, 1, 5, 5), bool)), dict(mask=jnp.ones((19, 19), bool)),
+                                 dict(bias=jnp.zeros((1, 3, 1, 19))), dict(bias=jnp.zeros((19, 19)))])
+def test_a_mask_or_bias_of_the_wrong_shape_is_named(bad):
+    q, k, v = qkv()
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f'^{name}: expected a shape broadcastable to'):
+        dot_product_attention(q, k, v, **bad)

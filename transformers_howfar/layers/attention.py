@@ -21,9 +21,9 @@ from ..core import check_count, check_divisible, check_range, check_shape
 
 # %% auto #0
 __all__ = ['ATTENTION', 'default_positions', 'causal_mask', 'padding_to_mask', 'check_qkv', 'nonfinite_rows',
-           'flag_nonfinite_values', 'attention_weights', 'dot_product_attention', 'KVCache', 'AttentionKind',
-           'register_attention', 'get_attention', 'parse_attention_options', 'format_attention_options',
-           'MultiHeadAttention', 'capture_weights']
+           'flag_nonfinite_values', 'check_broadcastable', 'attention_weights', 'dot_product_attention', 'KVCache',
+           'AttentionKind', 'register_attention', 'get_attention', 'parse_attention_options',
+           'format_attention_options', 'MultiHeadAttention', 'capture_weights']
 
 # %% ../../nbs/21_layers.attention.ipynb #ccddccd2
 def default_positions(length: int, offset=0) -> jax.Array:
@@ -56,6 +56,12 @@ def flag_nonfinite_values(k, v) -> tuple[jax.Array, jax.Array]:
     bad = nonfinite_rows(v)[..., None]
     return jnp.where(bad, jnp.nan, k).astype(k.dtype), jnp.where(bad, 0, v).astype(v.dtype)
 
+def check_broadcastable(name: str, x, shape: tuple) -> None:
+    "Refuse `x` unless each of its 4 axes is 1 or the matching size of `shape` (B, N, T, S), naming the argument."
+    if len(jnp.shape(x)) != 4 or any(a not in (1, b) for a, b in zip(jnp.shape(x), shape)):
+        raise ValueError(f'{name}: expected a shape broadcastable to (B, N, T, S) = {tuple(shape)}, '
+                         f'got {tuple(jnp.shape(x))}')
+
 def _combined_mask(d, padding_mask, causal, mask, q_positions, kv_positions):
     "Boolean mask broadcastable to `(B, N, T, S)`, or None when every key is visible."
     out = None
@@ -68,8 +74,7 @@ def _combined_mask(d, padding_mask, causal, mask, q_positions, kv_positions):
         kp = default_positions(d['S']) if kv_positions is None else kv_positions
         out = both(out, causal_mask(qp, kp)[None, None])
     if mask is not None:
-        if jnp.ndim(mask) != 4:
-            raise ValueError(f'mask: expected 4 axes broadcastable to (B, N, T, S), got shape {jnp.shape(mask)}')
+        check_broadcastable('mask', mask, (d['B'], d['N'], d['T'], d['S']))
         out = both(out, jnp.asarray(mask, bool))
     return out
 
@@ -92,7 +97,9 @@ def attention_weights(
     scores = jnp.where(bad.transpose(0, 2, 1)[:, :, None, None], jnp.nan, scores)
     scores = scores.reshape(d['B'], d['N'], d['T'], d['S'])  # (B, N, T, S)
     scores = scores * (scale if scale is not None else 1 / math.sqrt(d['H']))
-    if bias is not None: scores = scores + bias
+    if bias is not None:
+        check_broadcastable('bias', bias, (d['B'], d['N'], d['T'], d['S']))
+        scores = scores + bias
     scores = scores.astype(jnp.float32)
     m = _combined_mask(d, padding_mask, causal, mask, q_positions, kv_positions)
     if m is None: return jax.nn.softmax(scores, axis=-1)

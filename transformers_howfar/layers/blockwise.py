@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from ..core import check_count, check_range, check_shape
-from .attention import (check_qkv, default_positions, flag_nonfinite_values, get_attention,
-                                                 register_attention)
+from .attention import (check_broadcastable, check_qkv, default_positions,
+                                                 flag_nonfinite_values, get_attention, register_attention)
 
 # %% auto #0
 __all__ = ['BIG', 'FullPattern', 'NEG', 'AttentionPattern', 'blockwise_attention', 'memory_efficient_attention']
@@ -203,11 +203,8 @@ def _round_up(n, m): return -(-n // m) * m
 def _split_bias(bias, d, T, S):
     "Bias broadcastable to (B, N, T, S) as (1|B, K|1, G|1, T, S)."
     bias = jnp.asarray(bias)
-    if bias.ndim != 4:
-        raise ValueError(f'bias: expected 4 axes broadcastable to (B, N, T, S), got shape {bias.shape}')
+    check_broadcastable('bias', bias, (d['B'], d['N'], T, S))
     b, n = bias.shape[0], bias.shape[1]
-    if b not in (1, d['B']) or n not in (1, d['N']):
-        raise ValueError(f"bias: expected shape (1|B, 1|N, T, S) with B = {d['B']}, N = {d['N']}, got {bias.shape}")
     bias = jnp.broadcast_to(bias, (b, n, d['T'], d['S']))
     return bias.reshape(b, d['K'], d['N'] // d['K'], d['T'], d['S']) if n > 1 else bias[:, :, None]
 

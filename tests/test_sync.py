@@ -71,3 +71,11 @@ def test_saved_output_with_a_machine_path_fails(project):
     nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
     r = check(project)
     assert r.returncode == 1 and 'machine paths' in r.stdout and '50_bench.measure.ipynb' in r.stdout
+
+
+def test_the_readme_benchmark_table_is_the_one_the_records_give():
+    "Every number in the README's table of measurements comes from benchmarks/results/, through bench.claims."
+    from transformers_howfar.bench.claims import claims_table
+    table = claims_table(ROOT / 'benchmarks' / 'results')
+    assert table in (ROOT / 'README.md').read_text(), 'README.md: the benchmark table differs from the records; ' \
+        'run nbs/index.ipynb again (tools/run_notebooks.py) and make readme'

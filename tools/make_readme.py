@@ -1,7 +1,8 @@
 """Write README.md from nbs/index.ipynb without Quarto (what `nbdev_readme` does with it).
 
-Markdown cells are copied; code cells that are shown in the docs become fenced Python blocks with their
-text output. `python tools/make_readme.py --check` exits 1 if README.md is stale.
+Markdown cells are copied; a code cell marked `#| output: asis` contributes the markdown it displayed (a
+table built from the records); other code cells that are shown in the docs become fenced Python blocks with
+their text output. `python tools/make_readme.py --check` exits 1 if README.md is stale.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def render(nb_path: Path = ROOT / 'nbs' / 'index.ipynb') -> str:
         elif cell['cell_type'] == 'code' and src:
             lines = src.splitlines()
             flags = [l for l in lines if l.startswith('#|')]
+            if any(re.match(r'#\|\s*output:\s*asis', f) for f in flags):  # markdown it printed, as is (a table)
+                parts += [''.join(o.get('data', {}).get('text/markdown', '')).strip() for o in cell.get('outputs', [])]
+                continue
             if any(re.match(r'#\|\s*(hide|echo:\s*false|include:\s*false)', f) for f in flags): continue
             parts.append('```python\n' + '\n'.join(l for l in lines if not l.startswith('#|')) + '\n```')
             text = ''.join(''.join(o.get('text', '') or o.get('data', {}).get('text/plain', '')) for o in cell.get('outputs', []))

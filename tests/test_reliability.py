@@ -245,3 +245,12 @@ def test_resume_step_insists_on_one_checkpoint_and_sets_newer_ones_aside(tmp_pat
         resumed, _ = train_task('duplicate', 'tiny', TINY, run, resume_step=10)
     assert sorted(p.name.split('-')[0] for p in (run / 'set_aside_checkpoints').iterdir()) == ['15', '20']  # kept
     assert all(np.array_equal(a, b) for a, b in zip(params_of(resumed.model), params_of(straight.model)))
+
+
+def test_a_save_clears_what_killed_saves_left_beside_the_model(tmp_path):
+    save_model(LM(LMConfig.tiny(), rngs=nnx.Rngs(0)), tmp_path / 'model')
+    stale, young, old = tmp_path / '.model.new-dead', tmp_path / '.model.new-busy', tmp_path / '.model.old-gone'
+    for p in (stale, young, old): p.mkdir(); (p / 'model.json').write_text('{}')
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))  # killed two hours ago
+    save_model(LM(LMConfig.tiny(), rngs=nnx.Rngs(1)), tmp_path / 'model', overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.model.new-busy', 'model']  # a save may still own it

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -48,6 +49,14 @@ def resolve_class(path: str, field: str = 'class') -> type:
     return cls
 
 # %% ../../nbs/29_models.saving.ipynb #879fb3f4
+def _clear_leftovers(path: Path, age_s: float = 3600.0) -> None:
+    "Delete what killed saves left beside `path`: unfinished copies older than `age_s`, old copies once `path` is whole."
+    for p in path.parent.glob(f'.{path.name}.new-*'):
+        if not (p / '.complete').exists() and time.time() - p.stat().st_mtime > age_s: shutil.rmtree(p, True)
+    if (path / 'model.json').exists():
+        for p in path.parent.glob(f'.{path.name}.old-*'): shutil.rmtree(p, True)
+
+
 def save_model(model: nnx.Module, path, tokenizer=None, *, overwrite: bool = False) -> Path:
     "Write `model` (its config and parameters) and optionally its `tokenizer` to the directory `path`."
     path = Path(path).absolute()
@@ -55,6 +64,7 @@ def save_model(model: nnx.Module, path, tokenizer=None, *, overwrite: bool = Fal
         raise ValueError(f'model: expected a module with a .config of a Config class, got {type(model).__name__}')
     if path.exists() and not overwrite: raise ValueError(f'path: {path} exists; pass overwrite=True to replace it')
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(path)
     new = path.with_name(f'.{path.name}.new-{uuid.uuid4().hex[:8]}')
     new.mkdir()
     meta = {'format': 'transformers_howfar.model', 'version': 2, 'class': class_path(type(model)),

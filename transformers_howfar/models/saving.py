@@ -50,7 +50,7 @@ def resolve_class(path: str, field: str = 'class') -> type:
 
 # %% ../../nbs/29_models.saving.ipynb #879fb3f4
 def _clear_leftovers(path: Path, age_s: float = 3600.0) -> None:
-    "Delete what killed saves left beside `path`: unfinished copies older than `age_s`, old copies once `path` is whole."
+    "Delete what killed saves left beside `path`: unfinished copies older than `age_s`; old ones once `path` is whole."
     for p in path.parent.glob(f'.{path.name}.new-*'):
         if not (p / '.complete').exists() and time.time() - p.stat().st_mtime > age_s: shutil.rmtree(p, True)
     if (path / 'model.json').exists():

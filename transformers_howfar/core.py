@@ -19,7 +19,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['AXES', 'check_shape', 'check_positive', 'check_count', 'check_range', 'check_choice', 'check_divisible', 'write_json',
-           'read_json', 'Config', 'make_key', 'derive_key', 'split_keys', 'use_init_signatures', 'machine_info']
+           'first_line', 'read_json', 'Config', 'make_key', 'derive_key', 'split_keys', 'use_init_signatures',
+           'machine_info']
 
 # %% ../nbs/00_core.ipynb #e92e3b43
 AXES: dict[str, str] = {'B': 'batch', 'T': 'query length (time)', 'S': 'key/value length (source)',
@@ -94,6 +95,11 @@ def write_json(path, obj, indent: int | None = 1) -> Path:
     tmp.write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
     return path
+
+def first_line(error: BaseException, width: int = 160) -> str:
+    "The first line of `error`'s message (or its type's name), cut to `width`: a library's error inside one of ours."
+    lines = str(error).strip().splitlines()
+    return (lines[0][:width] if lines else type(error).__name__).rstrip('.:')
 
 def read_json(path, required: Iterable[str] = (), fix: str = '') -> dict:
     "The JSON object in `path`; a file that is not one, or lacks a `required` key, is one ValueError naming it."

@@ -9,15 +9,17 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from .measure import read_records
+from .measure import config_field, read_records
 
 # %% auto #0
-__all__ = ['ratio', 'CLAIMS', 'pick', 'Claim', 'claims_table']
+__all__ = ['CLAIMS', 'pick', 'Claim', 'claims_table']
 
 # %% ../../nbs/57_bench.claims.ipynb #7b0bd496
 def pick(records: list[dict], metric: str, **config) -> float:
-    "The value of the one record of `metric` whose config has these entries; none or several is a ValueError."
-    hits = [r for r in records if r['metric'] == metric and all(r['config'].get(k) == v for k, v in config.items())]
+    """The value of the one record of `metric` whose config has these entries (dotted names reach into nested configs,
+    as in `records_table`); none or several is a ValueError."""
+    matches = lambda r: r['metric'] == metric and all(config_field(r['config'], k) == v for k, v in config.items())
+    hits = [r for r in records if matches(r)]
     if len(hits) != 1:
         raise ValueError(f'records: expected one {metric!r} record with {config}, found {len(hits)}')
     return float(hits[0]['value'])
@@ -65,7 +67,7 @@ def _generate(r):
     return {'cached': tps(True), 'uncached': tps(False),
             'x512': pick(r('generate'), 'cache_speedup', new_tokens=512)}
 
-ratio = lambda pair: pair[1] / pair[0]
+def _ratio(pair): return pair[1] / pair[0]  # the 12-layer peak over the 2-layer one
 CLAIMS = [
     Claim('exact memory-efficient attention beats naive attention', 'faster than dense attention at 4K tokens',
           _attention, lambda v: f"{v['dense_4k']:.1f}× faster than `jax.nn.dot_product_attention` at 4K tokens; "
@@ -83,12 +85,12 @@ CLAIMS = [
           lambda v: min(v['x1'], v['x2']) > 1 and max(v['mem1'], v['mem2']) < 1),
     Claim('reversible layers keep memory flat in depth', '12 layers at most 1.5× the peak of 2', _reversible,
           lambda v: 'ReformerLM training step, peak at 12 layers over peak at 2: '
-                    f"{ratio(v['reversible_16384']):.2f}× at 16K tokens ({v['reversible_16384'][0]:.2f} → "
-                    f"{v['reversible_16384'][1]:.2f} GB) and {ratio(v['reversible_65536']):.2f}× at 64K "
+                    f"{_ratio(v['reversible_16384']):.2f}× at 16K tokens ({v['reversible_16384'][0]:.2f} → "
+                    f"{v['reversible_16384'][1]:.2f} GB) and {_ratio(v['reversible_65536']):.2f}× at 64K "
                     f"({v['reversible_65536'][0]:.2f} → {v['reversible_65536'][1]:.2f} GB); ordinary residual "
-                    f"{ratio(v['ordinary_16384']):.2f}× and {ratio(v['ordinary_65536']):.2f}× (64K: "
+                    f"{_ratio(v['ordinary_16384']):.2f}× and {_ratio(v['ordinary_65536']):.2f}× (64K: "
                     f"{v['ordinary_65536'][0]:.2f} → {v['ordinary_65536'][1]:.2f} GB)",
-          lambda v: max(ratio(v['reversible_16384']), ratio(v['reversible_65536'])) <= 1.5),
+          lambda v: max(_ratio(v['reversible_16384']), _ratio(v['reversible_65536'])) <= 1.5),
     Claim("our ReformerLM trains faster than reformer-pytorch's", 'faster, with less memory, on one core and on two',
           _reformer_pytorch,
           lambda v: f'64K tokens, 2 layers, Adam step: {v[1][0]:.1f}× faster with {v[1][1]:.2f}× the memory (one core '

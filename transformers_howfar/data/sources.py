@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import html
 import io
-import json
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
-from ..core import check_choice, write_json
+from ..core import check_choice, read_json, write_json
 
 # %% auto #0
 __all__ = ['SOURCES', 'EXTRACT_VERSION', 'FILES', 'cache_dir', 'FetchError', 'pip_download', 'npm_pack', 'apt_download',
@@ -303,12 +302,11 @@ def check_entry(name: str, data_dir: str | os.PathLike | None = None, argument: 
     if not meta_path.is_file():
         if data.exists(): raise DamagedEntry(f'{meta_path}: missing beside {data.name} (an interrupted fetch?){again}')
         raise FileNotFoundError(f'{argument}: {name!r} is not fetched yet; run `howfar data fetch {name}`')
-    try: meta = json.loads(meta_path.read_text(encoding='utf-8'))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DamagedEntry(f'{meta_path}: not valid JSON ({e}){again}') from None
-    expected = meta.get('file') if isinstance(meta, dict) else None
-    if not isinstance(expected, dict) or not {'bytes', 'sha256'} <= set(expected) or 'counts' not in meta:
-        raise DamagedEntry(f'{meta_path}: no counts or checksum (damaged, or written by an older version){again}')
+    try: meta = read_json(meta_path, ('counts', 'file'), again)
+    except ValueError as e: raise DamagedEntry(str(e)) from None
+    expected = meta['file']
+    if not isinstance(expected, dict) or not {'bytes', 'sha256'} <= set(expected):
+        raise DamagedEntry(f'{meta_path}: no checksum (damaged, or written by an older version){again}')
     if meta.get('extract_version') != EXTRACT_VERSION:
         raise DamagedEntry(f'{meta_path}: extracted by extractor version {meta.get("extract_version")}, '
                            f'this version extracts {EXTRACT_VERSION}{again}')

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from ..core import check_count, check_range, check_shape
-from .attention import (check_broadcastable, check_qkv, default_positions,
-                                                 flag_nonfinite_values, get_attention, register_attention)
+from .attention import (check_broadcastable, check_qkv, default_positions, flag_nonfinite_values,
+    get_attention, nonfinite_rows, register_attention)
 
 # %% auto #0
 __all__ = ['BIG', 'FullPattern', 'NEG', 'AttentionPattern', 'blockwise_attention', 'memory_efficient_attention']
@@ -81,7 +81,7 @@ def _slices(st, i, j, q, k, v, bias, kv_valid, q_pos, kv_pos, seg):
     cq, ck = st.block_q, st.block_kv
     q_i = jax.lax.dynamic_slice_in_dim(q, i * cq, cq, axis=3)
     k_j = jax.lax.dynamic_slice_in_dim(k, j * ck, ck, axis=2)
-    bad = ~jnp.isfinite(k_j).all(-1)  # (B, K, Ckv) keys that are zeroed here and flagged in the scores
+    bad = nonfinite_rows(k_j)  # (B, K, Ckv) keys that are zeroed here and flagged in the scores
     k_j = jnp.where(bad[..., None], 0, k_j)
     v_j = jax.lax.dynamic_slice_in_dim(v, j * ck, ck, axis=2)
     qp = jax.lax.dynamic_slice_in_dim(q_pos, i * cq, cq)

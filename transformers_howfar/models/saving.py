@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ..core import Config, read_json
+from ..core import Config, first_line, read_json
 
 # %% auto #0
 __all__ = ['PACKAGE', 'LEGACY_CLASSES', 'ABANDONED_READS', 'class_path', 'resolve_class', 'save_model', 'model_dir',
@@ -153,10 +153,6 @@ def read_model_config(
         raise ValueError(f'{path / "model.json"}: config: {e}') from None
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0][:160] if lines else type(e).__name__).rstrip('.:')
-
 def _shapes(tree) -> dict[str, tuple]:
     "`{'stack/blocks/0/mlp/kernel': shape}` of a tree of arrays or of orbax's array metadata."
     name = lambda path: '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
@@ -182,7 +178,7 @@ def _restore_params(path: Path, target: dict) -> dict:
     try:
         with ocp.StandardCheckpointer() as ckpt: stored = ckpt.metadata(path / 'params').item_metadata
         have = _shapes(stored)
-    except Exception as e: raise ValueError(damaged.format(_first_line(e))) from None
+    except Exception as e: raise ValueError(damaged.format(first_line(e))) from None
     want = _shapes(target)
     for name in sorted(set(want) | set(have)):
         if want.get(name) != have.get(name):
@@ -192,7 +188,7 @@ def _restore_params(path: Path, target: dict) -> dict:
         with ocp.StandardCheckpointer() as ckpt: return ckpt.restore(path / 'params', target)
     except Exception as e:
         _quiet_abandoned_reads(); ABANDONED_READS.append(path / 'params')
-        raise ValueError(damaged.format(_first_line(e))) from None
+        raise ValueError(damaged.format(first_line(e))) from None
 
 
 def load(

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
+from ..core import first_line
+
 # %% auto #0
 __all__ = ['fingerprint', 'checkpoint_manager', 'save_checkpoint', 'CheckpointMismatch', 'restore_checkpoint',
            'DamagedCheckpointWarning', 'restore_newest_intact', 'restore_step']
@@ -86,16 +88,20 @@ def restore_newest_intact(manager: ocp.CheckpointManager, like, aside) -> tuple[
         except CheckpointMismatch:
             raise
         except Exception as e:  # truncated, zeroed or missing parts: keep the files, try the checkpoint before
-            where = Path(manager.directory) / str(step)
-            dest = Path(aside).absolute() / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
-            if jax.process_index() == 0:  # one process moves the shared folder
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(where, dest)
-            manager.reload()
-            reason = (str(e).strip().splitlines() or [''])[0][:160]
-            warnings.warn(f'checkpoint {where} is damaged ({type(e).__name__}: {reason}); moved to {dest}',
-                          DamagedCheckpointWarning, stacklevel=2)
+            dest = _set_aside(manager, [step], aside)
+            warnings.warn(f'checkpoint {Path(manager.directory) / str(step)} is damaged ({type(e).__name__}: '
+                          f'{first_line(e)}); moved into {dest}', DamagedCheckpointWarning, stacklevel=2)
     return None
+
+def _set_aside(manager: ocp.CheckpointManager, steps, aside) -> Path:
+    "Move checkpoints `steps` into the folder `aside` as `STEP-time` (one process moves the shared folders)."
+    aside = Path(aside).absolute()
+    if jax.process_index() == 0:
+        for step in steps:
+            aside.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(manager.directory) / str(step), aside / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    manager.reload()
+    return aside
 
 def restore_step(manager: ocp.CheckpointManager, step: int, like, aside=None) -> tuple[Any, dict, dict]:
     """Checkpoint `step` and no other: a missing or unreadable one is a ValueError naming it. With a folder `aside`, the
@@ -105,14 +111,10 @@ def restore_step(manager: ocp.CheckpointManager, step: int, like, aside=None) ->
     try: out = restore_checkpoint(manager, step, like)
     except CheckpointMismatch: raise
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f'step: checkpoint {Path(manager.directory) / str(step)} cannot be read ({reason})') from None
+        where = Path(manager.directory) / str(step)
+        raise ValueError(f'step: checkpoint {where} cannot be read ({first_line(e)})') from None
     newer = [s for s in steps if s > step] if aside is not None else []
-    if newer and jax.process_index() == 0:
-        for s in newer:
-            dest = Path(aside).absolute() / f'{s}-{time.strftime("%Y%m%d-%H%M%S")}'
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(Path(manager.directory) / str(s), dest)
-        warnings.warn(f'resuming from step {step}: checkpoints {newer} moved to {Path(aside).absolute()}', stacklevel=2)
-    if newer: manager.reload()
+    if newer:
+        warnings.warn(f'resuming from step {step}: checkpoints {newer} moved to {_set_aside(manager, newer, aside)}',
+                      stacklevel=2)
     return out

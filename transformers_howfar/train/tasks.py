@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +17,8 @@ import jax
 from flax import nnx
 
 from ..models.bert import BertConfig
-from ..core import Config, check_choice, check_count, check_positive, derive_key, make_key, write_json
+from ..core import (Config, check_choice, check_count, check_positive, derive_key, make_key, read_json,
+                                     write_json)
 from ..data.batches import duplication_batches
 from ..models.lm import LM, LMConfig
 from ..models.reformer import ReformerConfig
@@ -252,14 +252,16 @@ def run_dir_lock(run_dir):
 
 
 def _read_run_config(path: Path) -> dict:
-    try:
-        old = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f'{path}: not valid JSON ({e}); put the file back, or pass --fresh to start over') from None
-    if not isinstance(old, dict) or not {'task', 'model', 'train'} <= set(old) or 'config' not in old['model']:
-        raise ValueError(f'{path}: expected a run config with task, model.config and train; put the file back, or '
-                         'pass --fresh to start over')
+    fix = '; put the file back, or pass --fresh to start over'
+    old = read_json(path, ('task', 'model', 'train'), fix)
+    if not isinstance(old['model'], dict) or 'config' not in old['model']:
+        raise ValueError(f"{path}: missing 'model.config'{fix}")
     return old
+
+
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    "The steps of the checkpoint folders in `run_dir/checkpoints`, sorted (none if there is no such folder)."
+    return sorted(int(p.name) for p in (Path(run_dir) / 'checkpoints').glob('*') if p.name.isdigit())
 
 
 def check_resume(run_dir, task: str, model_config: Config, train_config: TrainConfig,
@@ -267,7 +269,7 @@ def check_resume(run_dir, task: str, model_config: Config, train_config: TrainCo
     """The history of training-setting changes a resume in `run_dir` continues (with this one's); refuses another task
     or model, checkpoints without `config.json`, and changed settings unless `accept_changes`."""
     run_dir = Path(run_dir)
-    steps = [int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit()]
+    steps = _checkpoint_steps(run_dir)
     if not (run_dir / 'config.json').exists():
         if steps:
             raise ValueError(f'run_dir: {run_dir} has checkpoints but no config.json, so nothing says which settings '
@@ -303,8 +305,7 @@ def train_task(
     if resume_step is not None:
         check_count('resume_step', resume_step)
         if fresh: raise ValueError('resume_step: --fresh starts the run over; leave out one of the two')
-        if not (run_dir / 'checkpoints' / str(resume_step)).is_dir():
-            have = sorted(int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit())
+        if resume_step not in (have := _checkpoint_steps(run_dir)):
             raise ValueError(f'resume_step: expected one of the checkpoints {have} in {run_dir}, got {resume_step}')
     with run_dir_lock(run_dir) if is_primary() else contextlib.nullcontext():  # process 0 keeps the run directory
         return _train_in(run_dir, task, preset, overrides, model_config, train_config, fresh, accept_changes,
@@ -313,7 +314,7 @@ def train_task(
 
 def _train_in(run_dir, task, preset, overrides, model_config, train_config, fresh, accept_changes, resume_step=None):
     if fresh and is_primary():
-        for name in ('checkpoints', 'damaged_checkpoints', 'plots', 'model'):
+        for name in ('checkpoints', 'damaged_checkpoints', 'set_aside_checkpoints', 'plots', 'model'):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in ('metrics.jsonl', 'config.json'):
             (run_dir / name).unlink(missing_ok=True)

@@ -254,3 +254,14 @@ def test_a_save_clears_what_killed_saves_left_beside_the_model(tmp_path):
     os.utime(stale, (time.time() - 7200, time.time() - 7200))  # killed two hours ago
     save_model(LM(LMConfig.tiny(), rngs=nnx.Rngs(1)), tmp_path / 'model', overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.model.new-busy', 'model']  # a save may still own it
+
+
+def test_out_of_memory_on_the_command_line_is_one_line(tmp_path, monkeypatch, capsys):
+    from transformers_howfar import cli
+    def exhausted(*args, **kwargs):
+        raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.\n  details')
+    monkeypatch.setattr(cli, 'train_task', exhausted)
+    assert cli.main(['train', 'duplicate', '--run-dir', str(tmp_path / 'run')]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ('howfar train: error: out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate '
+                   '8589934592 bytes); try smaller sizes'), err

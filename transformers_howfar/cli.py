@@ -18,7 +18,7 @@ from .data.sources import SOURCES, FetchError, cache_dir, fetch, list_sources
 from .train.trainer import NonFiniteLoss
 from .train.tasks import TASKS, load_run, train_task
 from .train.distributed import initialize, is_primary, launch
-from .core import check_positive
+from .core import check_positive, first_line
 from .decoding import beam_search, generate, left_pad
 from .data.tokenizer import EOS_ID
 from .models.saving import ABANDONED_READS, load, load_tokenizer
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'howfar {args.command}: {e or "interrupted"}', file=sys.stderr)
         return _leave_job(130)
     except Exception as e:
-        first = (str(e) or type(e).__name__).splitlines()[0][:300]
+        first = first_line(e, 300)
         if isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in first:  # out of memory, host or XLA device
             print(f'howfar {args.command}: error: out of memory ({first}); try smaller sizes', file=sys.stderr)
         elif isinstance(e, OSError):  # a full disk, a read-only folder: the system's one line

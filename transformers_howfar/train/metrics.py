@@ -9,6 +9,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,7 +18,8 @@ from typing import Any, Mapping
 import numpy as np
 
 # %% auto #0
-__all__ = ['summarize_metrics', 'read_metrics', 'MetricsLog', 'plot_metrics', 'save_loss_plot', 'FitProgress']
+__all__ = ['summarize_metrics', 'read_metrics', 'MetricsLog', 'plot_metrics', 'save_loss_plot', 'FitProgress', 'StepBoundary',
+           'refuse_lost_progress']
 
 # %% ../../nbs/39_train.metrics.ipynb #840c4a5d
 def summarize_metrics(rows: list[Mapping]) -> dict:
@@ -125,3 +128,29 @@ class FitProgress:
     def seconds(self) -> float:
         "Wall-clock seconds of the run so far, over all its `fit` calls."
         return self.before + time.perf_counter() - self.started
+
+
+class StepBoundary:
+    """Ctrl-C inside waits for the next `check()`, between steps, so a step's donated state is never cut in half; a
+    second Ctrl-C interrupts at once (`presses` > 1). Signals reach only the main thread: elsewhere it does nothing."""
+    def __enter__(self):
+        self.presses, self.installed = 0, threading.current_thread() is threading.main_thread()
+        if self.installed: self.previous = signal.signal(signal.SIGINT, self._press)
+        return self
+    def _press(self, signum, frame):
+        self.presses += 1
+        if self.presses > 1: raise KeyboardInterrupt
+    def check(self):
+        if self.presses: raise KeyboardInterrupt
+    def __exit__(self, *exc):
+        if self.installed: signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
+
+
+def refuse_lost_progress(run_dir, checkpoint_every: int) -> None:
+    "Refuse to start over when `run_dir/metrics.jsonl` shows that checkpoints were written and none is left."
+    path = Path(run_dir) / 'metrics.jsonl'
+    logged = max((r['step'] for r in read_metrics(path)), default=0) if path.exists() else 0
+    if logged >= checkpoint_every:
+        raise FileNotFoundError(
+            f'run_dir: {path} records {logged} steps but no checkpoint is left under {run_dir}/checkpoints; '
+            'starting over would discard them: pass fresh=True (howfar train --fresh) to start over')

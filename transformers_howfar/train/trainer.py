@@ -24,7 +24,8 @@ from ..core import (
 from ..data.batches import check_token_ids
 from .checkpoint import checkpoint_manager, restore_newest_intact, restore_step, save_checkpoint
 from .distributed import batch_sharding, is_primary, make_mesh, put_global, state_shardings
-from .metrics import FitProgress, MetricsLog, read_metrics, save_loss_plot, summarize_metrics
+from .metrics import (FitProgress, MetricsLog, StepBoundary, refuse_lost_progress, save_loss_plot,
+                                              summarize_metrics)
 
 # %% auto #0
 __all__ = ['TrainConfig', 'make_schedule', 'make_optimizer', 'sam_gradient', 'cast_floats', 'make_train_step', 'make_eval_step',
@@ -300,14 +301,17 @@ class Trainer:
     def fit(self, train_data: Iterator, eval_data=None, *, resume: bool | int = True) -> dict:
         "Train to `config.steps`, resuming from the newest checkpoint if any; the last train and eval records, seconds."
         if not hasattr(train_data, '__next__'): train_data = iter(train_data)
-        progress = self.begin(train_data, resume)
+        progress, boundary = self.begin(train_data, resume), StepBoundary()
         try:
-            while self.step < self.config.steps:
-                progress.mark(self.step, train_data)
-                self.fit_step(train_data, progress)
-                self.checkpoint_if_due(train_data)
-                self.evaluate_if_due(eval_data, progress)
+            with boundary:  # Ctrl-C takes effect between steps
+                while self.step < self.config.steps:
+                    boundary.check()
+                    progress.mark(self.step, train_data)
+                    self.fit_step(train_data, progress)
+                    self.checkpoint_if_due(train_data)
+                    self.evaluate_if_due(eval_data, progress)
         except KeyboardInterrupt:
+            if boundary.presses > 1: raise  # pressed again: out at once, nothing saved
             raise self.interrupted(train_data, progress) from None
         return self.finish(train_data, eval_data, progress)
 
@@ -317,7 +321,8 @@ class Trainer:
         started = time.perf_counter()
         if resume and self.latest_checkpoint() is not None:
             self.restore(train_data, None if resume is True else resume, self.run_dir / 'set_aside_checkpoints')
-        if resume and self.step == 0: self._refuse_lost_progress()
+        if resume and self.step == 0 and self.run_dir:
+            refuse_lost_progress(self.run_dir, self.config.checkpoint_every or self.config.steps)
         log = MetricsLog(self.run_dir / 'metrics.jsonl' if self.run_dir and is_primary() else None, after=self.step)
         before = max((r.get('seconds', 0.0) for r in log.records), default=0.0)
         from tqdm.auto import tqdm
@@ -381,15 +386,6 @@ class Trainer:
         return TrainingInterrupted(f'interrupted at step {self.step}; ' + (
             f'checkpoint {last} holds step {last.name}: run the same command again to resume' if last
             else 'no checkpoint was written'))
-
-    def _refuse_lost_progress(self) -> None:
-        "Refuse to start over when `metrics.jsonl` shows that checkpoints were written and none is left."
-        path = self.run_dir / 'metrics.jsonl' if self.run_dir else None
-        logged = max((r['step'] for r in read_metrics(path)), default=0) if path and path.exists() else 0
-        if logged >= (self.config.checkpoint_every or self.config.steps):
-            raise FileNotFoundError(
-                f'run_dir: {path} records {logged} steps but no checkpoint is left under {self.run_dir}/checkpoints; '
-                'starting over would discard them: pass fresh=True (howfar train --fresh) to start over')
 
     def _non_finite_message(self, step, loss) -> str:
         last = self.latest_checkpoint()

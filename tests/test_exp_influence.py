@@ -1,5 +1,6 @@
 """The influence experiment's parts: vmapped per-example gradients equal one-at-a-time gradients, TracIn equals its definition,
-self-influence is the diagonal of influence, precision/recall at k, data injection, config errors, and the command line."""
+self-influence is the diagonal of influence, the share of flips found, labels flipped in place, the rule, config errors, and the
+command line."""
 import json
 import os
 import subprocess
@@ -14,8 +15,10 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from transformers_howfar.data.batches import classification_batch
-from transformers_howfar.experiments.influence import (BagOfEmbeddings, InfluenceSetup, bag_loss, example_gradients, load_influence_data,
-                                              precision_recall_at_k, tracin)
+from transformers_howfar.bench.measure import make_record
+from transformers_howfar.experiments.common import VERDICTS
+from transformers_howfar.experiments.influence import (BagOfEmbeddings, InfluenceSetup, bag_loss, example_gradients, found_at_share,
+                                              influence_findings, load_influence_data, tracin)
 
 BIN = Path(sys.executable).parent
 TINY = InfluenceSetup.tiny()
@@ -68,33 +71,52 @@ def test_first_order_meaning_of_tracin(parts):
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.floats(-5, 5), min_size=3, max_size=30), st.data())
-def test_precision_recall_properties(scores, data):
+def test_found_at_share_properties(scores, data):
     flagged = data.draw(st.lists(st.booleans(), min_size=len(scores), max_size=len(scores)).filter(any))
-    pr = precision_recall_at_k(scores, flagged, range(1, len(scores) + 1))
-    assert pr[len(scores)][1] == 1.0 and pr[len(scores)][0] == pytest.approx(np.mean(flagged))
-    recalls = [pr[k][1] for k in sorted(pr)]
-    assert recalls == sorted(recalls)  # recall never drops as k grows
-    perfect = precision_recall_at_k(np.asarray(flagged, float), flagged, [sum(flagged)])
-    assert perfect[sum(flagged)] == (1.0, 1.0)
+    shares = [k / len(scores) for k in range(1, len(scores) + 1)]
+    found = found_at_share(scores, flagged, shares)
+    assert found[1.0] == 1.0  # inspecting everything finds every flip
+    curve = [found[s] for s in shares]
+    assert curve == sorted(curve)  # never drops as more is inspected
+    assert found_at_share(np.asarray(flagged, float), flagged, [sum(flagged) / len(flagged)]) == {sum(flagged) / len(flagged): 1.0}
 
 
-def test_precision_recall_errors():
+def test_found_at_share_errors():
     with pytest.raises(ValueError, match='flagged: expected shape'):
-        precision_recall_at_k([1, 2, 3], [True, False], (1,))
+        found_at_share([1, 2, 3], [True, False], (0.5,))
 
 
-def test_injected_copies_flip_labels_and_fill_whole_batches():
+def test_labels_flip_in_place_and_fill_whole_batches():
     data = load_influence_data(TINY)
-    copies = np.flatnonzero(data['is_mislabelled'])
-    assert len(copies) == TINY.n_mislabelled and len(data['train_rows']) % TINY.batch_size == 0
-    for c in copies:
-        o = data['copy_of'][c]
-        assert data['train_texts'][c] == data['train_texts'][o] and data['train_labels'][c] == 1 - data['train_labels'][o]
-        np.testing.assert_array_equal(data['train_rows'][c], data['train_rows'][o])
-    assert (data['copy_of'][~data['is_mislabelled']] == -1).all()
+    flipped = data['is_flipped']
+    assert flipped.sum() == round(TINY.flip_fraction * len(flipped)) and len(data['train_rows']) % TINY.batch_size == 0
+    np.testing.assert_array_equal(data['train_labels'][flipped], 1 - data['true_labels'][flipped])
+    np.testing.assert_array_equal(data['train_labels'][~flipped], data['true_labels'][~flipped])
+    other = load_influence_data(TINY.replace(seed=1))['is_flipped']
+    assert (other != flipped).any()  # each seed flips its own labels
 
 
-@pytest.mark.parametrize('change, message', [(dict(params='first'), 'params: expected one of'), (dict(ks=()), 'ks: expected positive'),
+def _records(gains, gaps):
+    out = []
+    for seed, (gain, gap) in enumerate(zip(gains, gaps)):
+        c = {'seed': seed}
+        out += [make_record('influence', c | {'ranking': 'self_influence_all', 'share': 0.1}, 'found_at_share', 0.3 + gain, 'fraction', {}),
+                make_record('influence', c | {'ranking': 'final_loss', 'share': 0.1}, 'found_at_share', 0.3, 'fraction', {}),
+                make_record('influence', c | {'model': 'bag-of-embeddings'}, 'test_accuracy', 0.75 - gap, 'fraction', {}),
+                make_record('influence', c | {'model': 'bow-logistic'}, 'test_accuracy', 0.75, 'fraction', {})]
+    return out
+
+
+def test_the_rule_reads_the_records():
+    assert influence_findings(_records([0.10, 0.12, 0.11], [0, 0.01, 0.02])).verdict == 'holds'
+    assert influence_findings(_records([-0.10, -0.12, -0.11], [0, 0.01, 0.02])).verdict == 'does not hold'
+    assert influence_findings(_records([0.3, -0.2, 0.1], [0, 0, 0])).verdict == 'inconclusive'
+    unfit = influence_findings(_records([0.10, 0.12, 0.11], [0, 0.1, 0]))
+    assert unfit.verdict == 'not tested' and 'below bag-of-words' in unfit.reason
+    assert influence_findings(_records([0.10, 0.12], [0, 0])).verdict == 'not tested'  # two seeds
+
+
+@pytest.mark.parametrize('change, message', [(dict(params='first'), 'params: expected one of'), (dict(shares=()), 'shares: expected'),
                                              (dict(n_checkpoints=0), 'n_checkpoints'), (dict(learning_rate=0), 'learning_rate')])
 def test_setup_errors(change, message):
     with pytest.raises(ValueError, match=message):
@@ -106,9 +128,11 @@ def test_cli_quick_run(tmp_path):
                        env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONWARNINGS': 'ignore'})
     assert r.returncode == 0, r.stderr[-2000:]
     records = json.loads((tmp_path / 'influence.json').read_text())
-    rankings = {x['config']['ranking'] for x in records if x['metric'] == 'precision_at_k'}
-    assert rankings == {'self_influence_all', 'self_influence_last', 'final_loss', 'random'}
-    assert all(0 <= x['value'] <= 1 for x in records if x['metric'] in ('precision_at_k', 'recall_at_k', 'test_accuracy'))
+    rankings = {x['config']['ranking'] for x in records if x['metric'] == 'found_at_share'}
+    assert rankings == {'self_influence_all', 'self_influence_last', 'final_loss', 'loss_sum', 'random'}
+    assert {x['config']['seed'] for x in records} == {0, 1, 2}
+    assert all(0 <= x['value'] <= 1 for x in records if x['metric'] in ('found_at_share', 'test_accuracy'))
+    assert any(line.startswith(f'{v}: TracIn minus final loss') for v in VERDICTS for line in r.stdout.splitlines()), r.stdout
     again = subprocess.run([str(BIN / 'howfar'), 'experiment', 'influence', '--quick', '--resume', '--out', str(tmp_path)],
                            capture_output=True, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONWARNINGS': 'ignore'})
     assert again.returncode == 0, again.stderr[-2000:]

@@ -145,12 +145,20 @@ def test_config_errors_name_the_field():
 def test_experiment_command_writes_records(tmp_path):
     p = subprocess.run([HOWFAR, 'experiment', 'scratchpad', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert 'scratchpad-digits' in p.stdout and 'direct-learned' in p.stdout
+    assert 'scratchpad-random' in p.stdout and 'direct-random' in p.stdout and 'verdict: not tested' in p.stdout
     records = json.loads((tmp_path / 'scratchpad.json').read_text())
     records = records['records'] if isinstance(records, dict) else records
     digits = {r['config']['n_digits'] for r in records if r['metric'] == 'exact_match'}
-    assert digits == {1, 3}
+    assert digits == {1, 3, 5}
+    assert {r['config']['seed'] for r in records} == {0, 1, 2}
     assert all(0 <= r['value'] <= 1 for r in records)
+    # an interrupted experiment resumes from the runs it finished: their results are reused, not recomputed
+    (tmp_path / 'scratchpad.json').unlink()
+    again = subprocess.run([HOWFAR, 'experiment', 'scratchpad', '--quick', '--resume', '--out', str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = json.loads((tmp_path / 'scratchpad.json').read_text())
+    resumed = resumed['records'] if isinstance(resumed, dict) else resumed
+    assert [(r['config'], r['value']) for r in resumed] == [(r['config'], r['value']) for r in records]
 
 
 @pytest.mark.parametrize('codes', ['offset', 'spread', 'random'])

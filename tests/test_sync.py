@@ -79,3 +79,12 @@ def test_the_readme_benchmark_table_is_the_one_the_records_give():
     table = claims_table(ROOT / 'benchmarks' / 'results')
     assert table in (ROOT / 'README.md').read_text(), 'README.md: the benchmark table differs from the records; ' \
         'run nbs/index.ipynb again (tools/run_notebooks.py) and make readme'
+
+
+def test_the_readme_claims_table_is_the_one_the_experiment_records_give():
+    "Every verdict in the README's table of the talk's claims is its rules applied to experiments/results/."
+    from transformers_howfar.experiments.claims import EXPERIMENT_CLAIMS, experiment_claims_table
+    table = experiment_claims_table(ROOT / 'experiments' / 'results')
+    assert len(table.splitlines()) == 2 + len(EXPERIMENT_CLAIMS)
+    assert table in (ROOT / 'README.md').read_text(), 'README.md: the claims table differs from the records; ' \
+        'run nbs/index.ipynb again (tools/run_notebooks.py) and make readme'

@@ -30,7 +30,7 @@ from .bench.reformer import memory_benchmark, million_benchmark, profile_benchma
 from .bench.train import train_benchmark
 from .bench.generate import generate_benchmark
 from .bench.distributed import distributed_benchmark
-from .experiments.scratchpad import scratchpad_experiment
+from .experiments.scratchpad import exploration_experiment, scratchpad_experiment
 from .experiments.common import run_experiment
 from .experiments.duplication import duplication_experiment
 from .experiments.translation import translation_experiment
@@ -267,6 +267,7 @@ BENCHMARKS = {  # howfar bench NAME -> a function (quick: bool) -> records
 
 EXPERIMENTS = {  # howfar experiment NAME -> a function (quick, out_dir, resume) -> records (experiments.common)
     'scratchpad': scratchpad_experiment,
+    'scratchpad_exploration': exploration_experiment,
     'duplication': duplication_experiment,
     'translation': translation_experiment,
     'pretraining': pretraining_experiment,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .core import check_choice, check_positive
+from .core import check_choice, check_count, check_positive
 from .data.tokenizer import BOS_ID, EOS_ID, PAD_ID, CharTokenizer
 from .layers.blocks import POSITIONS, sinusoidal_positions
 from .models.lm import LM, LMConfig
@@ -98,12 +98,13 @@ def sample_pair(rng: np.random.Generator, n_a: int, n_b: int) -> tuple[int, int]
 
 
 @lru_cache(maxsize=64)
-def held_out_problems(n_digits: int, count: int = 1000) -> tuple:
+def held_out_problems(n_digits: int, count: int = 1000, seed: int = 9) -> tuple:
     """The fixed test set of `n_digits`-digit problems (both operands `n_digits` long): the first `count` of a seeded
-    stream."""
+    stream. Training excludes seed 9's sets; another `seed` draws a fresh set, for lengths no training problem has."""
     check_positive('n_digits', n_digits)
     check_positive('count', count)
-    rng, seen, out = np.random.default_rng([9, n_digits]), set(), []
+    check_count('seed', seed, allow_zero=True)
+    rng, seen, out = np.random.default_rng([seed, n_digits]), set(), []
     space = (9 * 10 ** (n_digits - 1)) ** 2
     for _ in range(50 * count):
         if len(out) == min(count, space // 4):
@@ -338,10 +339,10 @@ def greedy_answers(model: AdditionLM, problems, batch_size: int = 250) -> list[s
     return texts
 
 
-def evaluate_addition(model: AdditionLM, n_digits: int, count: int = 250) -> dict:
-    """Exact match of the final answer (and scratchpad step accuracy) on the first `count` test problems of `n_digits`
-    digits."""
-    problems = list(held_out_problems(n_digits, max(count, 1)))[:count]
+def evaluate_addition(model: AdditionLM, n_digits: int, count: int = 250, seed: int = 9) -> dict:
+    """Exact match of the final answer (and scratchpad step accuracy) on the first `count` problems of `n_digits`
+    digits of `held_out_problems`' set `seed`."""
+    problems = list(held_out_problems(n_digits, max(count, 1), seed))[:count]
     outputs, fmt = greedy_answers(model, problems), model.config.format
     exact = [parse_answer(o, fmt) == a + b for o, (a, b) in zip(outputs, problems)]
     out = {

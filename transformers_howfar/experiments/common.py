@@ -5,6 +5,7 @@
 # %% ../../nbs/60_experiments.common.ipynb #ae497555
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from pathlib import Path
@@ -23,8 +24,8 @@ import optax
 from ..core import check_positive
 
 # %% auto #0
-__all__ = ['EXPERIMENT_PARAMETERS', 'run_experiment', 'experiment_dir', 'mean_ci', 'bag_of_words', 'logistic_regression',
-           'predict_logistic']
+__all__ = ['EXPERIMENT_PARAMETERS', 'VERDICTS', 'run_experiment', 'experiment_dir', 'mean_ci', 'Finding', 'Rule', 'verdict',
+           'bag_of_words', 'logistic_regression', 'predict_logistic']
 
 # %% ../../nbs/60_experiments.common.ipynb #fa5ed5d4
 EXPERIMENT_PARAMETERS = ('quick', 'out_dir', 'resume')  # the one signature every experiment function has
@@ -62,6 +63,73 @@ def mean_ci(values) -> tuple[float, float]:
     df = len(v) - 1
     t = _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
     return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(len(v)))
+
+# %% ../../nbs/60_experiments.common.ipynb #e0e768de
+VERDICTS = ('holds', 'in part', 'inconclusive', 'does not hold', 'not tested')
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    "What a `Rule` made of its values: the verdict, the mean and 95% half-width over seeds, the count, and why."
+    quantity: str
+    verdict: str
+    mean: float
+    half_width: float
+    seeds: int
+    reason: str = ''
+
+    def __str__(self):
+        interval = '' if math.isnan(self.half_width) else f' ± {self.half_width:.3g}'
+        why = f'; {self.reason}' if self.reason else ''
+        return f'{self.quantity}: {self.mean:.3g}{interval} ({self.seeds} seed{"s" * (self.seeds != 1)}){why}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A pre-registered test of one quantity: the claim puts it `above` (or below) `threshold`, judged by the 95%
+    interval over at least `min_seeds` seeds."""
+    quantity: str  # in words, as the results table shows it
+    threshold: float
+    above: bool = True
+    min_seeds: int = 3
+
+    def __post_init__(self):
+        if not isinstance(self.quantity, str) or not self.quantity:
+            raise ValueError(f'quantity: expected a non-empty description, got {self.quantity!r}')
+        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
+            raise ValueError(f'threshold: expected a finite number, got {self.threshold!r}')
+        check_positive('min_seeds', self.min_seeds)
+
+    @property
+    def text(self) -> str:
+        "The rule in words."
+        side = 'above' if self.above else 'below'
+        return f'{self.quantity} {side} {self.threshold:g} (95% interval, {self.min_seeds}+ seeds)'
+
+    def apply(self, values, fitted: bool = True, why_not_fitted: str = 'the models did not fit') -> Finding:
+        "The `Finding` for per-seed `values`; `fitted=False` (the models did not fit their training data) is not tested."
+        v = [float(x) for x in values]
+        if not v: raise ValueError(f'values: expected at least one value of {self.quantity!r}, got none')
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError(f'values: expected finite values of {self.quantity!r}, got {v}')
+        mean, half = mean_ci(v)
+        finding = lambda verdict, reason='': Finding(self.quantity, verdict, mean, half, len(v), reason)
+        if len(v) < self.min_seeds: return finding('not tested', f'the rule needs {self.min_seeds} seeds')
+        if not fitted: return finding('not tested', why_not_fitted)
+        lo, hi = mean - half, mean + half
+        if (lo > self.threshold) if self.above else (hi < self.threshold): return finding('holds')
+        if (hi <= self.threshold) if self.above else (lo >= self.threshold): return finding('does not hold')
+        return finding('inconclusive', f'the interval contains {self.threshold:g}')
+
+
+def verdict(findings) -> str:
+    "One verdict for a claim from the `Finding`s of its parts."
+    got = {f.verdict for f in findings}
+    if not got: raise ValueError('findings: expected at least one finding, got none')
+    if 'not tested' in got: return 'not tested'
+    if got == {'holds'}: return 'holds'
+    if got == {'does not hold'}: return 'does not hold'
+    return 'in part' if 'holds' in got else 'inconclusive' if 'does not hold' not in got else 'does not hold'
+
 
 # %% ../../nbs/60_experiments.common.ipynb #5b380ee5
 def _words(text: str) -> list[str]: return re.findall(r"[a-z0-9']+|[^\sa-z0-9']", text.lower())

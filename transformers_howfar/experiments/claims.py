@@ -56,7 +56,8 @@ def _scratchpad(r):
 
 _DUPLICATION = Rule('LSH-4-trained model, accuracy with 4 hash rounds (%)', 90)
 def _duplication(r):
-    return [_DUPLICATION.apply(seed_values(r('duplication'), 'accuracy', train_mode='lsh-4', eval_mode='lsh-4').values())]
+    accuracy = seed_values(r('duplication'), 'accuracy', train_mode='lsh-4', eval_mode='lsh-4')
+    return [_DUPLICATION.apply(accuracy.values())]
 
 _TRANSLATION = Rule('Transformer minus LSTM BLEU, beam search', 0)
 def _translation(r):
@@ -121,7 +122,7 @@ def _reader(results_dir):
 
 
 def experiment_claims_table(results_dir='experiments/results', docs: str = DOCS) -> str:
-    "The markdown table (claim | rule | measurement | verdict) of `EXPERIMENT_CLAIMS`, from the records in `results_dir`."
+    "The markdown table (claim | rule | what the records give | verdict) of `EXPERIMENT_CLAIMS`, from `results_dir`."
     records = _reader(results_dir)
     rows = ['| claim | rule, written before the run | what the records give | verdict |', '|---|---|---|---|']
     for c in EXPERIMENT_CLAIMS:

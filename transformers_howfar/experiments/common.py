@@ -106,7 +106,7 @@ class Rule:
         return f'{self.quantity} {side} {self.threshold:g} (95% interval, {self.min_seeds}+ seeds)'
 
     def apply(self, values, fitted: bool = True, why_not_fitted: str = 'the models did not fit') -> Finding:
-        "The `Finding` for per-seed `values`; `fitted=False` (the models did not fit their training data) is not tested."
+        "The `Finding` for per-seed `values`; with `fitted=False` (the models did not fit their data) it is not tested."
         v = [float(x) for x in values]
         if not v: raise ValueError(f'values: expected at least one value of {self.quantity!r}, got none')
         if not all(math.isfinite(x) for x in v):

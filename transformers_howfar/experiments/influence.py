@@ -62,7 +62,8 @@ class InfluenceSetup(Config):
             raise ValueError(f'flip_fraction: expected a share between 0 and 0.5, got {self.flip_fraction!r}')
         check_choice('params', self.params, ('all', 'last'))
         if self.steps % self.checkpoint_every:
-            raise ValueError(f'checkpoint_every: expected a divisor of steps = {self.steps}, got {self.checkpoint_every}')
+            raise ValueError(f'checkpoint_every: expected a divisor of steps = {self.steps}, '
+                             f'got {self.checkpoint_every}')
         if self.n_checkpoints > self.steps // self.checkpoint_every:
             raise ValueError(f'n_checkpoints: expected at most steps / checkpoint_every = '
                              f'{self.steps // self.checkpoint_every}, got {self.n_checkpoints}')
@@ -97,7 +98,8 @@ def bag_loss(model, batch, rngs):
 
 # %% ../../nbs/67_experiments.influence.ipynb #fd42d4d4
 def load_influence_data(setup: InfluenceSetup) -> dict:
-    "Tokenizer, training set (whole batches) with `flip_fraction` of its labels flipped (`is_flipped`), validation and test sets."
+    """Tokenizer, training set (whole batches) with `flip_fraction` of its labels flipped (`is_flipped`), validation
+    and test sets."""
     if setup.labelled == 'toy':
         train, valid, test = (toy_corpus('labelled', n, seed=s) for n, s in ((400, 0), (100, 1), (100, 2)))
     else:
@@ -146,7 +148,8 @@ def train_classifier(
         curve[step] = float((np.asarray(predict(params[step], valid)) == valid['labels']).mean())
     budget = max(curve, key=lambda s: (curve[s], -s))
     grid = sorted(s for s in curve if s <= budget)
-    picked = sorted({grid[max(round(len(grid) * (i + 1) / setup.n_checkpoints) - 1, 0)] for i in range(setup.n_checkpoints)})
+    n = setup.n_checkpoints
+    picked = sorted({grid[max(round(len(grid) * (i + 1) / n) - 1, 0)] for i in range(n)})
     checkpoints = [(s, float(lr(s)) * (s - prev), params[s]) for prev, s in zip([0] + picked[:-1], picked)]
     return trainer, checkpoints, {'train_loss': summary['train']['loss'], 'seconds': seconds, 'budget': budget,
                                   'valid_accuracy': curve}
@@ -259,7 +262,8 @@ def run_influence(setup: InfluenceSetup, out_dir, resume: bool = False) -> list[
     train, test = batch(data['train_rows'], data['train_labels']), batch(data['test_rows'], data['test_labels'])
     predict = jax.jit(lambda p, b: nnx.merge(graphdef, p, rest)(b['inputs'], b['attention_mask']).argmax(-1))
     final = ckpts[-1][2]
-    test_accuracy, bow_accuracy = float((np.asarray(predict(final, test)) == test['labels']).mean()), _bow_accuracy(data)
+    test_accuracy = float((np.asarray(predict(final, test)) == test['labels']).mean())
+    bow_accuracy = _bow_accuracy(data)
     show = np.random.default_rng(setup.seed + 1).choice(len(data['test_rows']), setup.n_show, replace=False)
     scored, t0 = {}, time.perf_counter()
     for which in ('all', 'last'):
@@ -268,7 +272,8 @@ def run_influence(setup: InfluenceSetup, out_dir, resume: bool = False) -> list[
     tracin_seconds = time.perf_counter() - t0
     flagged, rng = data['is_flipped'], np.random.default_rng(setup.seed + 2)
     rankings = {f'self_influence_{w}': scored[w]['self_influence'] for w in scored}
-    rankings.update(final_loss=scored['all']['loss'], loss_sum=scored['all']['loss_sum'], random=rng.random(len(flagged)))
+    rankings.update(final_loss=scored['all']['loss'], loss_sum=scored['all']['loss_sum'],
+                    random=rng.random(len(flagged)))
     machine = machine_info()
     common = {'labelled': setup.labelled, 'seed': setup.seed, 'n_train': len(flagged), 'n_flipped': int(flagged.sum()),
               'budget_steps': summary['budget'], 'checkpoints': [s for s, _, _ in ckpts],
@@ -298,8 +303,9 @@ def run_influence(setup: InfluenceSetup, out_dir, resume: bool = False) -> list[
         examples.append({'text': data['test_texts'][t], 'label': data['names'][data['test_labels'][t]],
                          'predicted': data['names'][guess], 'proponents': [item(i) for i in np.argsort(-col)[:3]],
                          'opponents': [item(i) for i in np.argsort(col)[:3]]})
-    top = [{'text': data['train_texts'][i], 'label': data['names'][data['train_labels'][i]], 'flipped': bool(flagged[i]),
-            'self_influence': float(rankings[f'self_influence_{setup.params}'][i])} for i in order[:10]]
+    top = [{'text': data['train_texts'][i], 'label': data['names'][data['train_labels'][i]],
+            'flipped': bool(flagged[i]), 'self_influence': float(rankings[f'self_influence_{setup.params}'][i])}
+           for i in order[:10]]
     fitted = np.asarray(predict(final, train)) == train['labels']  # the final model predicts the training label
     side = {'setup': setup.to_dict(), 'flipped_fitted': float(fitted[flagged].mean()),
             'clean_fitted': float(fitted[~flagged].mean()), 'valid_accuracy': summary['valid_accuracy'],
@@ -310,12 +316,13 @@ def run_influence(setup: InfluenceSetup, out_dir, resume: bool = False) -> list[
 
 
 def influence_findings(records: list[dict]):
-    "`RULE` applied to the records: TracIn minus final loss at the 10% share, per seed; not tested unless every seed fits."
+    "`RULE` on the records: TracIn minus final loss at the 10% share, per seed; not tested unless every seed fits."
     found = lambda ranking: {r['config']['seed']: r['value'] for r in records if r['metric'] == 'found_at_share'
                              and r['config']['ranking'] == ranking and r['config']['share'] == 0.1}
     acc = lambda model: {r['config']['seed']: r['value'] for r in records if r['metric'] == 'test_accuracy'
                          and r['config']['model'] == model}
-    tracin_, loss_, ours, bow = found('self_influence_all'), found('final_loss'), acc('bag-of-embeddings'), acc('bow-logistic')
+    tracin_, loss_ = found('self_influence_all'), found('final_loss')
+    ours, bow = acc('bag-of-embeddings'), acc('bow-logistic')
     gaps = [bow[s] - ours[s] for s in ours]
     return RULE.apply([tracin_[s] - loss_[s] for s in tracin_], max(gaps) <= FIT_MARGIN,
                       f'the classifier is {max(gaps):.3f} below bag-of-words on a seed (fit: at most {FIT_MARGIN})')

@@ -69,7 +69,8 @@ def protocol_run(
     load = [os.getloadavg()[0]]
     trainer, summary = train_task('addition', preset, plan['overrides'], run_dir)
     if trainer.step < max(select_steps):
-        raise ValueError(f'select_steps: expected checkpoints up to the run\'s {trainer.step} steps, got {select_steps}')
+        raise ValueError(f'select_steps: expected checkpoints up to the run\'s {trainer.step} steps, '
+                         f'got {select_steps}')
     t0 = time.perf_counter()
     validation = {}
     for step in select_steps:
@@ -126,7 +127,7 @@ def protocol_findings(records: list[dict]) -> dict[str, Finding]:
 
 
 def protocol_table(records: list[dict]) -> str:
-    "Markdown: per arm, the chosen checkpoints, and exact match (mean ± 95% interval over seeds) in range and per test length."
+    "Markdown: per arm, the checkpoints chosen, exact match (mean ± 95% interval over seeds) in range and per length."
     exact = [r for r in records if r['metric'] == 'exact_match']
     lengths = sorted({r['config']['n_digits'] for r in exact if r['config']['split'] == 'test'})
     head = '| arm | seeds | steps chosen | 1-8 digits | ' + ' | '.join(f'{n} digits' for n in lengths) + ' |'

@@ -34,13 +34,16 @@ def test_local_model_is_a_causal_window_of_two_blocks(block, length):
 def test_models_differ_only_in_attention():
     shapes = {m: jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(ReformerLM(model_config(TINY, m), rngs=nnx.Rngs(0)), nnx.Param)))
               for m in TINY.models}
-    assert shapes['local'] == shapes['full'] and shapes['lsh2'] == shapes['lsh1']  # LSH: one shared query/key projection
+    assert shapes['local'] == shapes['full'] and shapes['lsh2'] == shapes['lsh1'] == shapes['full_shared']  # one shared query/key
     assert shapes['lsh1'] != shapes['full']
     x = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (1, TINY.seq_len)))
     out = {m: ReformerLM(model_config(TINY, m), rngs=nnx.Rngs(0))(x) for m in TINY.models}
     # same weights: identical outputs in the first block of positions, where local sees everything full does
     np.testing.assert_allclose(out['local'][:, :TINY.chunk], out['full'][:, :TINY.chunk], atol=1e-4)
     assert not np.allclose(out['local'], out['full'], atol=1e-3)
+    # the control is the LSH layer made exact: dense shared-QK attention over the whole context, unlike hashed LSH
+    assert model_config(TINY, 'full_shared').options_for('lsh')['dense_threshold'] == TINY.seq_len
+    assert not np.allclose(out['full_shared'], out['lsh1'], atol=1e-3)
 
 
 def test_evaluation_is_deterministic_and_depends_on_rounds():
@@ -70,12 +73,14 @@ def test_setup_errors(change, message):
 
 @pytest.mark.slow
 def test_run_writes_each_model_and_resumes(tmp_path):
-    s = TINY.replace(rounds=(1,), steps=2)
+    s = TINY.replace(rounds=(1,), steps=2, seeds=(0, 1))
     records = run_lsh_quality(s, tmp_path, timing=False)
     runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / 'lsh_quality_runs').iterdir()}
-    assert set(runs) == {'full', 'local', 'lsh1'} and set(runs['lsh1']['eval_rounds']) == {'1'}
-    assert runs['lsh1']['eval_rounds']['1']['bits_per_token'] == pytest.approx(runs['lsh1']['valid']['bits_per_token'])
-    bits = {r['config']['model']: r['value'] for r in records if r['metric'] == 'valid_bits_per_token'}
-    assert set(bits) == {'full', 'local', 'lsh1'} and all(0 < b < np.log2(s.vocab_size) + 2 for b in bits.values())
+    assert set(runs) == {f'{m}-seed{k}' for m in ('full', 'full_shared', 'local', 'lsh1') for k in (0, 1)}
+    assert set(runs['lsh1-seed0']['eval_rounds']) == {'1'} and 'eval_rounds' not in runs['full_shared-seed0']
+    assert runs['lsh1-seed0']['eval_rounds']['1']['bits_per_token'] == pytest.approx(runs['lsh1-seed0']['valid']['bits_per_token'])
+    assert runs['full-seed0']['valid'] != runs['full-seed1']['valid']  # another seed, another model
+    bits = {(r['config']['model'], r['config']['seed']): r['value'] for r in records if r['metric'] == 'valid_bits_per_token'}
+    assert len(bits) == 8 and all(0 < b < np.log2(s.vocab_size) + 2 for b in bits.values())
     again = run_lsh_quality(s, tmp_path, timing=False, resume=True)  # read back, nothing trained
     assert [r['value'] for r in again if r['metric'] != 'train_seconds'] == [r['value'] for r in records if r['metric'] != 'train_seconds']

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from ..bench.claims import pick
 from .common import Finding, Rule, verdict
 from .influence import RULE as INFLUENCE_RULE, influence_findings
+from .lsh_quality import RULE as LSH_QUALITY_RULE, lsh_quality_findings
 from .scratchpad import RULES as SCRATCHPAD_RULES, protocol_findings
 
 # %% auto #0
@@ -82,13 +83,7 @@ _HEADS = Rule("best BERT head's pronoun-antecedent accuracy, leave-one-out", 0.5
 def _heads(r):
     return [_HEADS.apply(seed_values(r('heads'), 'leave_one_out_accuracy', model='bert').values())]
 
-_LSH_QUALITY = Rule('LSH with 8 rounds minus full shared-QK attention (bits/token)', 0.02, above=False)
-def _lsh_quality(r):
-    bits = lambda model: seed_values(r('lsh_quality'), 'valid_bits_per_token', model=model)
-    models = {x['config'].get('model') for x in r('lsh_quality')}
-    control = 'full_shared' if 'full_shared' in models else 'full'
-    return [_LSH_QUALITY.apply(paired(bits('lsh8'), bits(control)), control == 'full_shared',
-                               'the records have no full-attention control with shared QK and the self-mask')]
+def _lsh_quality(r): return [lsh_quality_findings(r('lsh_quality'))]
 
 def _influence(r): return [influence_findings(r('influence'))]
 
@@ -102,7 +97,7 @@ EXPERIMENT_CLAIMS = [
     ExperimentClaim('pre-training with masked LM helps', 'experiments.pretraining', (_PRETRAINING,), _pretraining),
     ExperimentClaim('bigger models are better', 'experiments.scaling', (_SCALING,), _scaling),
     ExperimentClaim('attention heads learn structure: one finds antecedents', 'experiments.heads', (_HEADS,), _heads),
-    ExperimentClaim('LSH approaches full attention with enough hashes', 'experiments.lsh_quality', (_LSH_QUALITY,),
+    ExperimentClaim('LSH approaches full attention with enough hashes', 'experiments.lsh_quality', (LSH_QUALITY_RULE,),
                     _lsh_quality),
     ExperimentClaim('TracIn finds mislabelled training examples better than the loss', 'experiments.influence',
                     (INFLUENCE_RULE,), _influence),

@@ -21,6 +21,7 @@ from flax import nnx
 from ..layers.attention import format_attention_options
 from ..bench.measure import make_record, run_isolated
 from ..core import Config, check_choice, check_positive, machine_info, make_key
+from .common import Finding, Rule, mean_ci
 from ..data.loaders import load_split
 from ..data.batches import encode_documents, lm_batches
 from ..models.reformer import ReformerConfig, ReformerLM, reformer_loss
@@ -29,8 +30,8 @@ from ..train.trainer import Trainer, TrainConfig
 from ..train.metrics import read_metrics, summarize_metrics
 
 # %% auto #0
-__all__ = ['LSHQualitySetup', 'model_config', 'load_lsh_data', 'lsh_batches', 'make_eval_fn', 'evaluate', 'train_model',
-           'step_seconds', 'run_lsh_quality', 'lsh_quality_experiment']
+__all__ = ['RULE', 'LSHQualitySetup', 'model_config', 'load_lsh_data', 'lsh_batches', 'make_eval_fn', 'evaluate', 'train_model',
+           'step_seconds', 'run_lsh_quality', 'lsh_quality_experiment', 'lsh_quality_findings']
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #9960e4af
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ class LSHQualitySetup(Config):
     vocab_size: int = 1024  # SentencePiece trained on the training split
     seq_len: int = 1024  # context length T
     batch_size: int = 2
-    steps: int = 300
+    steps: int = 600  # fixed in advance, the same for every model (nothing is chosen on the validation windows)
     learning_rate: float = 2e-3
     d_model: int = 64
     d_ff: int = 256
@@ -54,7 +55,8 @@ class LSHQualitySetup(Config):
     timing_tokens: int = 4096  # tokens per timed batch: batch = timing_tokens // length
     timing_rounds: int = 4
     timing_repeats: int = 3
-    seed: int = 0
+    seed: int = 0  # the data split
+    seeds: tuple = (0, 1, 2)  # training seeds: initial weights, batch order, hashes
 
     def validate(self):
         if isinstance(self.corpora, str) or not self.corpora:
@@ -63,6 +65,8 @@ class LSHQualitySetup(Config):
                   'eval_batches', 'timing_tokens', 'timing_rounds', 'timing_repeats'):
             check_positive(f, getattr(self, f))
         check_positive('learning_rate', self.learning_rate)
+        if not self.seeds or any(int(s) < 0 for s in self.seeds):
+            raise ValueError(f'seeds: expected whole numbers >= 0, got {self.seeds!r}')
         if not self.rounds or any(int(r) < 1 for r in self.rounds):
             raise ValueError(f'rounds: expected positive hash-round counts, got {self.rounds!r}')
         if self.seq_len % self.chunk:
@@ -76,23 +80,24 @@ class LSHQualitySetup(Config):
 
     @property
     def models(self) -> list[str]:
-        return ['full', 'local'] + [f'lsh{r}' for r in self.rounds]
+        return ['full', 'full_shared', 'local'] + [f'lsh{r}' for r in self.rounds]
 
     @classmethod
     def tiny(cls):
         return cls(corpora=('toy',), vocab_size=36, seq_len=64, batch_size=2, steps=4, d_model=16, d_ff=32, n_heads=2,
                    n_layers=1, chunk=8, rounds=(1, 2), eval_batches=1, timing_lengths=(32, 64), timing_tokens=128,
-                   timing_rounds=2, timing_repeats=1)
+                   timing_rounds=2, timing_repeats=1, seeds=(0, 1, 2))
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #be5dc8b5
 def model_config(setup: LSHQualitySetup, model: str, n_rounds: int | None = None) -> ReformerConfig:
-    """The `ReformerConfig` of `model` ('full', 'local' or 'lsh<R>'); `n_rounds` overrides R (for evaluating with
-    other rounds)."""
+    """The `ReformerConfig` of `model` ('full', 'full_shared', 'local' or 'lsh<R>'); `n_rounds` overrides R (for
+    evaluating with other rounds). 'full_shared' is the LSH layer made exact: shared query/key, self-mask, dense."""
     check_choice('model', model, setup.models)
-    kind = 'full' if model == 'full' else 'local' if model == 'local' else 'lsh'
-    R = n_rounds or (int(model[3:]) if kind == 'lsh' else 1)
+    kind = model if model in ('full', 'local') else 'lsh'
+    R = n_rounds or (int(model[3:]) if model.startswith('lsh') else 1)
+    exact = {'dense_threshold': setup.seq_len} if model == 'full_shared' else {}
     options = {'local': format_attention_options('local', block_size=setup.chunk, look_back=1),
-               'lsh': format_attention_options('lsh', n_rounds=R, chunk_length=setup.chunk)}.get(kind, ())
+               'lsh': format_attention_options('lsh', n_rounds=R, chunk_length=setup.chunk, **exact)}.get(kind, ())
     second = 1 << (int(np.ceil(np.log2(np.sqrt(setup.seq_len)))))
     return ReformerConfig(vocab_size=setup.vocab_size, d_model=setup.d_model, d_ff=setup.d_ff, n_heads=setup.n_heads,
                           n_layers=setup.n_layers, max_len=setup.seq_len,
@@ -118,11 +123,12 @@ def load_lsh_data(setup: LSHQualitySetup) -> dict:
             'chars_per_token': chars / sum(len(t) + 1 for t in valid_tokens)}
 
 
-def lsh_batches(data: dict, setup: LSHQualitySetup, which: str = 'train'):
-    "Training batches in a fixed order (the same for every model), or one ordered pass over the validation windows."
+def lsh_batches(data: dict, setup: LSHQualitySetup, which: str = 'train', seed: int = 0):
+    """Training batches in the order of `seed` (the same for every model of a seed), or one ordered pass over the
+    validation windows."""
     check_choice('which', which, ['train', 'valid'])
     if which == 'train':
-        return lm_batches(data['train'], setup.seq_len, setup.batch_size, seed=setup.seed)
+        return lm_batches(data['train'], setup.seq_len, setup.batch_size, seed=seed)
     return lm_batches(data['valid'], setup.seq_len, setup.batch_size, shuffle=False, epochs=1)
 
 # %% ../../nbs/66_experiments.lsh_quality.ipynb #b13f5e26
@@ -143,21 +149,21 @@ def evaluate(eval_fn, params, data: dict, setup: LSHQualitySetup) -> dict:
             'bits_per_char': m['bits_per_token'] / data['chars_per_token'], 'tokens': m['tokens']}
 
 
-def train_model(setup: LSHQualitySetup, model: str, data: dict, run_dir) -> tuple[dict, nnx.State]:
-    """Train `model` for `setup.steps` steps in `run_dir`; its record (losses, curve, seconds, load) and trained
-    parameters."""
+def train_model(setup: LSHQualitySetup, model: str, data: dict, run_dir, seed: int = 0) -> tuple[dict, nnx.State]:
+    """Train `model` with `seed` for `setup.steps` steps in `run_dir`; its record (losses, curve, seconds, load) and
+    trained parameters."""
     train = TrainConfig(steps=setup.steps, batch_size=setup.batch_size, learning_rate=setup.learning_rate,
                         warmup_steps=max(1, setup.steps // 10), log_every=max(1, setup.steps // 30), eval_every=0,
-                        checkpoint_every=0, keep_checkpoints=1, seed=setup.seed, progress=False)
+                        checkpoint_every=0, keep_checkpoints=1, seed=seed, progress=False)
     config = model_config(setup, model)
-    trainer = Trainer(ReformerLM(config, rngs=nnx.Rngs(params=setup.seed)), reformer_loss(), train, run_dir=run_dir)
+    trainer = Trainer(ReformerLM(config, rngs=nnx.Rngs(params=seed)), reformer_loss(), train, run_dir=run_dir)
     load, start = os.getloadavg()[0], time.perf_counter()
-    summary = trainer.fit(lsh_batches(data, setup), resume=False)
+    summary = trainer.fit(lsh_batches(data, setup, seed=seed), resume=False)
     seconds = time.perf_counter() - start
     curve = [(r['step'], r['nll']) for r in read_metrics(run_dir) if r.get('split') == 'train']
     params = jax.tree.map(jnp.array, trainer.state['params'])
     rounds = config.options_for('lsh').get('n_rounds', 1)  # 1 for the dense and local models
-    return {'model': model, 'attention': config.attention[0], 'n_rounds': rounds, 'steps': trainer.step,
+    return {'model': model, 'seed': seed, 'attention': config.attention[0], 'n_rounds': rounds, 'steps': trainer.step,
             'train_nll': summary['train']['nll'], 'train_seconds': seconds,
             'load_average': [round(load, 2), round(os.getloadavg()[0], 2)], 'curve': curve}, params
 
@@ -195,8 +201,9 @@ def step_seconds(model: str, length: int, setup: dict | None = None) -> dict:
 def _records(setup: LSHQualitySetup, runs: dict, timings: list, machine: dict) -> list[dict]:
     rec = lambda cfg, metric, value, unit: make_record('lsh_quality', cfg, metric, value, unit, machine)
     out = []
-    for name, r in runs.items():
-        cfg = {'model': name, 'attention': r['attention'], 'n_rounds': r['n_rounds'], 'steps': r['steps'],
+    for r in runs.values():
+        cfg = {'model': r['model'], 'seed': r['seed'], 'attention': r['attention'], 'n_rounds': r['n_rounds'],
+               'steps': r['steps'],
                'seq_len': setup.seq_len, 'tokens': setup.steps * setup.batch_size * setup.seq_len,
                'load_average': r['load_average'], 'train_seconds': r['train_seconds']}
         out += [rec(cfg, 'valid_bits_per_token', r['valid']['bits_per_token'], 'bits/token'),
@@ -223,27 +230,29 @@ def run_lsh_quality(setup: LSHQualitySetup, out_dir, *, resume: bool = False, ti
     `out_dir/lsh_quality_timing.json`."""
     out, machine = Path(out_dir), machine_info()
     (out / 'lsh_quality_runs').mkdir(parents=True, exist_ok=True)
+    names = [f'{m}-seed{s}' for s in setup.seeds for m in setup.models]  # every model of a seed, then the next seed
     path = lambda name: out / 'lsh_quality_runs' / f'{name}.json'
-    runs = {m: json.loads(path(m).read_text()) for m in setup.models if resume and path(m).exists()}
-    runs = {m: r for m, r in runs.items() if r.get('setup') == setup.to_dict()}
-    if len(runs) < len(setup.models):
+    runs = {n: json.loads(path(n).read_text()) for n in names if resume and path(n).exists()}
+    runs = {n: r for n, r in runs.items() if r.get('setup') == json.loads(json.dumps(setup.to_dict()))}
+    if len(runs) < len(names):
         data = load_lsh_data(setup)
         evals = {}
-        for m in setup.models:
-            if m in runs:
+        for n in names:
+            if n in runs:
                 continue
+            m, seed = n.rsplit('-seed', 1)
             with tempfile.TemporaryDirectory() as d:
-                r, params = train_model(setup, m, data, Path(d) / m)
+                r, params = train_model(setup, m, data, Path(d) / m, int(seed))
             evals.setdefault(m, make_eval_fn(model_config(setup, m)))
             r['valid'] = evaluate(evals[m], params, data, setup)
-            if r['attention'] == 'lsh':
+            if m.startswith('lsh'):
                 r['eval_rounds'] = {}
                 for R in setup.rounds:
                     key = f'lsh{R}'
                     evals.setdefault(key, make_eval_fn(model_config(setup, key)))
                     r['eval_rounds'][str(R)] = evaluate(evals[key], params, data, setup)
-            runs[m] = dict(r, setup=setup.to_dict(), chars_per_token=data['chars_per_token'])
-            path(m).write_text(json.dumps(runs[m], indent=1))
+            runs[n] = dict(r, setup=setup.to_dict(), chars_per_token=data['chars_per_token'])
+            path(n).write_text(json.dumps(runs[n], indent=1))
     timings, tpath = [], out / 'lsh_quality_timing.json'
     if timing:
         old = json.loads(tpath.read_text()) if resume and tpath.exists() else {}
@@ -259,13 +268,34 @@ def run_lsh_quality(setup: LSHQualitySetup, out_dir, *, resume: bool = False, ti
                     dict(r, model=m, length=L, tokens=setup.timing_tokens)
                 ]
                 tpath.write_text(json.dumps({'setup': setup.to_dict(), 'timings': timings}, indent=1))
-    return _records(setup, {m: runs[m] for m in setup.models}, timings, machine)
+    return _records(setup, {n: runs[n] for n in names}, timings, machine)
 
 
 def lsh_quality_experiment(quick: bool = False, resume: bool = False, out_dir='experiments/results') -> list[dict]:
-    """A Reformer LM at 1024 tokens with full, local and LSH (1/2/4/8 rounds) attention: validation bits per token,
-    and step time against length."""
+    """A Reformer LM at 1024 tokens with full, full shared-QK, local and LSH (1/2/4/8 rounds) attention, seeds 0-2:
+    validation bits per token, the finding of `RULE`, and step time against length."""
     if quick:
         with tempfile.TemporaryDirectory() as d:
-            return run_lsh_quality(LSHQualitySetup.tiny(), d)
-    return run_lsh_quality(LSHQualitySetup(), out_dir, resume=resume)
+            records = run_lsh_quality(LSHQualitySetup.tiny(), d)
+    else:
+        records = run_lsh_quality(LSHQualitySetup(), out_dir, resume=resume)
+    finding = lsh_quality_findings(records)
+    print(f'{finding.verdict}: {finding}')
+    return records
+
+# %% ../../nbs/66_experiments.lsh_quality.ipynb #5dc5762d
+RULE = Rule('LSH with 8 rounds minus full shared-QK attention (bits/token)', 0.02, above=False)
+
+
+def lsh_quality_findings(records: list[dict]) -> Finding:
+    "`RULE` on the records, per seed; not tested unless the headroom `local` − `full_shared` is above 0 (95% interval)."
+    bits = lambda model: {r['config']['seed']: r['value'] for r in records if r['metric'] == 'valid_bits_per_token'
+                          and r['config']['model'] == model}
+    lsh8, exact, local = bits('lsh8'), bits('full_shared'), bits('local')
+    if not exact: return RULE.apply([lsh8[s] for s in lsh8], False, 'the records have no full shared-QK control')
+    headroom = [local[s] - exact[s] for s in exact if s in local]
+    mean, half = mean_ci(headroom)
+    testable = len(headroom) > 1 and mean - half > 0
+    why = f'the long-range headroom (local − full shared) is {mean:.3g} ± {half:.3g} bits/token'
+    found = RULE.apply([lsh8[s] - exact[s] for s in exact if s in lsh8], testable, why)
+    return found if found.reason else dataclasses.replace(found, reason=why)  # the headroom beside every verdict

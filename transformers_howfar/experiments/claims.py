@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from ..bench.claims import pick
+from ..bench.measure import config_field
 from .common import Finding, Rule, verdict
 from .influence import RULE as INFLUENCE_RULE, influence_findings
 from .lsh_quality import RULE as LSH_QUALITY_RULE, lsh_quality_findings
@@ -25,14 +25,16 @@ DOCS = 'https://transformers-howfar.github.io/transformers_howfar/'  # where the
 
 
 def seed_values(records: list[dict], metric: str, **config) -> dict[Any, float]:
-    """The value of `metric` per seed among the records whose config has these entries (`pick`'s matching); a config
-    without `seed` is seed None. None found is a ValueError."""
-    seeds = sorted({r['config'].get('seed') for r in records if r['metric'] == metric}, key=str)
+    """The value of `metric` per seed among the records whose config has these entries (dotted names as in `pick`); a
+    config without `seed` is seed None. None found, or two for one seed, is a ValueError."""
     out = {}
-    for s in seeds:
-        try: out[s] = pick([r for r in records if r['config'].get('seed') == s], metric, **config)
-        except ValueError as e:
-            if 'found 0' not in str(e): raise
+    for r in records:
+        if r['metric'] != metric or any(config_field(r['config'], k) != v for k, v in config.items()): continue
+        seed = r['config'].get('seed')
+        if seed in out:
+            raise ValueError(f'records: expected one {metric!r} record per seed with {config}, '
+                             f'found two for seed {seed}')
+        out[seed] = float(r['value'])
     if not out: raise ValueError(f'records: expected {metric!r} records with {config}, found none')
     return out
 

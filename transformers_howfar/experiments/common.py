@@ -127,8 +127,8 @@ def verdict(findings) -> str:
     if not got: raise ValueError('findings: expected at least one finding, got none')
     if 'not tested' in got: return 'not tested'
     if got == {'holds'}: return 'holds'
-    if got == {'does not hold'}: return 'does not hold'
-    return 'in part' if 'holds' in got else 'inconclusive' if 'does not hold' not in got else 'does not hold'
+    if 'holds' in got: return 'in part'
+    return 'does not hold' if 'does not hold' in got else 'inconclusive'
 
 
 # %% ../../nbs/60_experiments.common.ipynb #5b380ee5

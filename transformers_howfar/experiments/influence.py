@@ -201,10 +201,12 @@ TUNING_GRID = {'d_model': (32, 128), 'vocab_size': (2000, 8000), 'learning_rate'
 
 def tune_influence(base: InfluenceSetup, grid=TUNING_GRID, seed: int = 100) -> list[dict]:
     "One record of the best validation accuracy (and its step) per point of `grid`, each trained with `seed`."
-    machine, out = machine_info(), []
+    machine, out, datasets = machine_info(), [], {}
     for values in itertools.product(*grid.values()):
-        setup = base.replace(seed=seed, **dict(zip(grid, values)))
-        data, start = load_influence_data(setup), time.perf_counter()
+        setup, start = base.replace(seed=seed, **dict(zip(grid, values))), time.perf_counter()
+        if setup.vocab_size not in datasets:  # the grid's other fields do not change the data
+            datasets[setup.vocab_size] = load_influence_data(setup)
+        data = datasets[setup.vocab_size]
         with tempfile.TemporaryDirectory() as d:
             _, _, summary = train_classifier(setup, data, Path(d) / 'run')
         config = dict(zip(grid, values), seed=seed, budget_steps=summary['budget'],
@@ -269,7 +271,7 @@ def run_influence(setup: InfluenceSetup, out_dir, resume: bool = False) -> list[
     for which in ('all', 'last'):
         scored[which] = tracin(graphdef, rest, ckpts, train,
                                {k: v[show] for k, v in test.items()} if which == setup.params else None, which)
-    tracin_seconds = time.perf_counter() - t0
+    tracin_seconds, load_end = time.perf_counter() - t0, os.getloadavg()[0]
     flagged, rng = data['is_flipped'], np.random.default_rng(setup.seed + 2)
     rankings = {f'self_influence_{w}': scored[w]['self_influence'] for w in scored}
     rankings.update(final_loss=scored['all']['loss'], loss_sum=scored['all']['loss_sum'],
@@ -277,7 +279,7 @@ def run_influence(setup: InfluenceSetup, out_dir, resume: bool = False) -> list[
     machine = machine_info()
     common = {'labelled': setup.labelled, 'seed': setup.seed, 'n_train': len(flagged), 'n_flipped': int(flagged.sum()),
               'budget_steps': summary['budget'], 'checkpoints': [s for s, _, _ in ckpts],
-              'load_average': [round(load, 2)], 'cores': len(os.sched_getaffinity(0))}
+              'load_average': [round(load, 2), round(load_end, 2)], 'cores': len(os.sched_getaffinity(0))}
     records = [make_record('influence', dict(common, model='bag-of-embeddings'), 'test_accuracy', test_accuracy,
                            'fraction', machine),
                make_record('influence', dict(common, model='bow-logistic'), 'test_accuracy', bow_accuracy, 'fraction',
@@ -289,7 +291,6 @@ def run_influence(setup: InfluenceSetup, out_dir, resume: bool = False) -> list[
             records.append(make_record('influence', dict(common, ranking=name, share=share), 'found_at_share', found,
                                        'fraction', machine))
         curves[name] = list(found_at_share(scores, flagged, curve_shares).values())
-    common['load_average'].append(round(os.getloadavg()[0], 2))
     records.append(make_record('influence', dict(common, train_seconds=round(summary['seconds'], 1),
                                                  tracin_seconds=round(tracin_seconds, 1)),
                                'seconds', time.perf_counter() - start, 's', machine))

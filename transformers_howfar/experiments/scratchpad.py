@@ -63,8 +63,8 @@ def protocol_run(
                                   'overrides': [*PROTOCOL_ARMS[arm], *budget, f'seed={seed}'],
                                   'valid': valid, 'test': test, 'fit': fit}))
     path = Path(out_dir) / f'scratchpad_{arm}-seed{seed}.json'
-    if resume and path.exists() and read_json(path).get('plan') == plan:
-        return read_json(path)
+    if resume and path.exists() and (done := read_json(path)).get('plan') == plan:
+        return done
     run_dir = (Path(run_root) if run_root else experiment_dir('scratchpad')) / f'{arm}-seed{seed}'
     load = [os.getloadavg()[0]]
     trainer, summary = train_task('addition', preset, plan['overrides'], run_dir)
@@ -132,7 +132,7 @@ def protocol_table(records: list[dict]) -> str:
     lengths = sorted({r['config']['n_digits'] for r in exact if r['config']['split'] == 'test'})
     head = '| arm | seeds | steps chosen | 1-8 digits | ' + ' | '.join(f'{n} digits' for n in lengths) + ' |'
     lines = [head, '|---' * (4 + len(lengths)) + '|']
-    fmt = lambda v: f'{100 * mean_ci(v)[0]:.1f} ± {100 * mean_ci(v)[1]:.1f}' if len(v) > 1 else f'{100 * v[0]:.1f}'
+    fmt = lambda v: '{:.1f} ± {:.1f}'.format(*(100 * x for x in mean_ci(v))) if len(v) > 1 else f'{100 * v[0]:.1f}'
     for arm in PROTOCOL_ARMS:
         rows = [r for r in exact if r['config']['arm'] == arm]
         if not rows: continue

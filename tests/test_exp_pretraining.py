@@ -1,5 +1,6 @@
-"""The pre-training experiment's parts: logistic regression at its optimum, bag-of-words features, the encoder transfer that
-survives training, the seed confidence interval, the config's errors, and `howfar experiment pretraining --quick` end to end."""
+"""The pre-training experiment's parts: logistic regression at its optimum (binary and multinomial), bag-of-words features,
+the encoder transfer that survives training, the seed confidence interval, the config's errors, the suite's tasks, and
+`howfar experiment pretraining --quick` end to end."""
 import json
 import math
 import os
@@ -15,10 +16,12 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
+from transformers_howfar.data.tokenizer import SEP_ID
 from transformers_howfar.models.bert import Bert, BertConfig
 from transformers_howfar.experiments.common import bag_of_words, logistic_regression, mean_ci, predict_logistic
 from transformers_howfar.experiments.pretraining import (PretrainingConfig, corpus_tokenizer, finetune, load_corpora,
                                                          load_pretrained_bert, transfer_encoder)
+from transformers_howfar.experiments.suite import make_task, pair_row
 from transformers_howfar.models.saving import save_model
 
 BIN = Path(sys.executable).parent
@@ -57,7 +60,9 @@ def test_transfer_survives_training_and_skips_the_head():
     tok = corpus_tokenizer(c, data['text'])
     source = Bert(c.bert_config(), rngs=nnx.Rngs(3))
     before = np.asarray(source.embed.token.embedding[...]).copy()
-    run = finetune(c.replace(finetune_steps=3), tok, data, seed=0, pretrained=source)  # the trainer donates its state
+    task = make_task('toy', tok, c.classify_len, c.max_train, c.max_eval)
+    run = finetune(c.replace(finetune_steps=3, select_every=3), task, seed=0, pretrained=source,
+                   learning_rate=1e-3)  # the trainer donates its state
     np.testing.assert_array_equal(np.asarray(source.embed.token.embedding[...]), before)  # the source is intact and alive
     assert run['init'] == 'pretrained' and 0 <= run['test_accuracy'] <= 1
     target = transfer_encoder(source, Bert(c.bert_config(), rngs=nnx.Rngs(4)))
@@ -82,8 +87,11 @@ def test_mean_ci_contains_the_mean_and_shrinks_with_agreement(values):
 
 @pytest.mark.parametrize('change, message', [
     (dict(seeds=()), 'seeds: expected a non-empty tuple'), (dict(text=()), 'text: expected a non-empty tuple'),
-    (dict(classify_len=1), 'classify_len: expected at least 2'), (dict(finetune_dropout=1.0), 'finetune_dropout'),
-    (dict(n_heads=3), 'd_model'), (dict(pretrain_steps=0), 'pretrain_steps')])
+    (dict(classify_len=3), 'classify_len: expected at least 4'), (dict(finetune_dropout=1.0), 'finetune_dropout'),
+    (dict(n_heads=3), 'd_model'), (dict(pretrain_steps=0), 'pretrain_steps'),
+    (dict(pretrain_seeds=()), 'pretrain_seeds: expected a non-empty tuple'),
+    (dict(finetune_lrs=(1e-3, -1.0)), 'finetune_lrs'), (dict(suite=('rotten_tomatoes', 'sst2')), 'suite: expected one of'),
+    (dict(max_predictions=0), 'max_predictions')])
 def test_config_errors(change, message):
     with pytest.raises(ValueError, match=message):
         PretrainingConfig(**change)
@@ -108,7 +116,35 @@ def test_cli_quick_run_writes_every_model(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     records = json.loads((tmp_path / 'pretraining.json').read_text())
     models = {(x['config']['model'], x['metric']) for x in records}
-    assert {('bert-random', 'mean_test_accuracy'), ('bert-pretrained', 'mean_test_accuracy'), ('bow-logistic', 'test_accuracy'),
-            ('majority', 'test_accuracy'), ('bert-mlm', 'valid_mlm_accuracy')} <= models
+    assert {('bert-random', 'test_accuracy'), ('bert-pretrained', 'test_accuracy'), ('bow-logistic', 'test_accuracy'),
+            ('majority', 'test_accuracy'), ('bert-mlm', 'valid_mlm_accuracy'), ('bert-random', 'search_valid_accuracy')} <= models
+    assert {x['config']['task'] for x in records if x['metric'] == 'test_accuracy'} == {'toy', 'toy_order'}
     assert all(x['value'] is not None and 0 <= x['value'] <= 1 for x in records if 'accuracy' in x['metric'])
     assert not (tmp_path / 'pretraining_runs.json').exists()  # --quick keeps nothing but the records
+
+
+def test_multinomial_logistic_regression_is_at_its_optimum():
+    rng = np.random.default_rng(1)
+    n, f, C, l2 = 150, 12, 3, 1e-2
+    X = (rng.random((n, f)) < 0.3).astype(np.float32)
+    y = (X @ rng.standard_normal((f, C))).argmax(1)
+    idx = np.full((n, f), -1, np.int32)
+    for i, row in enumerate(X): on = np.flatnonzero(row); idx[i, :len(on)] = on
+    params = logistic_regression(idx, y, f, l2, steps=300, n_classes=C)
+
+    def dense(p):
+        w, b = p
+        return optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(X) @ w + b, jnp.asarray(y)).mean() + l2 * (w ** 2).sum()
+    assert float(optax.tree.norm(jax.grad(dense)(params))) < 1e-4
+    np.testing.assert_array_equal(predict_logistic(params, idx), np.asarray(jnp.asarray(X) @ params[0] + params[1]).argmax(1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(7, 99), max_size=60), st.lists(st.integers(7, 99), max_size=60),
+       st.integers(4, 40))
+def test_pair_row_fits_and_keeps_the_junction(first, second, max_len):
+    row = pair_row(np.asarray(first, np.int32), np.asarray(second, np.int32), max_len)
+    assert len(row) <= max_len - 1  # with the [CLS] classification_batch adds
+    at = row.tolist().index(SEP_ID)  # ordinary tokens (7 and up) never equal <sep>
+    h = (max_len - 2) // 2
+    assert row[:at].tolist() == first[max(0, len(first) - h):] and row[at + 1:].tolist() == second[:h]

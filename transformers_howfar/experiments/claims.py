@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,10 +14,11 @@ from ..bench.measure import config_field
 from .common import Finding, Rule, verdict
 from .influence import RULE as INFLUENCE_RULE, influence_findings
 from .lsh_quality import RULE as LSH_QUALITY_RULE, lsh_quality_findings
+from .pretraining import RULES as PRETRAINING_RULES, pretraining_findings
 from .scratchpad import RULES as SCRATCHPAD_RULES, protocol_findings
 
 # %% auto #0
-__all__ = ['DOCS', 'PRETRAINING_FIT', 'EXPERIMENT_CLAIMS', 'seed_values', 'paired', 'ExperimentClaim', 'experiment_claims_table']
+__all__ = ['DOCS', 'EXPERIMENT_CLAIMS', 'seed_values', 'paired', 'ExperimentClaim', 'experiment_claims_table']
 
 # %% ../../nbs/70_experiments.claims.ipynb #37be2ac1
 DOCS = 'https://transformers-howfar.github.io/transformers_howfar/'  # where the claim column links
@@ -67,14 +67,7 @@ def _translation(r):
     bleu = lambda model: seed_values(r('translation'), 'bleu', model=model, decoding='beam')
     return [_TRANSLATION.apply(paired(bleu('transformer'), bleu('rnn')))]
 
-_PRETRAINING = Rule('pre-trained minus random-start test accuracy', 0)
-PRETRAINING_FIT = 0.35  # a fine-tuned classifier fits when its final training loss is at most this (chance: ln 2)
-def _pretraining(r):
-    acc = lambda model: seed_values(r('pretraining'), 'test_accuracy', model=model)
-    losses = [run['train_loss'] for run in r('pretraining_runs')['runs'] if 'train_loss' in run]
-    return [_PRETRAINING.apply(paired(acc('bert-pretrained'), acc('bert-random')), max(losses) <= PRETRAINING_FIT,
-                               f'fine-tuning ends at training loss up to {max(losses):.2f} (fit: at most '
-                               f'{PRETRAINING_FIT}; chance is ln 2 = {math.log(2):.2f})')]
+def _pretraining(r): return list(pretraining_findings(r('pretraining')).values())
 
 _SCALING = Rule('validation loss, largest minus smallest model (nats/token)', 0, above=False)
 def _scaling(r):
@@ -96,7 +89,8 @@ EXPERIMENT_CLAIMS = [
     ExperimentClaim("LSH attention learns the Reformer's duplication task", 'experiments.duplication', (_DUPLICATION,),
                     _duplication),
     ExperimentClaim('Transformers beat RNNs at translation', 'experiments.translation', (_TRANSLATION,), _translation),
-    ExperimentClaim('pre-training with masked LM helps', 'experiments.pretraining', (_PRETRAINING,), _pretraining),
+    ExperimentClaim('pre-training with masked LM helps', 'experiments.pretraining', tuple(PRETRAINING_RULES.values()),
+                    _pretraining),
     ExperimentClaim('bigger models are better', 'experiments.scaling', (_SCALING,), _scaling),
     ExperimentClaim('attention heads learn structure: one finds antecedents', 'experiments.heads', (_HEADS,), _heads),
     ExperimentClaim('LSH approaches full attention with enough hashes', 'experiments.lsh_quality', (LSH_QUALITY_RULE,),

@@ -78,6 +78,7 @@ class Finding:
     reason: str = ''
 
     def __str__(self):
+        if not self.seeds: return f'{self.quantity}: {self.reason or "no values"}'
         interval = '' if math.isnan(self.half_width) else f' ± {self.half_width:.3g}'
         why = f'; {self.reason}' if self.reason else ''
         return f'{self.quantity}: {self.mean:.3g}{interval} ({self.seeds} seed{"s" * (self.seeds != 1)}){why}'
@@ -150,19 +151,24 @@ def bag_of_words(train_texts, *others, min_count: int = 2, bigrams: bool = True)
     return [encode(train_texts)] + [encode(t) for t in others], names
 
 # %% ../../nbs/60_experiments.common.ipynb #2b3952fa
-def logistic_regression(features, labels, n_features: int, l2: float, steps: int = 200) -> tuple[jax.Array, jax.Array]:
-    """Weights (n_features,) and bias () of L2-regularised binary logistic regression on padded feature indices (N,
-    L), by L-BFGS."""
+def logistic_regression(
+    features, labels, n_features: int, l2: float, steps: int = 200, n_classes: int = 2
+) -> tuple[jax.Array, jax.Array]:
+    """Weights and bias of L2-regularised logistic regression on padded feature indices (N, L), by L-BFGS: binary
+    ((n_features,), ()) for 2 classes, multinomial ((n_features, C), (C,)) for more."""
     check_positive('l2', l2, allow_zero=True)
     check_positive('n_features', n_features)
-    features, y = jnp.asarray(features), jnp.asarray(labels, jnp.float32)
+    if n_classes < 2: raise ValueError(f'n_classes: expected at least 2, got {n_classes}')
+    features, y = jnp.asarray(features), jnp.asarray(labels)
     if features.shape[0] != y.shape[0]:
         raise ValueError(f'labels: expected {features.shape[0]} labels (one per row), got {y.shape[0]}')
 
     def loss(params):
         w, b = params
-        scores = jnp.where(features >= 0, w[jnp.maximum(features, 0)], 0.0).sum(1) + b  # w·x for binary x
-        return optax.sigmoid_binary_cross_entropy(scores, y).mean() + l2 * (w**2).sum()
+        scores = _scores(w, b, features)  # w·x for binary x
+        fit = (optax.sigmoid_binary_cross_entropy(scores, y.astype(jnp.float32)) if n_classes == 2
+               else optax.softmax_cross_entropy_with_integer_labels(scores, y))
+        return fit.mean() + l2 * (w**2).sum()
 
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss)
@@ -177,11 +183,17 @@ def logistic_regression(features, labels, n_features: int, l2: float, steps: int
 
         return jax.lax.scan(step, (params, opt.init(params)), None, length=steps)[0][0]
 
-    return run((jnp.zeros(n_features), jnp.zeros(())))
+    shape = () if n_classes == 2 else (n_classes,)
+    return run((jnp.zeros((n_features, *shape)), jnp.zeros(shape)))
+
+
+def _scores(w, b, features):
+    f = jnp.asarray(features)
+    on = (f >= 0).reshape(f.shape + (1,) * (w.ndim - 1))
+    return jnp.where(on, w[jnp.maximum(f, 0)], 0.0).sum(1) + b
 
 
 def predict_logistic(params, features) -> np.ndarray:
-    "0/1 predictions of `logistic_regression`'s `params` for padded feature indices (N, L)."
-    w, b = params
-    f = jnp.asarray(features)
-    return np.asarray(jnp.where(f >= 0, w[jnp.maximum(f, 0)], 0.0).sum(1) + b > 0).astype(np.int32)
+    "Class predictions of `logistic_regression`'s `params` for padded feature indices (N, L)."
+    scores = _scores(*params, features)
+    return np.asarray(scores > 0 if scores.ndim == 1 else scores.argmax(-1)).astype(np.int32)

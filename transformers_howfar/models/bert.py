@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..layers.attention import get_attention, parse_attention_options
-from ..core import Config, check_choice, check_count, check_divisible, check_range, check_shape
+from ..core import Config, check_choice, check_count, check_divisible, check_positive, check_range, check_shape
 from ..layers.blocks import ACTIVATIONS, POSITIONS, Embedder, Stack
 from ..layers.losses import cross_entropy
 
@@ -103,9 +103,13 @@ class Bert(nnx.Module):
             x = self.embed_norm(x)
         return self.encoder(x, padding_mask=mask, rngs=rngs)
 
-    def mlm_logits(self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None):
-        "Masked-LM logits (B, T, V) through the tied token table."
-        h = self.mlm_norm(jax.nn.gelu(self.mlm_transform(self(inputs, segments, attention_mask, rngs=rngs))))
+    def mlm_logits(self, inputs, segments=None, attention_mask=None, *, positions=None, rngs: nnx.Rngs | None = None):
+        "Masked-LM logits through the tied token table: (B, T, V), or (B, P, V) at `positions` (B, P) only."
+        h = self(inputs, segments, attention_mask, rngs=rngs)
+        if positions is not None:
+            check_shape(positions, 'B P', 'positions', B=inputs.shape[0])
+            h = jnp.take_along_axis(h, positions[..., None], axis=1)  # (B, P, D)
+        h = self.mlm_norm(jax.nn.gelu(self.mlm_transform(h)))
         return self.embed.attend(h) + self.mlm_bias[...]
 
     def classify(self, inputs, segments=None, attention_mask=None, *, rngs: nnx.Rngs | None = None):
@@ -114,12 +118,22 @@ class Bert(nnx.Module):
         return self.classifier(self.dropout(pooled, deterministic=rngs is None, rngs=rngs))
 
 # %% ../../nbs/32_models.bert.ipynb #a64d4195
-def mlm_loss(label_smoothing: float = 0.0) -> Callable:
-    "Masked-token loss of `Bert.mlm_logits` on `inputs`, `targets`, `loss_mask`, `segments`, `attention_mask`."
+def mlm_loss(label_smoothing: float = 0.0, max_predictions: int | None = None) -> Callable:
+    """Masked-token loss of `Bert.mlm_logits` on `inputs`, `targets`, `loss_mask`, `segments`, `attention_mask`; with
+    `max_predictions`, the logits of only the first that many masked positions of each row (the rest go unscored)."""
+    if max_predictions is not None:
+        check_positive('max_predictions', max_predictions)
 
     def loss_fn(model, batch, rngs):
-        logits = model.mlm_logits(batch['inputs'], batch['segments'], batch['attention_mask'], rngs=rngs)
-        return cross_entropy(logits, batch['targets'], batch['loss_mask'], label_smoothing)
+        args = batch['inputs'], batch['segments'], batch['attention_mask']
+        if max_predictions is None:
+            return cross_entropy(model.mlm_logits(*args, rngs=rngs), batch['targets'], batch['loss_mask'],
+                                 label_smoothing)
+        k = min(max_predictions, batch['loss_mask'].shape[1])
+        positions = jnp.argsort(-batch['loss_mask'], axis=1, stable=True)[:, :k]  # masked positions first, in order
+        take = lambda x: jnp.take_along_axis(x, positions, axis=1)
+        return cross_entropy(model.mlm_logits(*args, positions=positions, rngs=rngs), take(batch['targets']),
+                             take(batch['loss_mask']), label_smoothing)
 
     return loss_fn
 

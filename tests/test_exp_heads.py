@@ -1,5 +1,5 @@
 """The attention-head experiment's parts: the maps the models return equal the models' own computation for every norm, position and head
-grouping; the scores on maps with a known answer; word spans on a real SentencePiece tokenizer; and the quick run end to end."""
+grouping; the scores on maps with a known answer; word spans on a real SentencePiece tokenizer; the templated name set; and the quick run end to end."""
 import json
 import os
 import subprocess
@@ -13,12 +13,14 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from transformers_howfar.models.bert import Bert, BertConfig
-from transformers_howfar.experiments.heads import (PRONOUN_SENTENCES, best_head, bert_attention, binomial_tail,
-                                           encode_pronoun_set, head_scores, leave_one_out, lm_attention, pronoun_margins, word_spans)
+from transformers_howfar.experiments.heads import (best_head, bert_attention, encode_pronoun_set, head_scores,
+                                                   held_out_accuracy, lm_attention, name_pronoun_set, pronoun_margins,
+                                                   word_spans)
 from transformers_howfar.models.lm import LM, LMConfig
 from transformers_howfar.data.tokenizer import SentencePieceTokenizer
 
 BIN = Path(sys.executable).parent
+PRONOUN_SET = name_pronoun_set({'female': ['Lucy', 'Henrietta', 'Mary'], 'male': ['John', 'Charles', 'Tom']}, pairs=2)
 X = jnp.asarray(np.random.default_rng(0).integers(7, 32, (2, 10)))
 
 
@@ -79,33 +81,30 @@ def test_scores_find_planted_heads():
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(5, 30), st.integers(0, 3))
-def test_a_head_always_right_wins_leave_one_out(n, head):
-    margins = np.random.default_rng(n).uniform(-1, 1, (n, 1, 4))
-    margins[:, 0, head] = np.abs(margins[:, 0, head]) + 0.01
-    assert best_head(margins) == (0, head) and leave_one_out(margins) == 1.0
-
-
-def test_binomial_tail():
-    assert binomial_tail(0, 10) == 1.0 and abs(binomial_tail(5, 10) - binomial_tail(6, 10) - 252 / 1024) < 1e-12
-    assert abs(binomial_tail(6, 10) - binomial_tail(0, 10) + binomial_tail(5, 10)) < 1e-12  # symmetry: P(X >= 6) = P(X <= 4)
+def test_a_head_always_right_is_chosen_and_scores_one_on_held_out_sentences(n, head):
+    rng = np.random.default_rng(n)
+    choose, score = rng.uniform(-1, 1, (n, 1, 4)), rng.uniform(-1, 1, (n + 3, 1, 4))
+    for m in (choose, score): m[:, 0, head] = np.abs(m[:, 0, head]) + 0.01
+    assert best_head(choose) == (0, head) and held_out_accuracy(choose, score) == ((0, head), 1.0)
 
 
 @pytest.fixture(scope='module')
 def sentencepiece():
-    lines = [s for s, *_ in PRONOUN_SENTENCES] * 20 + ['the history of the city was written by the people of the land'] * 20
+    lines = [s for s, *_ in PRONOUN_SET] * 5 + ['the history of the city was written by the people of the land'] * 20
     return SentencePieceTokenizer.train(lines, 320)
 
 
 def test_word_spans_on_sentencepiece(sentencepiece):
-    items = encode_pronoun_set(sentencepiece, prefix=[6], suffix=[5])
-    assert len(items) == 36
-    for it, (sentence, pronoun, antecedent, _) in zip(items, PRONOUN_SENTENCES):
+    items = encode_pronoun_set(sentencepiece, PRONOUN_SET, prefix=[6], suffix=[5])
+    assert len(items) == len(PRONOUN_SET) == 64
+    for it, (sentence, pronoun, antecedent, _) in zip(items, PRONOUN_SET):
         assert sentencepiece.decode(it['ids'][it['antecedent']]).strip() == antecedent
         assert sentencepiece.decode(it['ids'][[it['pronoun']]]).strip() == pronoun[:len(sentencepiece.decode(it['ids'][[it['pronoun']]]).strip())]
         assert it['ids'][0] == 6 and it['ids'][-1] == 5
     maps = [np.full((1, 1, len(it['ids']), len(it['ids'])), 1 / len(it['ids'])) for it in items]
     m = pronoun_margins(maps, items)
-    assert m.shape == (36, 1, 1)
+    assert m.shape == (64, 1, 1)  # uniform attention: a name's pieces weigh by their count, but over the four rows of a
+    assert (np.sign(m).reshape(-1, 4).sum(1) == 0).all()  # pair (both orders, both pronouns) each name wins as often
 
 
 def test_word_spans_refuses_a_tokenizer_without_prefixes():
@@ -122,4 +121,5 @@ def test_cli_quick_run(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     records = json.loads((tmp_path / 'heads.json').read_text())
     assert {(x['config']['model'], x['config']['criterion']) for x in records} == {
-        ('bert', 'previous'), ('bert', 'next'), ('bert', 'separator'), ('bert', 'pronoun'), ('lm', 'previous'), ('lm', 'separator'), ('lm', 'pronoun')}
+        ('bert', 'previous'), ('bert', 'next'), ('bert', 'separator'), ('bert', 'pronoun'), ('lm', 'previous'), ('lm', 'separator'),
+        ('lm', 'pronoun'), ('lm', 'fit')}

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from ..bench.measure import config_field
 from .common import Finding, Rule, verdict
+from .heads import RULE as HEADS_RULE, heads_findings
 from .influence import RULE as INFLUENCE_RULE, influence_findings
 from .lsh_quality import RULE as LSH_QUALITY_RULE, lsh_quality_findings
 from .pretraining import RULES as PRETRAINING_RULES, pretraining_findings
@@ -47,6 +48,7 @@ def paired(a: dict, b: dict) -> list[float]:
 @dataclasses.dataclass(frozen=True)
 class ExperimentClaim:
     "A claim, the page of the experiment that tests it, its rules, and `findings(records)`: one `Finding` per rule."
+
     claim: str
     page: str  # the docs page, e.g. 'experiments.scratchpad'
     rules: tuple[Rule, ...]
@@ -57,46 +59,74 @@ def _scratchpad(r):
     found = protocol_findings(r('scratchpad'))
     return [found[arm] for arm in SCRATCHPAD_RULES]
 
+
 _DUPLICATION = Rule('LSH-4-trained model, accuracy with 4 hash rounds (%)', 90)
+
+
 def _duplication(r):
     accuracy = seed_values(r('duplication'), 'accuracy', train_mode='lsh-4', eval_mode='lsh-4')
     return [_DUPLICATION.apply(accuracy.values())]
 
+
 _TRANSLATION = Rule('Transformer minus LSTM BLEU, beam search', 0)
+
+
 def _translation(r):
     bleu = lambda model: seed_values(r('translation'), 'bleu', model=model, decoding='beam')
     return [_TRANSLATION.apply(paired(bleu('transformer'), bleu('rnn')))]
 
-def _pretraining(r): return list(pretraining_findings(r('pretraining')).values())
+
+def _pretraining(r):
+    return list(pretraining_findings(r('pretraining')).values())
+
 
 _SCALING = Rule('validation loss, largest minus smallest model (nats/token)', 0, above=False)
+
+
 def _scaling(r):
     nll = lambda size: seed_values(r('scaling'), 'valid_nll', size=size)
     return [_SCALING.apply(paired(nll('l'), nll('xs')))]
 
-_HEADS = Rule("best BERT head's pronoun-antecedent accuracy, leave-one-out", 0.5)
+
 def _heads(r):
-    return [_HEADS.apply(seed_values(r('heads'), 'leave_one_out_accuracy', model='bert').values())]
+    return [heads_findings(r('heads'))]
 
-def _lsh_quality(r): return [lsh_quality_findings(r('lsh_quality'))]
 
-def _influence(r): return [influence_findings(r('influence'))]
+def _lsh_quality(r):
+    return [lsh_quality_findings(r('lsh_quality'))]
+
+
+def _influence(r):
+    return [influence_findings(r('influence'))]
 
 
 EXPERIMENT_CLAIMS = [
-    ExperimentClaim('a scratchpad makes addition generalise to longer numbers, and is needed for it',
-                    'experiments.scratchpad', tuple(SCRATCHPAD_RULES.values()), _scratchpad),
-    ExperimentClaim("LSH attention learns the Reformer's duplication task", 'experiments.duplication', (_DUPLICATION,),
-                    _duplication),
+    ExperimentClaim(
+        'a scratchpad makes addition generalise to longer numbers, and is needed for it',
+        'experiments.scratchpad',
+        tuple(SCRATCHPAD_RULES.values()),
+        _scratchpad,
+    ),
+    ExperimentClaim(
+        "LSH attention learns the Reformer's duplication task", 'experiments.duplication', (_DUPLICATION,), _duplication
+    ),
     ExperimentClaim('Transformers beat RNNs at translation', 'experiments.translation', (_TRANSLATION,), _translation),
-    ExperimentClaim('pre-training with masked LM helps', 'experiments.pretraining', tuple(PRETRAINING_RULES.values()),
-                    _pretraining),
+    ExperimentClaim(
+        'pre-training with masked LM helps', 'experiments.pretraining', tuple(PRETRAINING_RULES.values()), _pretraining
+    ),
     ExperimentClaim('bigger models are better', 'experiments.scaling', (_SCALING,), _scaling),
-    ExperimentClaim('attention heads learn structure: one finds antecedents', 'experiments.heads', (_HEADS,), _heads),
-    ExperimentClaim('LSH approaches full attention with enough hashes', 'experiments.lsh_quality', (LSH_QUALITY_RULE,),
-                    _lsh_quality),
-    ExperimentClaim('TracIn finds mislabelled training examples better than the loss', 'experiments.influence',
-                    (INFLUENCE_RULE,), _influence),
+    ExperimentClaim(
+        'attention heads learn structure: one finds antecedents', 'experiments.heads', (HEADS_RULE,), _heads
+    ),
+    ExperimentClaim(
+        'LSH approaches full attention with enough hashes', 'experiments.lsh_quality', (LSH_QUALITY_RULE,), _lsh_quality
+    ),
+    ExperimentClaim(
+        'TracIn finds mislabelled training examples better than the loss',
+        'experiments.influence',
+        (INFLUENCE_RULE,),
+        _influence,
+    ),
 ]
 
 # %% ../../nbs/70_experiments.claims.ipynb #d4a277d5

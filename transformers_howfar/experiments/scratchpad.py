@@ -22,8 +22,8 @@ from ..bench.claims import pick
 from .common import Finding, Rule, experiment_dir, mean_ci, verdict
 
 # %% auto #0
-__all__ = ['PROTOCOL_ARMS', 'SEEDS', 'BUDGET', 'SELECT_STEPS', 'VALID', 'TEST', 'FIT', 'FIT_THRESHOLD', 'RULES', 'EVAL_DIGITS',
-           'EXPERIMENT_MODELS', 'TABLE_DIGITS', 'protocol_run', 'protocol_records', 'protocol_findings',
+__all__ = ['PROTOCOL_ARMS', 'SEEDS', 'BUDGET', 'SELECT_STEPS', 'ARM_BUDGETS', 'VALID', 'TEST', 'FIT', 'FIT_THRESHOLD', 'RULES',
+           'EVAL_DIGITS', 'EXPERIMENT_MODELS', 'TABLE_DIGITS', 'protocol_run', 'protocol_records', 'protocol_findings',
            'protocol_table', 'scratchpad_experiment', 'run_model', 'result_records', 'accuracy_table',
            'exploration_experiment', 'load_results', 'plot_length_generalisation']
 
@@ -36,6 +36,9 @@ PROTOCOL_ARMS = {  # the claim's three formats, with the same digit slots and ra
 SEEDS = (0, 1, 2)
 BUDGET = ('steps=8000', 'checkpoint_every=1000', 'keep_checkpoints=8')  # on top of the 'small' preset
 SELECT_STEPS = (2000, 4000, 6000, 8000)  # the checkpoints validation chooses from
+ARM_BUDGETS = {  # an arm whose 8,000 steps did not fit its training range: (budget, checkpoints to choose from)
+    'direct-random': (('steps=32000', 'checkpoint_every=4000', 'keep_checkpoints=8'), (8000, 16000, 24000, 32000)),
+}
 VALID = {'digits': (10, 14, 20, 28), 'count': 100, 'seed': 10}
 TEST = {'digits': (9, 12, 16, 24, 32), 'count': 500, 'seed': 11}
 FIT = {'digits': tuple(range(1, 9)), 'count': 200, 'seed': 9}  # the in-range sets training excludes
@@ -65,7 +68,8 @@ def protocol_run(
     path = Path(out_dir) / f'scratchpad_{arm}-seed{seed}.json'
     if resume and path.exists() and (done := read_json(path)).get('plan') == plan:
         return done
-    run_dir = (Path(run_root) if run_root else experiment_dir('scratchpad')) / f'{arm}-seed{seed}'
+    longer = '' if tuple(budget) == BUDGET else f'-{max(select_steps)}'  # another budget: another run, not a resume
+    run_dir = (Path(run_root) if run_root else experiment_dir('scratchpad')) / f'{arm}-seed{seed}{longer}'
     load = [os.getloadavg()[0]]
     trainer, summary = train_task('addition', preset, plan['overrides'], run_dir)
     if trainer.step < max(select_steps):
@@ -153,7 +157,8 @@ def scratchpad_experiment(quick: bool = False, out_dir='experiments/results', re
         kw = dict(preset='tiny', budget=('steps=4', 'checkpoint_every=2', 'keep_checkpoints=2'), select_steps=(2, 4),
                   valid={'digits': (4,), 'count': 4, 'seed': 10}, test={'digits': (5,), 'count': 4, 'seed': 11},
                   fit={'digits': (1, 3), 'count': 4, 'seed': 9}, run_root=Path(out_dir) / 'runs')
-    results = [protocol_run(arm, seed, out_dir, resume=resume, **kw) for arm in PROTOCOL_ARMS for seed in SEEDS]
+    budget = lambda arm: kw or dict(zip(('budget', 'select_steps'), ARM_BUDGETS.get(arm, (BUDGET, SELECT_STEPS))))
+    results = [protocol_run(arm, seed, out_dir, resume=resume, **budget(arm)) for arm in PROTOCOL_ARMS for seed in SEEDS]
     records = protocol_records(results)
     findings = protocol_findings(records)
     print(protocol_table(records))

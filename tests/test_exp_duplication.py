@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformers_howfar.experiments.duplication import (PAPER_TABLE2, TRAIN_MODES, same_setup, accuracy_table, attention_options,
+from transformers_howfar.experiments.duplication import (DUPLICATION_SEEDS, DUPLICATION_STEPS, PAPER_TABLE2, TRAIN_MODES, TRAIN_STEPS,
+                                                 model_train_config, same_setup, accuracy_table, attention_options,
                                                  duplication_setup, evaluate_modes, mode_name, with_mode)
 from transformers_howfar.layers.hashing import shared_qk_attention
 from transformers_howfar.data.tokenizer import NUM_SPECIAL
@@ -26,11 +27,12 @@ def _model(word_length=8):
 
 @pytest.mark.parametrize('mode,expected', [
     ('full', ('lsh.chunk_length=8', f'lsh.dense_threshold={2**62}')),
+    ('full-noself', ('lsh.chunk_length=8', f'lsh.dense_threshold={2**62}', 'lsh.mask_self=false')),
     (4, ('lsh.chunk_length=8', 'lsh.dense_threshold=0', 'lsh.n_buckets=null', 'lsh.n_rounds=4')),
 ])
 def test_attention_options(mode, expected):
     assert attention_options(mode, 8) == expected
-    assert mode_name(mode) == ('full' if mode == 'full' else 'lsh-4')
+    assert mode_name(mode) == (mode if isinstance(mode, str) else 'lsh-4')
 
 
 @pytest.mark.parametrize('bad', [0, -1, True, 2.0, 'lsh'])
@@ -49,6 +51,9 @@ def test_switch_modes_on_the_same_weights():
     x = jnp.ones((1, 17, 16)) * jnp.arange(1, 18)[None, :, None] / 17
     ref = mha.out(shared_qk_attention(mha.q(x), mha.v(x), causal=True))
     np.testing.assert_allclose(mha(x), ref, atol=1e-5)
+    noself = next(n for _, n in nnx.iter_graph(with_mode(model, 'full-noself', 4)) if type(n).__name__ == 'MultiHeadAttention')
+    np.testing.assert_allclose(noself(x), mha.out(shared_qk_attention(mha.q(x), mha.v(x), causal=True, mask_self=False)), atol=1e-5)
+    assert not np.allclose(noself(x), ref, atol=1e-3)  # the own key now competes
     np.testing.assert_allclose(with_mode(model, 1, 32)(tokens), full, atol=1e-5)  # one chunk holds every key
     two = with_mode(model, 2, 2)
     assert float(jnp.abs(two(tokens) - full).max()) > 1e-4
@@ -62,12 +67,29 @@ def test_switch_modes_on_the_same_weights():
 
 def test_saved_setups_still_match_so_resume_keeps_the_trained_models():
     model, train, chunk, buckets = duplication_setup(False)
-    setup = json.loads(json.dumps({'model': model.to_dict(), 'train': train.to_dict(), 'chunk_length': chunk, 'n_buckets': buckets}))
-    for mode in TRAIN_MODES:  # written before LMConfig had attention_options
-        saved = json.loads((Path(__file__).parents[1] / 'experiments' / 'results' / f'duplication_{mode_name(mode)}.json').read_text())['setup']
-        assert same_setup(saved, setup)
-    assert not same_setup(dict(setup, chunk_length=8), setup) and not same_setup(None, setup)
-    assert not same_setup(dict(setup, model=dict(setup['model'], d_model=128)), setup)
+    setup = lambda mode, seed: json.loads(json.dumps({'model': model.to_dict(), 'train': model_train_config(train, mode, seed).to_dict(),
+                                                      'chunk_length': chunk, 'n_buckets': buckets}))
+    results = Path(__file__).parents[1] / 'experiments' / 'results'
+    found = 0
+    for mode in TRAIN_MODES:
+        for seed in DUPLICATION_SEEDS:
+            path = results / f'duplication_{mode_name(mode)}-seed{seed}.json'
+            if path.exists():
+                found += 1
+                assert same_setup(json.loads(path.read_text())['setup'], setup(mode, seed)), path.name
+    assert found >= 3
+    old = setup(4, 0)  # a setup saved before a config field existed reads with that field's default
+    del old['model']['attention_options']
+    assert same_setup(old, setup(4, 0)) and not same_setup(old, setup(4, 1))
+    assert not same_setup(dict(old, chunk_length=8), setup(4, 0)) and not same_setup(None, setup(4, 0))
+    assert not same_setup(dict(old, model=dict(old['model'], d_model=128)), setup(4, 0))
+
+
+def test_budgets_and_seeds():
+    _, train, _, _ = duplication_setup(False)
+    assert model_train_config(train, 1, 2).steps == TRAIN_STEPS['lsh-1'] > DUPLICATION_STEPS == model_train_config(train, 4, 0).steps
+    assert model_train_config(train, 'full', 2).seed == 2 and train.eval_batches == 32
+    assert model_train_config(train, 1, 2, quick=True).steps == train.steps  # quick runs keep their two steps
 
 
 def test_evaluate_modes_uses_fresh_hashes_and_every_mode():
@@ -85,16 +107,19 @@ def test_setup_and_tables():
     assert (model.word_length, model.seq_len, model.d_model, model.n_heads, model.n_layers) == (127, 255, 256, 4, 1)
     assert 2 * model.word_length + 2 >= 256 and chunk == 16 and buckets == 32
     assert sorted(PAPER_TABLE2) == ['full', 'lsh-1', 'lsh-2', 'lsh-4'] and PAPER_TABLE2['lsh-4']['lsh-1'] == 91.9
-    recs = [{'metric': 'accuracy', 'value': 50.0, 'config': {'train_mode': 'full', 'eval_mode': 'lsh-1'}},
-            {'metric': 'nll', 'value': 1.0, 'config': {'train_mode': 'full', 'eval_mode': 'lsh-1'}}]
-    assert accuracy_table(recs) == {'full': {'lsh-1': 50.0}}
+    recs = [{'metric': 'accuracy', 'value': 50.0, 'config': {'train_mode': 'full', 'eval_mode': 'lsh-1', 'seed': 0}},
+            {'metric': 'accuracy', 'value': 70.0, 'config': {'train_mode': 'full', 'eval_mode': 'lsh-1', 'seed': 1}},
+            {'metric': 'nll', 'value': 1.0, 'config': {'train_mode': 'full', 'eval_mode': 'lsh-1', 'seed': 0}}]
+    assert accuracy_table(recs) == {'full': {'lsh-1': 60.0}}  # the mean over seeds
 
 
 def test_committed_results_are_complete():
     path = Path(__file__).parents[1] / 'experiments' / 'results' / 'duplication.json'
     table = accuracy_table(json.loads(path.read_text()))
-    assert 'full' in table and set(table) <= {'full', 'lsh-1', 'lsh-2', 'lsh-4'}  # a model still training has no row yet
-    assert all(sorted(v) == ['full', 'lsh-1', 'lsh-2', 'lsh-4', 'lsh-8'] for v in table.values())
+    assert 'lsh-4' in table and set(table) <= {'full', 'lsh-1', 'lsh-2', 'lsh-4'}  # a model still training has no row yet
+    assert all(sorted(v) == ['full', 'full-noself', 'lsh-1', 'lsh-2', 'lsh-4', 'lsh-8'] for v in table.values())
+    seeds = {r['config']['seed'] for r in json.loads(path.read_text()) if r['config']['train_mode'] == 'lsh-4'}
+    assert seeds == set(DUPLICATION_SEEDS)  # the claim's model has every seed
 
 
 @pytest.mark.slow
@@ -104,9 +129,10 @@ def test_cli_quick_and_resume(tmp_path):
     out = subprocess.run([howfar, 'experiment', 'duplication', '--quick', '--out', str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     first = json.loads((tmp_path / 'duplication.json').read_text())
-    assert len(first) == 12 and {r['config']['train_mode'] for r in first} == {'full', 'lsh-1'}
+    assert len(first) == 24 and {r['config']['train_mode'] for r in first} == {'full', 'lsh-1'}
+    assert {r['config']['seed'] for r in first} == {0, 1}
     per_model = tmp_path / 'cache' / 'duplication' / 'quick'
-    assert (per_model / 'duplication_lsh-1.json').exists() and (per_model / 'lsh-1' / 'checkpoints' / '2').exists()
+    assert (per_model / 'duplication_lsh-1-seed1.json').exists() and (per_model / 'lsh-1-seed1' / 'checkpoints' / '2').exists()
     # resuming reads the finished models back: the same records, no training
     out = subprocess.run([howfar, 'experiment', 'duplication', '--quick', '--resume', '--out', str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]

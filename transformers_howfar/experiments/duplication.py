@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..core import check_positive, machine_info
+from ..core import check_count, check_positive, machine_info
 from ..bench.measure import make_record
-from .common import experiment_dir
+from .common import experiment_dir, mean_ci
 from ..layers.attention import format_attention_options
 from ..layers.blocks import with_config
 from ..data.tokenizer import NUM_SPECIAL
@@ -26,27 +26,31 @@ from ..train.tasks import TASKS, DuplicateConfig
 from ..train.trainer import TrainConfig, Trainer
 
 # %% auto #0
-__all__ = ['MODES', 'TRAIN_MODES', 'DUPLICATION_STEPS', 'PAPER_TABLE2', 'mode_name', 'attention_options', 'with_mode',
-           'evaluate_modes', 'train_duplication', 'duplication_setup', 'same_setup', 'model_records',
-           'duplication_experiment', 'accuracy_table']
+__all__ = ['MODES', 'FULL_MODES', 'TRAIN_MODES', 'DUPLICATION_STEPS', 'TRAIN_STEPS', 'DUPLICATION_SEEDS', 'EVAL_BATCHES',
+           'PAPER_TABLE2', 'mode_name', 'attention_options', 'with_mode', 'evaluate_modes', 'train_duplication',
+           'duplication_setup', 'model_train_config', 'same_setup', 'model_records', 'duplication_experiment',
+           'finished_records', 'accuracy_intervals', 'accuracy_table']
 
 # %% ../../nbs/61_experiments.duplication.ipynb #9a70a46c
-MODES = ('full', 1, 2, 4, 8)  # attention at evaluation: exact shared-QK attention, or LSH with this many rounds
+MODES = ('full', 'full-noself', 1, 2, 4, 8)  # at evaluation: exact shared-QK attention (with or without the self
+# mask), or LSH with this many rounds
+FULL_MODES = ('full', 'full-noself')
 
 
 def mode_name(mode) -> str:
-    "`'full'` or `'lsh-R'`."
-    return 'full' if mode == 'full' else f'lsh-{mode}'
+    "`'full'`, `'full-noself'` or `'lsh-R'`."
+    return mode if mode in FULL_MODES else f'lsh-{mode}'
 
 
 def attention_options(mode, chunk_length: int, n_buckets=None) -> tuple[str, ...]:
-    """The config's `attention_options` for `mode`: `'full'` (dense shared-QK attention at every length) or a round
-    count R."""
+    """The config's `attention_options` for `mode`: `'full'` (dense shared-QK attention at every length),
+    `'full-noself'` (the same without the self mask: a token's own key competes like any other) or a round count R."""
     check_positive('chunk_length', chunk_length)
-    if mode == 'full':
-        return format_attention_options('lsh', chunk_length=chunk_length, dense_threshold=2**62)
+    if mode in FULL_MODES:
+        return format_attention_options('lsh', chunk_length=chunk_length, dense_threshold=2**62,
+                                        **({'mask_self': False} if mode == 'full-noself' else {}))
     if isinstance(mode, bool) or not isinstance(mode, (int, np.integer)) or mode < 1:
-        raise ValueError(f"mode: expected 'full' or a positive number of hash rounds, got {mode!r}")
+        raise ValueError(f"mode: expected 'full', 'full-noself' or a positive number of hash rounds, got {mode!r}")
     return format_attention_options(
         'lsh', chunk_length=chunk_length, dense_threshold=0, n_buckets=n_buckets, n_rounds=int(mode)
     )
@@ -125,6 +129,9 @@ def train_duplication(
 TRAIN_MODES = ('full', 1, 2, 4)
 
 DUPLICATION_STEPS = 5000
+TRAIN_STEPS = {'lsh-1': 10_000}  # budgets other than DUPLICATION_STEPS: LSH-1 starts learning last (see below)
+DUPLICATION_SEEDS = (0, 1, 2)
+EVAL_BATCHES = 32  # held-out batches of 8 per evaluation mode: 32,512 scored tokens
 
 
 def duplication_setup(quick: bool = False) -> tuple[DuplicateConfig, TrainConfig, int, int | None]:
@@ -143,10 +150,16 @@ def duplication_setup(quick: bool = False) -> tuple[DuplicateConfig, TrainConfig
         DuplicateConfig(vocab_size=NUM_SPECIAL + 128, d_model=256, d_ff=256, n_heads=4, n_layers=1, max_len=255,
                         dropout_rate=0.0, word_length=127, n_symbols=128, attention=('lsh',), position='sinusoidal'),
         TrainConfig(steps=DUPLICATION_STEPS, batch_size=8, learning_rate=6e-3, warmup_steps=50, log_every=50,
-                    checkpoint_every=100, eval_batches=4, progress=False),
+                    checkpoint_every=100, eval_batches=EVAL_BATCHES, progress=False),
         16,
         32,
     )
+
+
+def model_train_config(train_config: TrainConfig, mode, seed: int, quick: bool = False) -> TrainConfig:
+    "The training config of the model trained in `mode` with `seed`: the step budget of `TRAIN_STEPS`, if any."
+    steps = train_config.steps if quick else TRAIN_STEPS.get(mode_name(mode), train_config.steps)
+    return train_config.replace(seed=int(seed), steps=steps)
 
 
 def same_setup(saved, setup) -> bool:
@@ -163,11 +176,13 @@ def same_setup(saved, setup) -> bool:
 
 
 def model_records(done: dict, machine=None) -> list[dict]:
-    "Accuracy and loss records of one trained model's result (as saved in `duplication_<mode>.json`)."
+    "Accuracy and loss records of one trained model's result (as saved in `duplication_<mode>-seed<k>.json`)."
     machine, setup = machine or machine_info(), done['setup']
-    base = {'train_mode': done['train_mode'], 'word_length': setup['model']['word_length'],
-            'chunk_length': setup['chunk_length'], 'n_buckets': setup['n_buckets'], 'steps': done['steps'],
-            'train_seconds': round(done['train_seconds'], 1), 'load_average': done['load_average']}
+    base = {'train_mode': done['train_mode'], 'seed': setup['train']['seed'],
+            'word_length': setup['model']['word_length'], 'chunk_length': setup['chunk_length'],
+            'n_buckets': setup['n_buckets'], 'steps': done['steps'], 'eval_batches': done['eval_batches'],
+            'final_train_accuracy': done['final_train_accuracy'], 'train_seconds': round(done['train_seconds'], 1),
+            'load_average': done['load_average']}
     out = []
     for name, m in done['eval'].items():
         out.append(
@@ -177,52 +192,69 @@ def model_records(done: dict, machine=None) -> list[dict]:
     return out
 
 
+def _train_or_read(path, setup, eval_modes, resume, train):
+    "The saved result at `path` if it has this `setup` and every eval mode; else `train()`, saved there."
+    done = json.loads(path.read_text()) if resume and path.exists() else None
+    if done is None or not same_setup(done.get('setup'), setup) or set(done['eval']) != {
+        mode_name(m) for m in eval_modes
+    }:
+        new = train()  # with resume, a finished checkpoint is only evaluated again
+        if done is not None and same_setup(done.get('setup'), setup) and new['steps'] == done['steps']:
+            new = {**new, **{k: done[k] for k in ('train_seconds', 'load_average', 'final_train_accuracy')}}
+        done = dict(new, setup=setup)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(done, indent=1))
+    return done
+
+
 def duplication_experiment(
     quick: bool = False,
     resume: bool = False,
     out_dir='experiments/results',
     cache_dir=None,
     train_modes=TRAIN_MODES,  # the models to train: a subset lets separate processes train different ones
+    seeds=None,  # training seeds (default DUPLICATION_SEEDS; the quick run: 0 and 1)
 ) -> list[dict]:
-    """Reformer Table 2: train with full attention and LSH-1/2/4, evaluate each with full and LSH-1/2/4/8 (token
-    accuracy on the second w)."""
+    """Reformer Table 2: train with full attention and LSH-1/2/4 (each with every seed), evaluate each with full
+    attention (with and without the self mask) and LSH-1/2/4/8 (token accuracy on the second w)."""
     for mode in train_modes:
         attention_options(mode, 1)  # a clear error for a bad mode before any training
+    seeds = tuple((0, 1) if quick else DUPLICATION_SEEDS) if seeds is None else tuple(seeds)
+    for seed in seeds:
+        check_count('seeds', seed, allow_zero=True)
     model_config, train_config, chunk, buckets = duplication_setup(quick)
     cache = Path(cache_dir) if cache_dir else experiment_dir('duplication') / ('quick' if quick else 'full')
     if quick:
-        train_modes, eval_modes = (
-            (('full', 1) if tuple(train_modes) == TRAIN_MODES else tuple(train_modes)),
-            ('full', 1, 2),
-        )
+        train_modes = ('full', 1) if tuple(train_modes) == TRAIN_MODES else tuple(train_modes)
+        eval_modes = ('full', 'full-noself', 1)
     else:
         train_modes, eval_modes = tuple(train_modes), MODES
     machine, records = machine_info(), []
     out = cache if quick else Path(out_dir)  # the quick run's per-model files stay out of the results folder
     for mode in train_modes:
-        path = out / f'duplication_{mode_name(mode)}.json'
-        setup = json.loads(
-            json.dumps(
-                {'model': model_config.to_dict(), 'train': train_config.to_dict(), 'chunk_length': chunk,
-                 'n_buckets': buckets}
+        for seed in seeds:
+            name, config = f'{mode_name(mode)}-seed{seed}', model_train_config(train_config, mode, seed, quick)
+            setup = json.loads(json.dumps({'model': model_config.to_dict(), 'train': config.to_dict(),
+                                           'chunk_length': chunk, 'n_buckets': buckets}))  # as read back from JSON
+            train = lambda: dict(
+                train_duplication(model_config, config, mode, chunk_length=chunk, n_buckets=buckets,
+                                  run_dir=cache / name, resume=resume, eval_modes=eval_modes,
+                                  eval_batches=config.eval_batches),
+                eval_batches=config.eval_batches,
             )
-        )  # as read back from JSON
-        done = json.loads(path.read_text()) if resume and path.exists() else None
-        if (
-            done is None
-            or not same_setup(done.get('setup'), setup)
-            or set(done['eval']) != {mode_name(m) for m in eval_modes}
-        ):
-            done = dict(
-                train_duplication(model_config, train_config, mode, chunk_length=chunk, n_buckets=buckets,
-                                  run_dir=cache / mode_name(mode), resume=resume, eval_modes=eval_modes,
-                                  eval_batches=train_config.eval_batches),
-                setup=setup,
-            )
-            out.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(done, indent=1))
-        records += model_records(done, machine)
+            records += model_records(_train_or_read(out / f'duplication_{name}.json', setup, eval_modes, resume, train),
+                                     machine)
     return records
+
+
+def finished_records(out_dir='experiments/results', machine=None) -> list[dict]:
+    """The records of every model finished so far (each `duplication_<mode>-seed<k>.json` in `out_dir`), in the order
+    of `TRAIN_MODES` and seeds; nothing is trained."""
+    order = {mode_name(m): i for i, m in enumerate(TRAIN_MODES)}
+    done = [json.loads(p.read_text()) for p in Path(out_dir).glob('duplication_*-seed*.json')]
+    done.sort(key=lambda d: (order.get(d['train_mode'], len(order)), d['setup']['train']['seed']))
+    machine = machine or machine_info()
+    return [r for d in done for r in model_records(d, machine)]
 
 # %% ../../nbs/61_experiments.duplication.ipynb #3ebc24c9
 PAPER_TABLE2 = {  # Kitaev et al. 2020, Table 2: train mode -> eval mode -> token accuracy (%)
@@ -233,10 +265,17 @@ PAPER_TABLE2 = {  # Kitaev et al. 2020, Table 2: train mode -> eval mode -> toke
 }
 
 
-def accuracy_table(records: list[dict]) -> dict:
-    "`{train_mode: {eval_mode: accuracy %}}` from the experiment's records."
-    table = {}
+def accuracy_intervals(records: list[dict]) -> dict:
+    """`{train_mode: {eval_mode: (mean, 95% half-width, seeds)}}` of the token accuracy (%) over the seeds in the
+    experiment's records (a record without a seed counts as one)."""
+    values = {}
     for r in records:
         if r['metric'] == 'accuracy':
-            table.setdefault(r['config']['train_mode'], {})[r['config']['eval_mode']] = r['value']
-    return table
+            c = r['config']
+            values.setdefault(c['train_mode'], {}).setdefault(c['eval_mode'], []).append(r['value'])
+    return {t: {e: (*mean_ci(v), len(v)) for e, v in row.items()} for t, row in values.items()}
+
+
+def accuracy_table(records: list[dict]) -> dict:
+    "`{train_mode: {eval_mode: accuracy %}}` from the experiment's records: the mean over seeds."
+    return {t: {e: m for e, (m, _, _) in row.items()} for t, row in accuracy_intervals(records).items()}

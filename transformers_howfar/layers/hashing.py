@@ -88,6 +88,7 @@ def shared_qk_attention(
     qk, v,  # (B, T, N, H) shared queries/keys and values
     *, causal: bool = False, padding_mask=None,  # (B, T) booleans, True = a real token
     multiplicity=None,  # (B, N, T, T): how often key j is in query i's candidate set (None: every key once)
+    mask_self: bool = True,  # False: a token's own key competes like any other (not the paper's attention)
 ) -> jax.Array:  # (B, T, N, H)
     "Dense shared-QK attention with the LSH masks: self only as a last resort, masked keys finite; O(T²)."
     d = check_shape(qk, 'B T N H', 'qk')
@@ -95,7 +96,7 @@ def shared_qk_attention(
     T = d['T']
     qk, v = flag_nonfinite_values(qk, v)  # a non-finite value: NaN scores where visible, nothing where masked
     s = shared_qk_scores(qk)
-    s = jnp.where(jnp.eye(T, dtype=bool), SELF_VALUE, s)
+    if mask_self: s = jnp.where(jnp.eye(T, dtype=bool), SELF_VALUE, s)
     ok = jnp.ones((T, T), bool) if not causal else jnp.tril(jnp.ones((T, T), bool))
     if padding_mask is not None:
         check_shape(padding_mask, 'B T', 'padding_mask', **d)

@@ -83,6 +83,7 @@ class _Plan:
     correct_duplicates: bool
     scale: float  # 1/sqrt(H)
     eps: float = 1e-6
+    mask_self: bool = True  # False: a token's own key scores like any other
 
 def _unit_keys(queries, plan):
     "Keys of shared-QK attention: the queries at unit length, times the 1/sqrt(H) scale."
@@ -128,7 +129,7 @@ def _block_scores(queries, keys, positions, key_positions, key_valid, counts, pl
     "Scores `(bc, C, 2C)` of a block's queries against their own and the previous chunk's keys, masked."
     s = jnp.einsum('nch,ndh->ncd', queries, keys)
     if counts is not None: s = s - jnp.log(counts)
-    s = jnp.where(key_positions[:, None, :] == positions[:, :, None], SELF_VALUE, s)
+    if plan.mask_self: s = jnp.where(key_positions[:, None, :] == positions[:, :, None], SELF_VALUE, s)
     visible = key_valid[:, None, :]
     if plan.causal: visible = visible & (key_positions[:, None, :] <= positions[:, :, None])
     return jnp.where(visible, s, MASK_VALUE)
@@ -277,6 +278,7 @@ def lsh_attention(
     correct_duplicates: bool = False,  # subtract log(number of rounds a key is seen in), as in the paper
     dense_threshold: int | None = None,  # lengths up to this use exact dense attention (default: chunk_length)
     block_length: int = 256,  # tokens processed together in the kernel (speed only; 256 keeps a block in cache)
+    mask_self: bool = True,  # a token attends to itself only when nothing else is visible; False only for studies
     max_bucket_factor: int = 64,  # automatic bucket counts above this are split into factors
 ) -> jax.Array:  # (B, T, N, H), in the dtype of `v`; slices sharded over the ambient mesh's `heads` axis, if any
     "LSH attention (Kitaev, Kaiser, Levskaya 2020) in time O(T log T) and memory O(T) for forward and backward."
@@ -290,11 +292,11 @@ def lsh_attention(
     if padding_mask is not None:  # a padded token is no one's key, and its own row is not to poison gradients
         qk = jnp.where(~jnp.asarray(padding_mask, bool)[:, :, None, None] & ~jnp.isfinite(qk), 0, qk)
     if T <= (chunk_length if dense_threshold is None else dense_threshold):
-        return shared_qk_attention(qk, v, causal=causal, padding_mask=padding_mask)
+        return shared_qk_attention(qk, v, causal=causal, padding_mask=padding_mask, mask_self=mask_self)
     n_blocks, chunks_per_block, padded_length = lsh_block_plan(T, chunk_length, block_length)
     factors = bucket_factors(auto_buckets(T, chunk_length, max_bucket_factor) if n_buckets is None else n_buckets)
     plan = _Plan(chunk_length, chunks_per_block, n_blocks, int(n_rounds), bool(causal), bool(correct_duplicates),
-                 1 / math.sqrt(H))
+                 1 / math.sqrt(H), mask_self=bool(mask_self))
     def kernel(qk_slices, v_slices, valid, slice_ids, key):  # the slices of one device (all, without a `heads` axis)
         batch_size = _slices_per_batch(plan, qk_slices.shape[0])
         orders, inverses = _sort_orders(qk_slices, valid, slice_ids, key, factors, int(n_rounds), padded_length,
@@ -327,6 +329,7 @@ def lsh_attention_kind(
     key: jax.Array | None = None,  # the hash key (from `LSHKeys`)
     n_rounds: int = 4, chunk_length: int = 64, n_buckets=None, correct_duplicates: bool = False,
     dense_threshold: int | None = None, block_length: int = 256, max_bucket_factor: int = 64,  # `lsh_attention`'s
+    mask_self: bool = True,
 ) -> jax.Array:  # (B, T, N, H)
     "`lsh_attention` with the common signature of the attention registry (self-attention over whole sequences)."
     if key is None: raise ValueError('key: expected a PRNG key for the hash rotations (LSHKeys supplies one), got None')
@@ -338,7 +341,7 @@ def lsh_attention_kind(
     return lsh_attention(q, v, key=key, causal=causal, padding_mask=padding_mask, n_rounds=n_rounds,
                          chunk_length=chunk_length, n_buckets=n_buckets, correct_duplicates=correct_duplicates,
                          dense_threshold=dense_threshold, block_length=block_length,
-                         max_bucket_factor=max_bucket_factor)
+                         max_bucket_factor=max_bucket_factor, mask_self=mask_self)
 
 class LSHKeys(nnx.Module):
     "A random stream giving `lsh_attention_kind` a fresh hash key on every call."

@@ -237,8 +237,10 @@ def train_heads_lm(tokenizer, documents, valid_documents=None, steps: int = HEAD
                         log_every=max(1, steps // 10), eval_every=max(1, steps // 10), eval_batches=16,
                         checkpoint_every=max(1, steps // 5) if run_dir else 0, seed=seed, progress=False)
     trainer = Trainer(LM(config, rngs=nnx.Rngs(params=seed)), lm_loss(), train, run_dir=run_dir)
-    batches = lambda docs, s: lm_batches(encode_documents(docs, tokenizer), config.max_len, batch_size, seed=s)
-    summary = trainer.fit(batches(documents, seed), (lambda: batches(valid_documents, 0)) if valid_documents else None)
+    train_ids = encode_documents(documents, tokenizer)
+    valid_ids = encode_documents(valid_documents, tokenizer) if valid_documents else None  # once, not per evaluation
+    valid = (lambda: lm_batches(valid_ids, config.max_len, batch_size, seed=0)) if valid_ids is not None else None
+    summary = trainer.fit(lm_batches(train_ids, config.max_len, batch_size, seed=seed), valid)
     curve = [(r['step'], r['nll']) for r in (read_metrics(run_dir) if run_dir else []) if r.get('split') == 'eval']
     return trainer.model, dict(summary, valid_curve=curve)
 

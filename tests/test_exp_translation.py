@@ -1,5 +1,5 @@
 """The translation experiment (Transformer against LSTM with attention): the quick run end to end, resuming from the
-per-model files, scoring against sacrebleu's definitions, the throughput probe leaving the models untouched, and the errors."""
+per-model files, scoring against sacrebleu's definitions, the budgeted training loop, the rule, and the errors."""
 import json
 import os
 import subprocess
@@ -15,8 +15,8 @@ from hypothesis import given, settings, strategies as st
 from transformers_howfar.bench.measure import read_records
 from transformers_howfar.data.batches import seq2seq_batches
 from transformers_howfar.experiments.translation import (
-    TranslationSetup, load_translation_data, make_trainer, measure_throughput, score_translations,
-    translate, translation_configs, translation_experiment)
+    MIN_EPOCHS, TranslationSetup, load_translation_data, make_trainer, score_translations, train_within_budget,
+    translate, translation_configs, translation_experiment, translation_findings)
 
 BIN = Path(sys.executable).parent
 
@@ -30,17 +30,17 @@ def quick_run(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_run_writes_every_model_and_metric(quick_run):
     out, records = quick_run
-    assert sorted(p.name for p in out.iterdir()) == ['translation_rnn.json', 'translation_throughput.json', 'translation_transformer.json']
+    assert sorted(p.name for p in out.iterdir()) == ['translation_rnn-seed0.json', 'translation_transformer-seed0.json']
     by = {(r['config']['model'], r['metric'], r['config'].get('decoding')): r['value'] for r in records}
     for model in ('transformer', 'rnn'):
         for decoding in ('greedy', 'beam'):
             assert 0 <= by[(model, 'bleu', decoding)] <= 100 and 0 <= by[(model, 'chrf', decoding)] <= 100
-        assert by[(model, 'tokens_per_s', None)] > 0 and by[(model, 'train_seconds', None)] > 0
+        assert by[(model, 'tokens_per_s_training', None)] > 0 and by[(model, 'train_seconds', None)] > 0
         assert np.isfinite(by[(model, 'valid_nll', None)])
-        side = json.loads((out / f'translation_{model}.json').read_text())
-        assert side['steps'] == TranslationSetup.tiny().steps
-        seconds = [c['seconds'] for c in side['curve']]  # from the trainer's log: every record, training and validation
-        assert seconds == sorted(seconds) and 0 < seconds[0] and seconds[-1] <= side['train_seconds']  # the curve runs forward in time
+        side = json.loads((out / f'translation_{model}-seed0.json').read_text())
+        assert side['steps'] == TranslationSetup.tiny().steps and side['seed'] == 0
+        seconds = [p['train_seconds'] for p in side['curve']]
+        assert seconds == sorted(seconds) and 0 < seconds[0] and seconds[-1] == side['train_seconds']  # forward in time
         assert len(side['samples']) == TranslationSetup.tiny().n_samples
 
 
@@ -48,9 +48,9 @@ def test_quick_run_writes_every_model_and_metric(quick_run):
 def test_resume_reads_the_per_model_files_instead_of_training(quick_run, tmp_path):
     out, _ = quick_run
     for f in out.iterdir(): (tmp_path / f.name).write_text(f.read_text())
-    side = json.loads((tmp_path / 'translation_rnn.json').read_text())
+    side = json.loads((tmp_path / 'translation_rnn-seed0.json').read_text())
     side['beam']['bleu'] = 42.5  # a value training could not produce here: proves it was read back
-    (tmp_path / 'translation_rnn.json').write_text(json.dumps(side))
+    (tmp_path / 'translation_rnn-seed0.json').write_text(json.dumps(side))
     records = translation_experiment(quick=True, out_dir=tmp_path, resume=True)
     beam = [r for r in records if r['config']['model'] == 'rnn' and r['metric'] == 'bleu' and r['config']['decoding'] == 'beam']
     assert [r['value'] for r in beam] == [42.5]
@@ -60,14 +60,11 @@ def test_resume_reads_the_per_model_files_instead_of_training(quick_run, tmp_pat
     assert p.returncode == 0, p.stderr[-2000:]
     records = json.loads((tmp_path / 'translation.json').read_text())
     assert [r['value'] for r in records if r['config']['model'] == 'rnn' and r['metric'] == 'bleu' and r['config']['decoding'] == 'beam'] == [42.5]
-
-
-@pytest.mark.slow
-def test_table_has_one_row_per_model(quick_run):
-    from transformers_howfar.bench.measure import records_table
-    table = records_table(quick_run[1], ['train_seconds', 'valid_nll'], ['model', 'params', 'steps']).splitlines()
-    assert len(table) == 4 and table[2].startswith('| transformer |') and table[3].startswith('| rnn |')
-    assert table[0].count('|') == table[2].count('|') and '–' not in table[2] + table[3]
+    # a file written with another set-up is trained again, not read
+    side['setup']['learning_rate'] = 0.5
+    (tmp_path / 'translation_rnn-seed0.json').write_text(json.dumps(side))
+    records = translation_experiment(quick=True, out_dir=tmp_path, resume=True)
+    assert [r['value'] for r in records if r['config']['model'] == 'rnn' and r['metric'] == 'bleu' and r['config']['decoding'] == 'beam'] != [42.5]
 
 
 @settings(max_examples=20, deadline=None)
@@ -103,29 +100,44 @@ def test_training_pairs_fill_whole_batches(tiny):
     assert {next(batches)['src'].shape[0] for _ in range(len(data['train']) // setup.batch_size + 2)} == {setup.batch_size}
 
 
-def test_throughput_probe_restores_the_model(tiny):
+def test_budget_counts_training_seconds_only(tiny):
     setup, configs, data = tiny
-    trainers = {n: make_trainer(n, configs[n], setup, 10) for n in ('transformer',)}  # one model keeps the test short; the quick run probes both
-    before = {n: jax.device_get(t.state['params']) for n, t in trainers.items()}
-    batch = next(seq2seq_batches(data['train'], setup.batch_size, seed=0))
-    tps = measure_throughput(trainers, batch, rounds=2, steps=1)
-    assert set(tps) == {'transformer'} and all(v > 0 for v in tps.values())
-    for n, t in trainers.items():
-        jax.tree.map(np.testing.assert_array_equal, jax.device_get(t.state['params']), before[n])
-        assert int(t.state['step']) == 0
-    with pytest.raises(ValueError, match='rounds'): measure_throughput(trainers, batch, rounds=0)
+    setup = setup.replace(budget_s=1.5, steps=10**6, curve_every_s=0.5)
+    trainer = make_trainer('transformer', configs['transformer'], setup)
+    batches = seq2seq_batches(data['train'], setup.batch_size, seed=0, pad_multiple=setup.pad_multiple)
+    valid = lambda: seq2seq_batches(data['valid'], setup.batch_size, shuffle=False, epochs=1)
+    import time
+    point = lambda step, seconds: (time.sleep(0.6), {'step': step, 'train_seconds': seconds})[1]  # slow points cost nothing
+    summary = train_within_budget(trainer, batches, valid, setup, point)
+    assert summary['train_seconds'] >= 1.5 and trainer.step == summary['step'] >= 1  # stops once the budget is spent
+    curve = summary['curve']
+    assert curve[-1] == {'step': trainer.step, 'train_seconds': summary['train_seconds']}
+    assert summary['seconds'] >= summary['train_seconds'] + 0.6 * len(curve[:-1])  # the points' time is not counted
+    assert all(b['train_seconds'] - a['train_seconds'] >= 0.5 for a, b in zip(curve[:-2], curve[1:-1]))  # one point per 0.5 s
+    assert summary['target_tokens'] > 0 and 'nll' in summary['eval']
+
+
+def test_rule_needs_seeds_and_epochs():
+    rec = lambda model, seed, bleu, epochs=MIN_EPOCHS: {'metric': 'bleu', 'value': bleu, 'config': {
+        'model': model, 'seed': seed, 'decoding': 'beam', 'epochs': epochs}}
+    holds = [rec('transformer', s, 10 + s) for s in range(3)] + [rec('rnn', s, 5) for s in range(3)]
+    assert translation_findings(holds).verdict == 'holds'
+    assert translation_findings([rec('transformer', s, 5) for s in range(3)] + [rec('rnn', s, 10 + s) for s in range(3)]).verdict == 'does not hold'
+    assert translation_findings(holds[:1] + holds[3:4]).verdict == 'not tested'
+    short = [rec('transformer', s, 10 + s, epochs=MIN_EPOCHS / 2) for s in range(3)] + [rec('rnn', s, 5) for s in range(3)]
+    assert translation_findings(short).verdict == 'not tested' and 'epochs' in translation_findings(short).reason
 
 
 def test_translate_greedy_and_beam_shapes_and_errors(tiny):
     setup, configs, data = tiny
-    model = make_trainer('transformer', configs['transformer'], setup, 10).model
+    model = make_trainer('transformer', configs['transformer'], setup).model
     sources = [s for s, _ in data['test'][:5]]
     greedy = translate(model, data['tokenizer'], sources, seq_len=32, max_new_tokens=6, batch_size=4)
     beam = translate(model, data['tokenizer'], sources, seq_len=32, max_new_tokens=6, beam_size=2, batch_size=4)
     assert len(greedy) == len(beam) == 5 and all(isinstance(t, str) for t in greedy + beam)
     with pytest.raises(ValueError, match='sources'): translate(model, data['tokenizer'], 'a sentence')
     with pytest.raises(ValueError, match='beam_size'): translate(model, data['tokenizer'], sources, beam_size=0)
-    with pytest.raises(ValueError, match='name'): make_trainer('gru', configs['rnn'], setup, 10)
+    with pytest.raises(ValueError, match='name'): make_trainer('gru', configs['rnn'], setup)
 
 
 @pytest.mark.parametrize('field, value', [('beam_size', 0), ('budget_s', -1.0), ('pad_multiple', 0), ('learning_rate', 0.0)])

@@ -17,6 +17,7 @@ from .influence import RULE as INFLUENCE_RULE, influence_findings
 from .lsh_quality import RULE as LSH_QUALITY_RULE, lsh_quality_findings
 from .pretraining import RULES as PRETRAINING_RULES, pretraining_findings
 from .scratchpad import RULES as SCRATCHPAD_RULES, protocol_findings
+from .translation import RULE as TRANSLATION_RULE, translation_findings
 
 # %% auto #0
 __all__ = ['DOCS', 'EXPERIMENT_CLAIMS', 'seed_values', 'paired', 'ExperimentClaim', 'experiment_claims_table']
@@ -68,12 +69,8 @@ def _duplication(r):
     return [_DUPLICATION.apply(accuracy.values())]
 
 
-_TRANSLATION = Rule('Transformer minus LSTM BLEU, beam search', 0)
-
-
 def _translation(r):
-    bleu = lambda model: seed_values(r('translation'), 'bleu', model=model, decoding='beam')
-    return [_TRANSLATION.apply(paired(bleu('transformer'), bleu('rnn')))]
+    return [translation_findings(r('translation'))]
 
 
 def _pretraining(r):
@@ -110,7 +107,7 @@ EXPERIMENT_CLAIMS = [
     ExperimentClaim(
         "LSH attention learns the Reformer's duplication task", 'experiments.duplication', (_DUPLICATION,), _duplication
     ),
-    ExperimentClaim('Transformers beat RNNs at translation', 'experiments.translation', (_TRANSLATION,), _translation),
+    ExperimentClaim('Transformers beat RNNs at translation', 'experiments.translation', (TRANSLATION_RULE,), _translation),
     ExperimentClaim(
         'pre-training with masked LM helps', 'experiments.pretraining', tuple(PRETRAINING_RULES.values()), _pretraining
     ),

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,10 +19,10 @@ import sacrebleu
 from flax import nnx
 
 from ..bench.measure import make_record
-from .common import experiment_dir
-from ..core import Config, check_choice, check_positive, machine_info
+from .common import Finding, Rule, experiment_dir, mean_ci
+from ..core import Config, check_choice, check_count, check_positive, machine_info
 from ..data.loaders import load_split
-from ..data.batches import encode_pairs, seq2seq_batch, seq2seq_batches
+from ..data.batches import encode_pairs, seq2seq_batches
 from ..decoding import beam_search, generate
 from ..models.rnn import RNNConfig, RNNEncoderDecoder
 from ..models.saving import save_model
@@ -33,45 +33,54 @@ from ..train.trainer import TrainConfig, Trainer
 from ..models.transformer import EncoderDecoder, TransformerConfig
 
 # %% auto #0
-__all__ = ['MODELS', 'BASES', 'TranslationSetup', 'translation_configs', 'load_translation_data', 'measure_throughput',
-           'translate', 'score_translations', 'make_trainer', 'train_translator', 'translation_experiment',
-           'plot_translation_curves', 'plt_axes']
+__all__ = ['TRANSLATION_SEEDS', 'MODELS', 'BASES', 'RULE', 'MIN_EPOCHS', 'TranslationSetup', 'translation_configs',
+           'load_translation_data', 'translate', 'score_translations', 'make_trainer', 'train_within_budget',
+           'train_translator', 'translation_experiment', 'translation_findings', 'plot_translation_curves', 'plt_axes']
 
-# %% ../../nbs/62_experiments.translation.ipynb #6ce9ecfb
+# %% ../../nbs/62_experiments.translation.ipynb #fd8ef46e
 @dataclasses.dataclass(frozen=True)
 class TranslationSetup(Config):
     "Data, budget and evaluation of the translation experiment (the two model configs are separate)."
 
     corpus: str = 'libreoffice_en_fr'  # a pairs source of `data.SOURCES`, or 'toy'
+    by_page: bool = True  # split by help page, dropping pairs whose normalised source is in an earlier split
+    split_seed: int = 0  # the split is the same for every training seed
     vocab_size: int = 4000  # joint SentencePiece vocabulary of source and target
     seq_len: int = 64  # both sides cut to this many tokens (with </s> or <s>)
     batch_size: int = 32
     pad_multiple: int = 16  # batches are padded to a multiple of this: fewer shapes, fewer compilations
-    budget_s: float = 420.0  # training seconds per model; 0: train both for `steps`
-    steps: int = 100  # steps per model when budget_s is 0; also the floor of the budgeted steps
-    throughput_rounds: int = 3  # interleaved rounds of the throughput measurement
-    throughput_steps: int = 5  # timed steps per model and round
-    learning_rate: float = 1e-3
+    budget_s: float = 900.0  # seconds of training steps per model; 0: train for `steps` steps
+    steps: int = 10**7  # steps per model when budget_s is 0; with a budget, a ceiling
+    learning_rate: float = 1e-3  # peak, after linear warm-up; then inverse square root (no total step count needed)
+    warmup_steps: int = 200
+    curve_every_s: float = 150.0  # training seconds between the points of the validation curve
+    curve_pairs: int = 300  # validation pairs decoded (greedy) at each point of the curve
     test_pairs: int = 0  # test pairs to score; 0: the whole test split
     beam_size: int = 4
     max_new_tokens: int = 80
     decode_batch: int = 50  # source sentences per decoding call
     n_samples: int = 6  # sample translations kept in the results
-    seed: int = 0
+    seed: int = 0  # initial weights and the order of the training batches
 
     def validate(self):
-        for f in ('vocab_size', 'seq_len', 'batch_size', 'pad_multiple', 'steps', 'throughput_rounds',
-                  'throughput_steps', 'beam_size', 'max_new_tokens', 'decode_batch'):
+        for f in ('vocab_size', 'seq_len', 'batch_size', 'pad_multiple', 'steps', 'beam_size', 'max_new_tokens',
+                  'decode_batch', 'curve_pairs'):
             check_positive(f, getattr(self, f))
-        for f in ('budget_s', 'test_pairs', 'n_samples'):
+        for f in ('budget_s', 'test_pairs', 'n_samples', 'warmup_steps', 'split_seed'):
             check_positive(f, getattr(self, f), allow_zero=True)
-        check_positive('learning_rate', self.learning_rate)
+        for f in ('learning_rate', 'curve_every_s'):
+            check_positive(f, getattr(self, f))
+        if self.warmup_steps > self.steps:
+            raise ValueError(f'warmup_steps: expected at most steps = {self.steps}, got {self.warmup_steps}')
 
     @classmethod
     def tiny(cls):
         return cls(corpus='toy', vocab_size=36, seq_len=32, batch_size=8, pad_multiple=32, budget_s=0, steps=12,
-                   throughput_rounds=1, throughput_steps=1, learning_rate=3e-3, test_pairs=8, beam_size=2,
+                   learning_rate=3e-3, warmup_steps=2, curve_every_s=1e-9, curve_pairs=8, test_pairs=8, beam_size=2,
                    max_new_tokens=24, decode_batch=8, n_samples=2)
+
+
+TRANSLATION_SEEDS = (0, 1, 2)
 
 
 def translation_configs(quick: bool = False) -> dict:
@@ -86,46 +95,25 @@ def translation_configs(quick: bool = False) -> dict:
             'transformer': TranslateTask(d_model=128, d_ff=512, n_heads=4, n_layers=2, norm='pre', **common),
             'rnn': TranslateRNNTask(d_model=256, n_layers=2, cell='lstm', **common)}
 
-# %% ../../nbs/62_experiments.translation.ipynb #3a0ec194
+# %% ../../nbs/62_experiments.translation.ipynb #222c7bce
 def load_translation_data(setup: TranslationSetup) -> dict:
-    "Tokenizer, encoded train and valid pairs, and raw test pairs of `setup.corpus` ('toy': generated reversals)."
+    """Tokenizer, encoded train and valid pairs, and raw valid and test pairs of `setup.corpus` ('toy': generated
+    reversals)."""
     if setup.corpus == 'toy':
         train, valid, test = (toy_corpus('pairs', seed=0), toy_corpus('pairs', n=64, seed=1),
                               toy_corpus('pairs', n=64, seed=2))
     else:
-        train, valid, test = (load_split(setup.corpus, w, seed=setup.seed) for w in ('train', 'valid', 'test'))
+        train, valid, test = (load_split(setup.corpus, w, seed=setup.split_seed, by_group=setup.by_page)
+                              for w in ('train', 'valid', 'test'))
     tokenizer = make_tokenizer(setup.corpus, [s for p in train for s in p], setup.vocab_size)
     encode = lambda pairs: encode_pairs(pairs, tokenizer, max_src_len=setup.seq_len, max_tgt_len=setup.seq_len)
     train_ids = encode(train)
-    train_ids = train_ids[
-        : len(train_ids) - len(train_ids) % setup.batch_size
-    ]  # no partial batch: the Trainer wants batch_size rows
+    train_ids = train_ids[: len(train_ids) - len(train_ids) % setup.batch_size]  # the Trainer wants whole batches
     if not train_ids:
         raise ValueError(f'corpus: {setup.corpus!r} has fewer than batch_size = {setup.batch_size} training pairs')
     test = test[: setup.test_pairs] if setup.test_pairs else test
-    return {'tokenizer': tokenizer, 'train': train_ids, 'valid': encode(valid), 'test': list(test)}
-
-# %% ../../nbs/62_experiments.translation.ipynb #d9efd5e0
-def measure_throughput(trainers: dict[str, Trainer], batch: dict, rounds: int = 3, steps: int = 5) -> dict[str, float]:
-    """Target tokens per second of each trainer's step on `batch`, interleaved over `rounds`; each trainer's state is
-    restored after."""
-    check_positive('rounds', rounds)
-    check_positive('steps', steps)
-    saved = {k: jax.device_get(t.state) for k, t in trainers.items()}
-    seconds = {k: [] for k in trainers}
-    for t in trainers.values():  # compile outside the timing
-        jax.block_until_ready(t.train_step(t.put(batch)))
-    for _ in range(rounds):
-        for k, t in trainers.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                m = t.train_step(t.put(batch))
-            jax.block_until_ready(m)
-            seconds[k].append((time.perf_counter() - start) / steps)
-    for k, t in trainers.items():
-        t.state = jax.device_put(saved[k], t.shardings)
-    tokens = float(np.sum(batch['tgt_mask']))
-    return {k: tokens / float(np.median(s)) for k, s in seconds.items()}
+    return {'tokenizer': tokenizer, 'train': train_ids, 'valid': encode(valid), 'valid_pairs': list(valid),
+            'test': list(test)}
 
 # %% ../../nbs/62_experiments.translation.ipynb #b21a2eea
 def translate(model: nnx.Module, tokenizer, sources: Sequence[str], *, seq_len: int = 64, max_new_tokens: int = 80,
@@ -163,7 +151,7 @@ def score_translations(hypotheses: Sequence[str], references: Sequence[str]) -> 
         'chrf': sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score,
     }
 
-# %% ../../nbs/62_experiments.translation.ipynb #f3d54a87
+# %% ../../nbs/62_experiments.translation.ipynb #539005f5
 MODELS = {'transformer': EncoderDecoder, 'rnn': RNNEncoderDecoder}
 BASES = {'transformer': TransformerConfig, 'rnn': RNNConfig}
 
@@ -172,33 +160,59 @@ def _family(config, base):
     return base(**{f: getattr(config, f) for f in base.field_names()})
 
 
-def _train_config(setup: TranslationSetup, steps: int) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=setup.batch_size, learning_rate=setup.learning_rate,
-                       warmup_steps=max(1, steps // 10), log_every=max(1, steps // 40), eval_every=max(1, steps // 4),
-                       eval_batches=8, checkpoint_every=0, seed=setup.seed, progress=False)
+def _train_config(setup: TranslationSetup) -> TrainConfig:
+    return TrainConfig(steps=setup.steps, batch_size=setup.batch_size, learning_rate=setup.learning_rate,
+                       warmup_steps=setup.warmup_steps, schedule='inverse_sqrt', log_every=50, eval_batches=8,
+                       checkpoint_every=0, seed=setup.seed, progress=False)
 
 
-def make_trainer(name: str, config, setup: TranslationSetup, steps: int, run_dir=None) -> Trainer:
-    "A `Trainer` for model `name` ('transformer' or 'rnn') built from its task `config`."
+def make_trainer(name: str, config, setup: TranslationSetup, run_dir=None) -> Trainer:
+    "A `Trainer` for model `name` ('transformer' or 'rnn') built from its task `config`, initialised from `setup.seed`."
     check_choice('name', name, sorted(MODELS))
     model = MODELS[name](_family(config, BASES[name]), rngs=nnx.Rngs(params=setup.seed))
-    return Trainer(model, seq2seq_loss(config.label_smoothing), _train_config(setup, steps), run_dir=run_dir)
+    return Trainer(model, seq2seq_loss(config.label_smoothing), _train_config(setup), run_dir=run_dir)
 
-# %% ../../nbs/62_experiments.translation.ipynb #a122f54c
+# %% ../../nbs/62_experiments.translation.ipynb #f13bfd9a
+def train_within_budget(trainer: Trainer, train_data, eval_data, setup: TranslationSetup, point) -> dict:
+    """Train until `setup.budget_s` seconds of training steps have passed (or `setup.steps` steps without a budget).
+    Every `setup.curve_every_s` training seconds, and at the end, `point(step, seconds)` adds a point to the curve;
+    its time is not counted. The trainer's summary with `train_seconds`, `target_tokens` and the `curve`."""
+    progress, curve, seconds, tokens = trainer.begin(train_data, resume=False), [], 0.0, 0.0
+    limit, due = setup.budget_s or math.inf, setup.curve_every_s
+    while trainer.step < trainer.config.steps and seconds < limit:
+        start = time.perf_counter()
+        metrics = trainer.fit_step(train_data, progress)  # waits for the step: it reads the loss
+        seconds += time.perf_counter() - start
+        tokens += float(metrics['tokens'])
+        if due <= seconds < limit and trainer.step < trainer.config.steps:
+            curve.append(point(trainer.step, seconds))
+            due = seconds + setup.curve_every_s
+    summary = trainer.finish(train_data, eval_data, progress)
+    curve.append(point(trainer.step, seconds))
+    return dict(summary, train_seconds=seconds, target_tokens=tokens, curve=curve)
+
+
 def train_translator(name: str, trainer: Trainer, data: dict, setup: TranslationSetup, save_dir=None) -> dict:
-    """Train `trainer` on `data['train']`, then decode the test split greedily and with beam search; curve, scores,
-    samples."""
+    """Train `trainer` on `data['train']` within the budget, scoring greedy translations of `curve_pairs` validation
+    pairs along the way; then decode the test split greedily and with beam search. Curve, scores, samples."""
     train = seq2seq_batches(data['train'], setup.batch_size, seed=setup.seed, pad_multiple=setup.pad_multiple)
-    valid = lambda: seq2seq_batches(
-        data['valid'], setup.batch_size, shuffle=False, epochs=1, pad_multiple=setup.pad_multiple
-    )
+    valid = lambda: seq2seq_batches(data['valid'], setup.batch_size, shuffle=False, epochs=1,
+                                    pad_multiple=setup.pad_multiple)
+    tok, kw = data['tokenizer'], dict(seq_len=setup.seq_len, max_new_tokens=setup.max_new_tokens,
+                                      batch_size=setup.decode_batch)
+    curve_src, curve_ref = zip(*data['valid_pairs'][: setup.curve_pairs])
+
+    def point(step, seconds):
+        scores = score_translations(translate(trainer.model, tok, list(curve_src), **kw), curve_ref)
+        return {'step': step, 'train_seconds': seconds, 'epochs': step * setup.batch_size / len(data['train']),
+                'valid_nll': trainer.evaluate(valid)['nll'], **scores}
+
     load_start = os.getloadavg()[0]
-    summary = trainer.fit(train, valid)
-    model, tok = trainer.model, data['tokenizer']
+    summary = train_within_budget(trainer, train, valid, setup, point)
+    model = trainer.model
     if save_dir is not None:
         save_model(model, Path(save_dir) / name, tok, overwrite=True)
     sources, refs = [s for s, _ in data['test']], [t for _, t in data['test']]
-    kw = dict(seq_len=setup.seq_len, max_new_tokens=setup.max_new_tokens, batch_size=setup.decode_batch)
     start = time.perf_counter()
     greedy = translate(model, tok, sources, **kw)
     greedy_s = time.perf_counter() - start
@@ -207,8 +221,11 @@ def train_translator(name: str, trainer: Trainer, data: dict, setup: Translation
     beam_s = time.perf_counter() - start
     return {
         'name': name,
+        'seed': setup.seed,
         'steps': trainer.step,
-        'train_seconds': summary['seconds'],
+        'epochs': trainer.step * setup.batch_size / len(data['train']),
+        'train_seconds': summary['train_seconds'],
+        'tokens_per_s_training': summary['target_tokens'] / summary['train_seconds'],
         'valid_nll': summary['eval']['nll'],
         'train_nll': summary['train']['nll'],
         'params': int(sum(x.size for x in jax.tree.leaves(trainer.state['params']))),
@@ -216,102 +233,91 @@ def train_translator(name: str, trainer: Trainer, data: dict, setup: Translation
         'beam': score_translations(beam, refs),
         'decode_seconds': {'greedy': greedy_s, 'beam': beam_s},
         'load_average': [load_start, os.getloadavg()[0]],
+        'curve': summary['curve'],
         'samples': [
             {'source': s, 'reference': r, 'greedy': g, 'beam': b}
             for s, r, g, b in list(zip(sources, refs, greedy, beam))[: setup.n_samples]
         ],
     }
 
-# %% ../../nbs/62_experiments.translation.ipynb #3ece383f
-def _fit_logged(name, trainer_args, data, setup, save_dir) -> dict:
-    """Train in a temporary run directory so that the metrics log can be read back; attach the loss curve (steps and
-    seconds)."""
-    from transformers_howfar.train.metrics import read_metrics
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model_config, steps = trainer_args
-        trainer = make_trainer(name, model_config, setup, steps, run_dir=Path(tmp) / name)
-        result = train_translator(name, trainer, data, setup, save_dir)
-        records = read_metrics(trainer.run_dir)
-    result['tokens_per_s_training'] = (
-        sum(r['tokens'] for r in records if r['split'] == 'train') / result['train_seconds']
-    )
-    result['curve'] = [{k: r[k] for k in ('step', 'seconds', 'split', 'nll')} for r in records]
-    return result
-
-# %% ../../nbs/62_experiments.translation.ipynb #6061ea6d
-def _records(results: dict, throughput: dict, configs: dict, machine: dict) -> list[dict]:
+# %% ../../nbs/62_experiments.translation.ipynb #f8da98a9
+def _records(results: list[dict], configs: dict, machine: dict) -> list[dict]:
     out = []
-    for name, r in results.items():
-        base = {'model': name, 'params': r['params'], 'steps': r['steps'], 'model_config': configs[name].to_dict(),
+    for r in results:
+        base = {'model': r['name'], 'seed': r['seed'], 'params': r['params'], 'steps': r['steps'],
+                'epochs': round(r['epochs'], 3), 'model_config': configs[r['name']].to_dict(),
                 'setup': configs['setup'].to_dict(), 'load_average': r['load_average']}
         for decoding in ('greedy', 'beam'):
             for metric, value in r[decoding].items():
                 out.append(make_record('translation', dict(base, decoding=decoding), metric, value, 'score', machine))
-        out.append(make_record('translation', base, 'tokens_per_s', throughput[name], 'target tokens/s', machine))
-        out.append(
-            make_record(
-                'translation', base, 'tokens_per_s_training', r['tokens_per_s_training'], 'target tokens/s', machine
-            )
-        )
-        out.append(make_record('translation', base, 'train_seconds', r['train_seconds'], 's', machine))
-        out.append(make_record('translation', base, 'valid_nll', r['valid_nll'], 'nats/token', machine))
+        out += [make_record('translation', base, 'tokens_per_s_training', r['tokens_per_s_training'],
+                            'target tokens/s', machine),
+                make_record('translation', base, 'train_seconds', r['train_seconds'], 's', machine),
+                make_record('translation', base, 'valid_nll', r['valid_nll'], 'nats/token', machine)]
     return out
 
-# %% ../../nbs/62_experiments.translation.ipynb #79f8c921
-def translation_experiment(quick: bool = False, out_dir='experiments/results', resume: bool = False) -> list[dict]:
-    """Transformer against LSTM with attention on EN→FR: same tokenizer, data and wall-clock budget; BLEU, chrF,
-    throughput, curves."""
+# %% ../../nbs/62_experiments.translation.ipynb #e65c3fe3
+def translation_experiment(quick: bool = False, out_dir='experiments/results', resume: bool = False,
+                           seeds=None) -> list[dict]:
+    """Transformer against LSTM with attention on EN→FR, split by help page: same tokenizer, data and wall-clock
+    budget, three seeds; BLEU and chrF on the test split, validation curves against seconds, throughput."""
+    seeds = tuple((0,) if quick else TRANSLATION_SEEDS) if seeds is None else tuple(seeds)
+    for seed in seeds:
+        check_count('seeds', seed, allow_zero=True)
     configs, machine = translation_configs(quick), machine_info()
-    setup = configs['setup']
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    side = lambda name: out_dir / f'translation_{name}.json'
-    data, save_dir = load_translation_data(setup), (None if quick else experiment_dir('translation'))
-    results = {n: json.loads(side(n).read_text()) for n in MODELS if resume and side(n).exists()}
-    throughput_file = out_dir / 'translation_throughput.json'
-    if resume and throughput_file.exists():
-        throughput = json.loads(throughput_file.read_text())
-    else:
-        trainers = {n: make_trainer(n, configs[n], setup, 100) for n in MODELS}
-        by_length = sorted(data['train'], key=lambda p: max(len(p[0]), len(p[1])))
-        middle = len(by_length) // 2 - setup.batch_size // 2  # a batch of median-length pairs: a typical step
-        batch = seq2seq_batch(by_length[middle : middle + setup.batch_size], setup.pad_multiple)
-        throughput = measure_throughput(trainers, batch, setup.throughput_rounds, setup.throughput_steps)
-        throughput['tokens_per_step'] = float(batch['tgt_mask'].sum())
-        throughput['load_average'] = os.getloadavg()[0]
-        throughput_file.write_text(json.dumps(throughput, indent=1))
-        del trainers
-    for name in MODELS:
-        if name in results:
-            continue
-        steps = setup.steps
-        if setup.budget_s:
-            steps = max(setup.steps, int(setup.budget_s * throughput[name] / throughput['tokens_per_step']))
-        results[name] = _fit_logged(name, (configs[name], steps), data, setup, save_dir)
-        side(name).write_text(json.dumps(results[name], indent=1))  # nothing lost if the next model is interrupted
-    return _records(results, throughput, configs, machine)
+    data = load_translation_data(configs['setup'])
+    results = []
+    for seed in seeds:
+        setup = configs['setup'].replace(seed=int(seed))
+        for name in MODELS:
+            side = out_dir / f'translation_{name}-seed{seed}.json'
+            saved = json.loads(side.read_text()) if resume and side.exists() else None
+            if saved is None or saved.get('setup') != setup.to_dict():
+                save_dir = None if quick else experiment_dir('translation') / f'seed{seed}'
+                saved = dict(train_translator(name, make_trainer(name, configs[name], setup), data, setup, save_dir),
+                             setup=setup.to_dict())
+                side.write_text(json.dumps(saved, indent=1))  # nothing lost if the next model is interrupted
+            results.append(saved)
+    return _records(results, configs, machine)
 
-# %% ../../nbs/62_experiments.translation.ipynb #223a52b0
-def plot_translation_curves(models: dict, axes=None):
-    "Training (lines) and validation (dots) loss of each model's side file against seconds and against steps."
+# %% ../../nbs/62_experiments.translation.ipynb #81ca5db2
+RULE = Rule('Transformer minus LSTM BLEU, beam search', 0)
+MIN_EPOCHS = 3.0  # the fit condition: within the budget, the Transformer passes over the training pairs this often
+
+
+def translation_findings(records: list[dict]) -> Finding:
+    """`RULE` applied to the per-seed BLEU differences (beam search, test split); not tested when the Transformer ran
+    fewer than `MIN_EPOCHS` epochs on some seed."""
+    bleu = {m: {} for m in MODELS}
+    for r in records:
+        c = r['config']
+        if r['metric'] == 'bleu' and c.get('decoding') == 'beam' and c['model'] in bleu:
+            bleu[c['model']][c.get('seed')] = r['value']
+    seeds = sorted(set(bleu['transformer']) & set(bleu['rnn']), key=str)
+    if not seeds:
+        raise ValueError('records: expected beam-search BLEU records of both models for a shared seed, found none')
+    epochs = min(r['config'].get('epochs', 0.0) for r in records if r['config']['model'] == 'transformer')
+    return RULE.apply([bleu['transformer'][s] - bleu['rnn'][s] for s in seeds], fitted=epochs >= MIN_EPOCHS,
+                      why_not_fitted=f'the Transformer ran {epochs:.2g} epochs on a seed (the rule asks {MIN_EPOCHS:g})')
+
+# %% ../../nbs/62_experiments.translation.ipynb #c4b3e477
+def plot_translation_curves(runs: list[dict], axes=None):
+    """Validation BLEU (greedy, the curve's pairs) and validation loss against training seconds: one line per run (a
+    per-model file), one colour per model."""
     axes = plt_axes(axes)
-    for i, (name, r) in enumerate(models.items()):
-        for split, style in (
-            ('train', '-'),
-            ('eval', 'o--'),
-        ):  # one colour per model: line = training, dots = validation
-            pts = [(c['seconds'], c['step'], c['nll']) for c in r['curve'] if c['split'] == split]
-            if not pts:
-                continue
-            t, s, l = zip(*pts)
-            for ax, x in zip(axes, (t, s)):
-                ax.plot(x, l, style, color=f'C{i}', label=f'{name} {split}', alpha=0.8 if split == 'train' else 1)
-    for ax, x in zip(axes, ('wall-clock seconds', 'step')):
-        ax.set_xlabel(x)
-        ax.set_ylabel('loss (nats per target token)')
+    colours = {name: f'C{i}' for i, name in enumerate(MODELS)}
+    for run in runs:
+        t = [p['train_seconds'] for p in run['curve']]
+        label = f"{run['name']} (seed {run['seed']})"
+        for ax, key in zip(axes, ('bleu', 'valid_nll')):
+            ax.plot(t, [p[key] for p in run['curve']], 'o-', ms=3, color=colours[run['name']], alpha=0.8, label=label)
+    for ax, y in zip(axes, ('validation BLEU (greedy)', 'validation loss (nats per target token)')):
+        ax.set_xlabel('training seconds')
+        ax.set_ylabel(y)
         ax.grid(alpha=0.3)
-        ax.legend()
+    axes[0].legend(fontsize=8)
     return axes
 
 

@@ -107,7 +107,9 @@ EXPERIMENT_CLAIMS = [
     ExperimentClaim(
         "LSH attention learns the Reformer's duplication task", 'experiments.duplication', (_DUPLICATION,), _duplication
     ),
-    ExperimentClaim('Transformers beat RNNs at translation', 'experiments.translation', (TRANSLATION_RULE,), _translation),
+    ExperimentClaim(
+        'Transformers beat RNNs at translation', 'experiments.translation', (TRANSLATION_RULE,), _translation
+    ),
     ExperimentClaim(
         'pre-training with masked LM helps', 'experiments.pretraining', tuple(PRETRAINING_RULES.values()), _pretraining
     ),

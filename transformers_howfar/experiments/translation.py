@@ -37,7 +37,7 @@ __all__ = ['TRANSLATION_SEEDS', 'MODELS', 'BASES', 'RULE', 'MIN_EPOCHS', 'Transl
            'load_translation_data', 'translate', 'score_translations', 'make_trainer', 'train_within_budget',
            'train_translator', 'translation_experiment', 'translation_findings', 'plot_translation_curves', 'plt_axes']
 
-# %% ../../nbs/62_experiments.translation.ipynb #112b7381
+# %% ../../nbs/62_experiments.translation.ipynb #f75b2ff0
 @dataclasses.dataclass(frozen=True)
 class TranslationSetup(Config):
     "Data, budget and evaluation of the translation experiment (the two model configs are separate)."
@@ -95,7 +95,7 @@ def translation_configs(quick: bool = False) -> dict:
             'transformer': TranslateTask(d_model=128, d_ff=512, n_heads=4, n_layers=2, norm='pre', **common),
             'rnn': TranslateRNNTask(d_model=256, n_layers=2, cell='lstm', **common)}
 
-# %% ../../nbs/62_experiments.translation.ipynb #dbbb047a
+# %% ../../nbs/62_experiments.translation.ipynb #8ec038a3
 def load_translation_data(setup: TranslationSetup) -> dict:
     """Tokenizer, encoded train and valid pairs, and raw valid and test pairs of `setup.corpus` ('toy': generated
     reversals)."""
@@ -151,7 +151,7 @@ def score_translations(hypotheses: Sequence[str], references: Sequence[str]) -> 
         'chrf': sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score,
     }
 
-# %% ../../nbs/62_experiments.translation.ipynb #feab6f0e
+# %% ../../nbs/62_experiments.translation.ipynb #ee4a3256
 MODELS = {'transformer': EncoderDecoder, 'rnn': RNNEncoderDecoder}
 BASES = {'transformer': TransformerConfig, 'rnn': RNNConfig}
 
@@ -172,7 +172,7 @@ def make_trainer(name: str, config, setup: TranslationSetup, run_dir=None) -> Tr
     model = MODELS[name](_family(config, BASES[name]), rngs=nnx.Rngs(params=setup.seed))
     return Trainer(model, seq2seq_loss(config.label_smoothing), _train_config(setup), run_dir=run_dir)
 
-# %% ../../nbs/62_experiments.translation.ipynb #202e9962
+# %% ../../nbs/62_experiments.translation.ipynb #5b0b37dd
 def train_within_budget(trainer: Trainer, train_data, eval_data, setup: TranslationSetup, point) -> dict:
     """Train until `setup.budget_s` seconds of training steps have passed (or `setup.steps` steps without a budget).
     Every `setup.curve_every_s` training seconds, and at the end, `point(step, seconds)` adds a point to the curve;
@@ -240,7 +240,7 @@ def train_translator(name: str, trainer: Trainer, data: dict, setup: Translation
         ],
     }
 
-# %% ../../nbs/62_experiments.translation.ipynb #14881008
+# %% ../../nbs/62_experiments.translation.ipynb #72f94c23
 def _records(results: list[dict], configs: dict, machine: dict) -> list[dict]:
     out = []
     for r in results:
@@ -256,7 +256,7 @@ def _records(results: list[dict], configs: dict, machine: dict) -> list[dict]:
                 make_record('translation', base, 'valid_nll', r['valid_nll'], 'nats/token', machine)]
     return out
 
-# %% ../../nbs/62_experiments.translation.ipynb #28228c88
+# %% ../../nbs/62_experiments.translation.ipynb #ebcc0b7b
 def translation_experiment(quick: bool = False, out_dir='experiments/results', resume: bool = False,
                            seeds=None) -> list[dict]:
     """Transformer against LSTM with attention on EN→FR, split by help page: same tokenizer, data and wall-clock
@@ -282,7 +282,7 @@ def translation_experiment(quick: bool = False, out_dir='experiments/results', r
             results.append(saved)
     return _records(results, configs, machine)
 
-# %% ../../nbs/62_experiments.translation.ipynb #7fe9b3a2
+# %% ../../nbs/62_experiments.translation.ipynb #a89ec44f
 RULE = Rule('Transformer minus LSTM BLEU, beam search', 0)
 MIN_EPOCHS = 3.0  # the fit condition: within the budget, the Transformer passes over the training pairs this often
 
@@ -303,7 +303,7 @@ def translation_findings(records: list[dict]) -> Finding:
                       why_not_fitted=f'the Transformer ran {epochs:.2g} epochs on a seed '
                                      f'(the rule asks {MIN_EPOCHS:g})')
 
-# %% ../../nbs/62_experiments.translation.ipynb #687a0e6d
+# %% ../../nbs/62_experiments.translation.ipynb #4972db88
 def plot_translation_curves(runs: list[dict], axes=None):
     """Validation BLEU (greedy, the curve's pairs) and validation loss against training seconds: one line per run (a
     per-model file), one colour per model."""
